@@ -1,0 +1,215 @@
+"""Machinery shared by the context encoder, the lazy decoder and the full-canvas decoder.
+
+All three are DiTs over 2x2 (``patch_size``) patches of a VAE latent. A patch embedding is a
+strided convolution, which is the same as a linear layer over flattened patches; we keep the
+linear form because the lazy decoder works on an arbitrary *subset* of patches (the hole tokens),
+gathered from the full token grid.
+
+Token order everywhere is row-major over the (h, w) patch grid, and the flattened patch layout is
+(channel, dy, dx) so that a PixArt ``Conv2d(k=p, s=p)`` weight reshapes exactly onto our linear.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Dict, Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from diffusers.models.attention import BasicTransformerBlock
+from diffusers.models.embeddings import PixArtAlphaTextProjection, get_2d_sincos_pos_embed
+from diffusers.models.normalization import AdaLayerNormSingle
+
+
+# ----------------------------------------------------------------------------- tokens and grids
+def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, (H/p)*(W/p), C*p*p), rows of the patch grid first."""
+    b, c, h, w = x.shape
+    if h % p or w % p:
+        raise ValueError(f"latent size {h}x{w} is not a multiple of the patch size {p}")
+    x = x.reshape(b, c, h // p, p, w // p, p).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // p) * (w // p), c * p * p)
+
+
+def unpatchify(tokens: torch.Tensor, grid: Tuple[int, int], p: int) -> torch.Tensor:
+    """(B, h*w, C*p*p) -> (B, C, h*p, w*p); inverse of :func:`patchify`."""
+    b, n, d = tokens.shape
+    gh, gw = grid
+    c = d // (p * p)
+    x = tokens.reshape(b, gh, gw, c, p, p).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, c, gh * p, gw * p)
+
+
+def output_to_patch_layout(tokens: torch.Tensor, p: int) -> torch.Tensor:
+    """PixArt's ``proj_out`` lays each token out as (dy, dx, channel); reorder to (channel, dy, dx).
+
+    After this, decoder outputs share :func:`patchify`'s layout, so hole tokens of the noisy latent
+    and of the noise prediction can be stepped by a scheduler side by side.
+    """
+    b, n, d = tokens.shape
+    c = d // (p * p)
+    return tokens.reshape(b, n, p, p, c).permute(0, 1, 4, 2, 3).reshape(b, n, d)
+
+
+def gather_tokens(tokens: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """Pick rows ``index`` (B, K) of ``tokens`` (B, N, D) -> (B, K, D)."""
+    return torch.gather(tokens, 1, index.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]))
+
+
+def scatter_tokens(tokens: torch.Tensor, index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Return a copy of ``tokens`` (B, N, D) with rows ``index`` (B, K) replaced by ``values``."""
+    return tokens.scatter(1, index.unsqueeze(-1).expand(-1, -1, tokens.shape[-1]), values.to(tokens.dtype))
+
+
+def token_mask_from_pixels(mask: torch.Tensor, cell: int) -> torch.Tensor:
+    """Max-pool a (B, 1, H, W) {0,1} mask to the token grid: any masked pixel makes a hole token.
+
+    Returns (B, H/cell, W/cell) bool.
+    """
+    return F.max_pool2d(mask.float(), kernel_size=cell, stride=cell)[:, 0] > 0
+
+
+def hole_indices(token_mask: torch.Tensor) -> torch.Tensor:
+    """(B, h, w) bool -> (B, K) long indices of hole tokens; every sample must have the same K."""
+    flat = token_mask.flatten(1)
+    counts = flat.sum(1)
+    if not torch.all(counts == counts[0]):
+        raise ValueError("hole_indices needs the same number of hole tokens per sample; pad with token_mask")
+    return flat.nonzero()[:, 1].reshape(flat.shape[0], -1)
+
+
+@functools.lru_cache(maxsize=32)
+def _sincos_table(dim: int, gh: int, gw: int, base_size: int, scale: float) -> torch.Tensor:
+    pos = get_2d_sincos_pos_embed(dim, (gh, gw), base_size=base_size, interpolation_scale=scale, output_type="pt")
+    return pos.float()
+
+
+def sincos_positions(dim: int, grid: Tuple[int, int], base_size: int, interpolation_scale: float,
+                     device, dtype) -> torch.Tensor:
+    """The full 2-D sin-cos table (h*w, dim), as PixArt computes it (cached per grid)."""
+    return _sincos_table(dim, int(grid[0]), int(grid[1]), int(base_size), float(interpolation_scale)).to(device, dtype)
+
+
+# ----------------------------------------------------------------------------- the PixArt-style trunk
+class PixArtTrunk(nn.Module):
+    """Timestep (adaLN-single) and caption conditioning, the transformer blocks and the final layer.
+
+    Attribute names match ``diffusers.PixArtTransformer2DModel`` so PixArt-α state dicts load
+    directly (see :mod:`lazydiff.models.pixart_init`). Shared by :class:`LazyDecoder` and
+    :class:`FullCanvasDecoder`: the two differ only in which tokens they feed in.
+    """
+
+    def __init__(self, *, num_layers: int, num_attention_heads: int, attention_head_dim: int,
+                 caption_channels: int, out_dim: int, use_additional_conditions: bool,
+                 dropout: float = 0.0, norm_eps: float = 1e-6, upcast_attention: bool = False):
+        super().__init__()
+        inner = num_attention_heads * attention_head_dim
+        self.inner_dim = inner
+        self.transformer_blocks = nn.ModuleList([
+            BasicTransformerBlock(
+                inner, num_attention_heads, attention_head_dim, dropout=dropout,
+                cross_attention_dim=inner, activation_fn="gelu-approximate", attention_bias=True,
+                upcast_attention=upcast_attention, norm_type="ada_norm_single",
+                norm_elementwise_affine=False, norm_eps=norm_eps,
+            )
+            for _ in range(num_layers)
+        ])
+        self.norm_out = nn.LayerNorm(inner, elementwise_affine=False, eps=1e-6)
+        self.scale_shift_table = nn.Parameter(torch.randn(2, inner) / inner ** 0.5)
+        self.proj_out = nn.Linear(inner, out_dim)
+        self.adaln_single = AdaLayerNormSingle(inner, use_additional_conditions=use_additional_conditions)
+        self.caption_projection = PixArtAlphaTextProjection(in_features=caption_channels, hidden_size=inner)
+        self.use_additional_conditions = use_additional_conditions
+        self.gradient_checkpointing = False
+
+    def forward(self, x: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                encoder_attention_mask: Optional[torch.Tensor] = None,
+                token_mask: Optional[torch.Tensor] = None,
+                added_cond_kwargs: Optional[Dict[str, torch.Tensor]] = None) -> torch.Tensor:
+        """x: (B, N, inner) embedded tokens -> (B, N, out_dim)."""
+        b = x.shape[0]
+        if self.use_additional_conditions and added_cond_kwargs is None:
+            raise ValueError("this decoder was configured with additional (resolution, aspect ratio) conditions; "
+                             "pass added_cond_kwargs={'resolution': ..., 'aspect_ratio': ...}")
+        added_cond_kwargs = added_cond_kwargs or {"resolution": None, "aspect_ratio": None}
+        timestep = timestep.to(x.device).expand(b) if timestep.ndim <= 1 else timestep
+        t_mod, embedded_t = self.adaln_single(timestep, added_cond_kwargs, batch_size=b, hidden_dtype=x.dtype)
+        ctx = self.caption_projection(encoder_hidden_states).view(b, -1, x.shape[-1])
+        # Additive biases, as PixArt builds them: 0 keeps a key, -10000 drops it.
+        self_bias = None if token_mask is None else ((1 - token_mask.to(x.dtype)) * -10000.0).unsqueeze(1)
+        cross_bias = None
+        if encoder_attention_mask is not None:
+            cross_bias = ((1 - encoder_attention_mask.to(x.dtype)) * -10000.0).unsqueeze(1)
+        for block in self.transformer_blocks:
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(block, x, self_bias, ctx, cross_bias, t_mod,
+                                                      None, None, use_reentrant=False)
+            else:
+                x = block(x, attention_mask=self_bias, encoder_hidden_states=ctx,
+                          encoder_attention_mask=cross_bias, timestep=t_mod)
+        shift, scale = (self.scale_shift_table[None] + embedded_t[:, None].to(self.scale_shift_table.device)).chunk(2, dim=1)
+        x = self.norm_out(x)
+        x = x * (1 + scale.to(x.device)) + shift.to(x.device)
+        return self.proj_out(x)
+
+
+class PlainViTBlocks(nn.Module):
+    """Pre-LN ViT blocks (self-attention + MLP, no conditioning) used by the context encoder."""
+
+    def __init__(self, *, num_layers: int, num_attention_heads: int, attention_head_dim: int,
+                 dropout: float = 0.0, norm_eps: float = 1e-6):
+        super().__init__()
+        inner = num_attention_heads * attention_head_dim
+        self.blocks = nn.ModuleList([
+            BasicTransformerBlock(inner, num_attention_heads, attention_head_dim, dropout=dropout,
+                                  activation_fn="gelu-approximate", attention_bias=True,
+                                  norm_type="layer_norm", norm_elementwise_affine=True, norm_eps=norm_eps)
+            for _ in range(num_layers)
+        ])
+        self.norm = nn.LayerNorm(inner, eps=norm_eps)
+        self.gradient_checkpointing = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return self.norm(x)
+
+
+def default_interpolation_scale(sample_size: int, interpolation_scale: Optional[float]) -> float:
+    """PixArt's rule: positions are scaled so a 64-latent model sees the 512-px table."""
+    return float(interpolation_scale) if interpolation_scale is not None else float(max(sample_size // 64, 1))
+
+
+def init_linear_like_vit(module: nn.Module) -> None:
+    """Xavier-uniform linears, zero biases (DiT's initialisation)."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+def dit_init(trunk: PixArtTrunk) -> None:
+    """DiT-style init for a trunk trained from scratch: xavier linears, small embeddings."""
+    init_linear_like_vit(trunk)
+    nn.init.normal_(trunk.adaln_single.emb.timestep_embedder.linear_1.weight, std=0.02)
+    nn.init.normal_(trunk.adaln_single.emb.timestep_embedder.linear_2.weight, std=0.02)
+    nn.init.normal_(trunk.caption_projection.linear_1.weight, std=0.02)
+    nn.init.normal_(trunk.caption_projection.linear_2.weight, std=0.02)
+    # The output layer starts at zero, so an untrained decoder predicts no noise rather than garbage.
+    nn.init.zeros_(trunk.proj_out.weight)
+    nn.init.zeros_(trunk.proj_out.bias)
+
+
+def count_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+__all__ = [
+    "patchify", "unpatchify", "output_to_patch_layout", "gather_tokens", "scatter_tokens", "token_mask_from_pixels", "hole_indices",
+    "sincos_positions", "PixArtTrunk", "PlainViTBlocks", "default_interpolation_scale", "dit_init",
+    "init_linear_like_vit", "count_params",
+]

@@ -1,0 +1,503 @@
+"""Machinery shared by every editing pipeline (the lazy one and the full-canvas baselines).
+
+An edit goes through the same stages whatever the denoiser:
+
+    validate -> text (cached per prompt) -> VAE-encode the masked canvas -> [stage-specific]
+    -> denoise (shared sampling loop, batched CFG) -> VAE-decode only the region around the hole
+    -> paste inside the pixel mask (hard / feather / Poisson)
+
+so the pipelines differ only in what their denoiser sees: the hole tokens plus context (lazy) or
+every token of the canvas (RegenerateImage). Timings of every stage are reported in milliseconds.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import time
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+from ..models.dit import gather_tokens, hole_indices, patchify, scatter_tokens, token_mask_from_pixels, unpatchify
+from .blending import BLEND_MODES, blend
+
+ImageInput = Union[PIL.Image.Image, np.ndarray]
+SUPPORTED_MODES = ("RGB", "RGBA", "L", "LA")
+
+
+@dataclass
+class EditPipelineOutput(BaseOutput):
+    """``images``: edited canvases (PIL, the input's size and mode); ``timings``: ms per stage;
+    ``stats``: hole_tokens, total_tokens, mask_ratio, steps and notes on how inputs were handled."""
+
+    images: List[PIL.Image.Image]
+    timings: Dict[str, float]
+    stats: Dict[str, Any]
+
+
+@dataclass
+class PreparedEdit:
+    """A validated edit: the canvas and mask as arrays, padded to the token grid."""
+
+    mode: str
+    original: np.ndarray            # the input image as an array in its own mode (H, W[, C])
+    rgb: np.ndarray                 # (H, W, 3) uint8
+    mask: np.ndarray                # (H, W) bool, True = regenerate
+    sketch_rgb: Optional[np.ndarray]  # (H, W, 3) uint8 canvas with the sketch strokes, or None
+    padded_size: Tuple[int, int]    # (Hp, Wp), multiples of the token cell
+    notes: Dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def size(self) -> Tuple[int, int]:
+        return self.mask.shape
+
+
+class StageTimer:
+    """Wall-clock time per stage in ms; synchronises CUDA so GPU work is counted where it happens."""
+
+    def __init__(self, device: torch.device):
+        self.device = torch.device(device)
+        self.ms: Dict[str, float] = OrderedDict()
+        self._start = time.perf_counter()
+
+    def _sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        self._sync()
+        t0 = time.perf_counter()
+        yield
+        self._sync()
+        self.ms[name] = self.ms.get(name, 0.0) + (time.perf_counter() - t0) * 1e3
+
+    def finish(self) -> Dict[str, float]:
+        self._sync()
+        self.ms["total"] = (time.perf_counter() - self._start) * 1e3
+        return dict(self.ms)
+
+
+# ----------------------------------------------------------------------------- input validation
+def _to_array(img: ImageInput, what: str) -> Tuple[np.ndarray, str]:
+    if isinstance(img, PIL.Image.Image):
+        img.load()
+        return np.asarray(img), img.mode
+    if isinstance(img, np.ndarray):
+        if img.dtype.kind == "f":
+            if not np.isfinite(img).all():
+                raise ValueError(f"{what} contains NaN or infinite values; pass a finite image")
+            if img.max() <= 1.0 + 1e-6 and img.min() >= 0:
+                img = img * 255.0
+            img = np.clip(np.rint(img), 0, 255).astype(np.uint8)
+        elif img.dtype == bool:
+            img = img.astype(np.uint8) * 255
+        elif img.dtype != np.uint8:
+            raise ValueError(f"{what} has dtype {img.dtype}; pass uint8 (0-255) or float (0-1) arrays")
+        if img.ndim == 2:
+            return img, "L"
+        if img.ndim == 3 and img.shape[2] in (3, 4):
+            return img, "RGB" if img.shape[2] == 3 else "RGBA"
+        raise ValueError(f"{what} must be (H, W), (H, W, 3) or (H, W, 4); got shape {img.shape}")
+    raise ValueError(f"{what} must be a PIL image or a numpy array, got {type(img).__name__}")
+
+
+def _rgb(arr: np.ndarray, mode: str) -> np.ndarray:
+    if mode == "RGB":
+        return arr
+    return np.asarray(PIL.Image.fromarray(arr, mode).convert("RGB"))
+
+
+def prepare_mask(mask_image: ImageInput, size: Tuple[int, int], notes: Dict[str, Any]) -> np.ndarray:
+    """-> (H, W) bool. White (or True) = edit. Non-binary masks are thresholded at 50%, with a warning."""
+    if mask_image is None:
+        raise ValueError("mask_image is required: paint the region to regenerate in white on black")
+    arr, mode = _to_array(mask_image, "mask_image")
+    if mode != "L":
+        arr = np.asarray(PIL.Image.fromarray(arr, mode).convert("L")) if mode in SUPPORTED_MODES + ("1",) else arr
+    if isinstance(mask_image, PIL.Image.Image) and mask_image.mode in ("RGBA", "LA"):
+        # Painted layers: any opaque pixel counts as painted.
+        arr = np.maximum(arr, np.asarray(mask_image.getchannel("A")))
+    if arr.shape[:2] != tuple(size):
+        raise ValueError(f"mask_image is {arr.shape[1]}x{arr.shape[0]} but image is {size[1]}x{size[0]} "
+                         "(width x height); resize the mask to the image size")
+    hi = 1 if arr.max() <= 1 else 255
+    values = np.unique(arr)
+    if not np.all(np.isin(values, (0, hi))):
+        notes["mask_thresholded"] = f"non-binary mask: pixels >= {hi / 2:g} of {hi} were taken as the hole"
+        warnings.warn(notes["mask_thresholded"] + "; pass a binary (0/255) mask to silence this", stacklevel=3)
+    mask = arr >= (hi / 2 if hi > 1 else 1)
+    if not mask.any():
+        raise ValueError("mask_image is empty: paint the region to regenerate in white (255) on black (0)")
+    return mask
+
+
+def prepare_edit(image: ImageInput, mask_image: ImageInput, cell: int, sketch: Optional[ImageInput] = None) -> PreparedEdit:
+    """Validate and normalise an edit. ``cell`` = VAE downsampling x patch size (pixels per token)."""
+    if image is None:
+        raise ValueError("image is required: pass the canvas to edit as a PIL image")
+    arr, mode = _to_array(image, "image")
+    if mode not in SUPPORTED_MODES:
+        raise ValueError(f"image mode {mode!r} is not supported; convert it first, e.g. image.convert('RGB')")
+    h, w = arr.shape[:2]
+    if h < 1 or w < 1:
+        raise ValueError("image is empty")
+    notes: Dict[str, Any] = {}
+    mask = prepare_mask(mask_image, (h, w), notes)
+    rgb = _rgb(arr, mode)
+    sketch_rgb = None
+    if sketch is not None:
+        sarr, smode = _to_array(sketch, "sketch")
+        if sarr.shape[:2] != (h, w):
+            raise ValueError(f"sketch is {sarr.shape[1]}x{sarr.shape[0]} but image is {w}x{h}; draw it on the canvas size")
+        strokes = np.ones((h, w), bool)
+        if smode in ("RGBA", "LA"):
+            strokes = sarr[..., -1] > 0   # transparent = no stroke
+        srgb = _rgb(sarr, smode) if smode != "RGBA" else sarr[..., :3]
+        strokes &= mask                   # only strokes inside the hole are used
+        sketch_rgb = rgb.copy()
+        sketch_rgb[strokes] = srgb[strokes]
+        notes["sketch_pixels"] = int(strokes.sum())
+    hp, wp = -(-h // cell) * cell, -(-w // cell) * cell
+    return PreparedEdit(mode=mode, original=arr, rgb=rgb, mask=mask, sketch_rgb=sketch_rgb,
+                        padded_size=(hp, wp), notes=notes)
+
+
+def check_sampling_args(num_inference_steps: int, guidance_scale: float, strength: float,
+                        num_images_per_prompt: int, blend_mode: str) -> None:
+    if not isinstance(num_inference_steps, (int, np.integer)) or num_inference_steps < 1:
+        raise ValueError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps!r}")
+    if not np.isfinite(guidance_scale) or guidance_scale < 0:
+        raise ValueError(f"guidance_scale must be a finite number >= 0 (1 = no guidance), got {guidance_scale!r}")
+    if not np.isfinite(strength) or not 0 < strength <= 1:
+        raise ValueError(f"strength must be in (0, 1] (1 = ignore the sketch's colours entirely), got {strength!r}")
+    if num_images_per_prompt < 1:
+        raise ValueError(f"num_images_per_prompt must be >= 1, got {num_images_per_prompt!r}")
+    if blend_mode not in BLEND_MODES:
+        raise ValueError(f"blend must be one of {BLEND_MODES}, got {blend_mode!r}")
+
+
+def _pad(rgb: np.ndarray, size: Tuple[int, int]) -> np.ndarray:
+    h, w = rgb.shape[:2]
+    pad = ((0, size[0] - h), (0, size[1] - w)) + ((0, 0),) * (rgb.ndim - 2)
+    return np.pad(rgb, pad, mode="edge") if rgb.ndim == 3 else np.pad(rgb, pad)
+
+
+def to_tensor(rgb: np.ndarray, device, dtype) -> torch.Tensor:
+    """(H, W, 3) uint8 -> (1, 3, H, W) in [-1, 1]."""
+    t = torch.from_numpy(np.ascontiguousarray(rgb)).to(device).permute(2, 0, 1)[None]
+    return (t.to(dtype) / 127.5 - 1.0)
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8."""
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+# ----------------------------------------------------------------------------- the shared pipeline part
+class EditPipelineMixin:
+    """Stages common to the lazy pipeline and the full-canvas baselines.
+
+    Subclasses are ``DiffusionPipeline`` s with components ``vae``, ``text_encoder``, ``tokenizer``,
+    ``decoder`` and ``scheduler``.
+    """
+
+    decode_margin: int = 4  # latent pixels around the hole given to the VAE decoder as context
+    max_cached_prompts: int = 64
+
+    # -- geometry
+    @property
+    def vae_scale_factor(self) -> int:
+        cfg = self.vae.config
+        blocks = getattr(cfg, "block_out_channels", None) or getattr(cfg, "encoder_block_out_channels")
+        return 2 ** (len(blocks) - 1)
+
+    @property
+    def patch_size(self) -> int:
+        return self.decoder.config.patch_size
+
+    @property
+    def token_cell(self) -> int:
+        """Pixels per token side: VAE downsampling x patch size (16 for SD's VAE and PixArt)."""
+        return self.vae_scale_factor * self.patch_size
+
+    @property
+    def model_dtype(self) -> torch.dtype:
+        return self.decoder.dtype
+
+    # -- text
+    def _encode_one(self, prompt: str, max_length: int, device) -> Tuple[torch.Tensor, torch.Tensor, bool]:
+        cache = self.__dict__.setdefault("_prompt_cache", OrderedDict())
+        key = (prompt, max_length, str(device), self.text_encoder.dtype, id(self.text_encoder))
+        if key in cache:
+            cache.move_to_end(key)
+            return cache[key]
+        full = self.tokenizer(prompt, truncation=False, add_special_tokens=True)["input_ids"]
+        truncated = len(full) > max_length
+        tok = self.tokenizer(prompt, truncation=True, max_length=max_length, return_tensors="pt")
+        ids, attn = tok["input_ids"].to(device), tok["attention_mask"].to(device)
+        emb = self.text_encoder(ids, attention_mask=attn)[0]
+        cache[key] = (emb, attn, truncated)
+        while len(cache) > self.max_cached_prompts:
+            cache.popitem(last=False)
+        return cache[key]
+
+    def encode_prompt(self, prompt: str, negative_prompt: Optional[str], do_cfg: bool, batch: int,
+                      device, max_sequence_length: int = 120, notes: Optional[Dict[str, Any]] = None):
+        """-> (embeds (B', L, D), mask (B', L)); B' = 2*batch with CFG, uncond first. Cached per prompt."""
+        if not isinstance(prompt, str):
+            raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
+        max_length = min(max_sequence_length, getattr(self.tokenizer, "model_max_length", max_sequence_length) or max_sequence_length)
+        emb, attn, truncated = self._encode_one(prompt, max_length, device)
+        if truncated and notes is not None:
+            notes["prompt_truncated"] = f"prompt was longer than {max_length} tokens and was truncated"
+            warnings.warn(notes["prompt_truncated"] + "; shorten it to keep every word", stacklevel=3)
+        embs, masks = [emb] * batch, [attn] * batch
+        if do_cfg:
+            nemb, nattn, _ = self._encode_one(negative_prompt or "", max_length, device)
+            embs, masks = [nemb] * batch + embs, [nattn] * batch + masks
+        length = max(e.shape[1] for e in embs)  # cond and uncond padded to one length, masked
+        embs = [torch.nn.functional.pad(e, (0, 0, 0, length - e.shape[1])) for e in embs]
+        masks = [torch.nn.functional.pad(m, (0, length - m.shape[1])) for m in masks]
+        return torch.cat(embs).to(self.model_dtype), torch.cat(masks)
+
+    # -- VAE
+    def vae_encode(self, pixels: torch.Tensor) -> torch.Tensor:
+        out = self.vae.encode(pixels.to(self.vae.dtype))
+        z = out.latent_dist.mode() if hasattr(out, "latent_dist") else out.latents
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        return ((z - shift) * self.vae.config.scaling_factor).to(self.model_dtype)
+
+    def vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
+        shift = getattr(self.vae.config, "shift_factor", None) or 0.0
+        z = latents.to(self.vae.dtype) / self.vae.config.scaling_factor + shift
+        return self.vae.decode(z).sample
+
+    def encode_canvas(self, edit: PreparedEdit, device) -> Dict[str, torch.Tensor]:
+        """VAE latents of the masked canvas ``E(I * (1 - M))`` (and of the sketch), plus the masks."""
+        rgb = _pad(edit.rgb, edit.padded_size)
+        mask_px = torch.from_numpy(_pad(edit.mask, edit.padded_size)).to(device)[None, None]
+        pixels = to_tensor(rgb, device, torch.float32)
+        masked = pixels * (~mask_px)          # hole -> 0, i.e. mid-grey in [-1, 1]
+        out = {"mask_px": mask_px, "masked_latents": self.vae_encode(masked)}
+        if edit.sketch_rgb is not None:
+            out["sketch_latents"] = self.vae_encode(to_tensor(_pad(edit.sketch_rgb, edit.padded_size), device, torch.float32))
+        s = self.vae_scale_factor
+        out["mask_latent"] = token_mask_from_pixels(mask_px, s)[:, None].to(self.model_dtype)
+        out["token_mask"] = token_mask_from_pixels(mask_px, self.token_cell)
+        out["hole_index"] = hole_indices(out["token_mask"])
+        return out
+
+    # -- sampling
+    def prepare_timesteps(self, num_inference_steps: int, strength: float, device, has_init: bool):
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        timesteps = self.scheduler.timesteps
+        if has_init and strength < 1.0:
+            # SDEdit: start part-way down the schedule from the noised sketch.
+            n = min(max(int(round(num_inference_steps * strength)), 1), num_inference_steps)
+            start = (len(timesteps) - n * self.scheduler.order)
+            timesteps = timesteps[start:]
+            if hasattr(self.scheduler, "set_begin_index"):
+                self.scheduler.set_begin_index(start)
+        return timesteps
+
+    def initial_latents(self, shape, generator, device, latents: Optional[torch.Tensor],
+                        init: Optional[torch.Tensor], timesteps: torch.Tensor, strength: float) -> torch.Tensor:
+        """Full-canvas starting latents (B, C, h, w): pure noise, or the noised sketch (SDEdit)."""
+        if latents is not None:
+            if not torch.is_tensor(latents) or latents.shape[1:] != torch.Size(shape[1:]) or latents.shape[0] not in (1, shape[0]):
+                raise ValueError(f"latents must be a tensor of shape {tuple(shape)} (or batch 1), "
+                                 f"got {tuple(latents.shape) if torch.is_tensor(latents) else type(latents).__name__}")
+            if not torch.isfinite(latents).all():
+                raise ValueError("latents contain NaN or infinite values")
+            noise = latents.to(device, torch.float32).expand(shape).clone()
+        else:
+            noise = randn_tensor(shape, generator=generator, device=torch.device(device), dtype=torch.float32)
+        if init is not None and strength < 1.0:
+            t0 = timesteps[:1].repeat(shape[0])
+            return self.scheduler.add_noise(init.float().expand(shape), noise, t0)
+        return noise * self.scheduler.init_noise_sigma
+
+    def sample(self, latents: torch.Tensor, denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+               timesteps: torch.Tensor, guidance_scale: float, generator,
+               callback_on_step_end=None, callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+               preview: Optional[Callable[[torch.Tensor], PIL.Image.Image]] = None,
+               timer: Optional[StageTimer] = None) -> torch.Tensor:
+        """The sampling loop every pipeline shares (k-diffusion style: the denoiser is a function).
+
+        ``denoise(model_input, t)`` returns the noise prediction for a batch; with CFG the batch is
+        [uncond; cond] in one forward pass. Works on any latent shape (hole tokens or full canvas).
+        """
+        do_cfg = guidance_scale > 1.0
+        extra = {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
+        with self.progress_bar(total=len(timesteps)) as bar:
+            for i, t in enumerate(timesteps):
+                x = torch.cat([latents] * 2) if do_cfg else latents
+                x = self.scheduler.scale_model_input(x, t)
+                eps = denoise(x.to(self.model_dtype), t).float()
+                if do_cfg:
+                    uncond, cond = eps.chunk(2)
+                    eps = uncond + guidance_scale * (cond - uncond)
+                step = self.scheduler.step(eps, t, latents, **extra, return_dict=True)
+                latents = step.prev_sample
+                if callback_on_step_end is not None:
+                    cb_t0 = time.perf_counter()
+                    pred_x0 = getattr(step, "pred_original_sample", None)
+                    kwargs = {"latents": latents, "pred_x0": pred_x0 if pred_x0 is not None else latents}
+                    kwargs = {k: kwargs[k] for k in callback_on_step_end_tensor_inputs if k in kwargs}
+                    if preview is not None:
+                        x0 = pred_x0 if pred_x0 is not None else latents
+                        kwargs["decode_preview"] = lambda x0=x0: preview(x0)
+                    result = callback_on_step_end(self, i, t, kwargs) or {}
+                    latents = result.get("latents", latents)
+                    if timer is not None:  # preview work is the caller's, not the method's
+                        timer.ms["callback"] = timer.ms.get("callback", 0.0) + (time.perf_counter() - cb_t0) * 1e3
+                bar.update()
+        return latents
+
+    # -- decoding and compositing
+    def decode_hole(self, canvas_latents: torch.Tensor, hole_tokens: torch.Tensor, hole_index: torch.Tensor,
+                    token_mask: torch.Tensor) -> Tuple[np.ndarray, Tuple[int, int]]:
+        """Scatter hole tokens into the canvas latent and VAE-decode only the hole's bounding box
+        plus ``decode_margin`` latent pixels. -> ((B, h, w, 3) uint8 region, (y0, x0) pixel offset)."""
+        p, s = self.patch_size, self.vae_scale_factor
+        b = hole_tokens.shape[0]
+        grid = token_mask.shape[-2:]
+        tokens = patchify(canvas_latents.expand(b, -1, -1, -1).to(hole_tokens.dtype), p)
+        full = unpatchify(scatter_tokens(tokens, hole_index.expand(b, -1), hole_tokens), tuple(grid), p)
+        ys, xs = torch.nonzero(token_mask[0], as_tuple=True)
+        m = self.decode_margin
+        y0, y1 = max(int(ys.min()) * p - m, 0), min((int(ys.max()) + 1) * p + m, full.shape[-2])
+        x0, x1 = max(int(xs.min()) * p - m, 0), min((int(xs.max()) + 1) * p + m, full.shape[-1])
+        pixels = self.vae_decode(full[:, :, y0:y1, x0:x1])
+        return to_uint8(pixels), (y0 * s, x0 * s)
+
+    def compose(self, edit: PreparedEdit, region: np.ndarray, offset: Tuple[int, int], blend_mode: str,
+                feather_radius: Optional[float]) -> List[PIL.Image.Image]:
+        """Paste each decoded region into the canvas inside the pixel mask; keep size and mode."""
+        h, w = edit.size
+        y0, x0 = offset
+        images = []
+        for reg in region:
+            gen = edit.rgb.copy()
+            ry, rx = min(reg.shape[0], h - y0), min(reg.shape[1], w - x0)
+            gen[y0:y0 + ry, x0:x0 + rx] = reg[:ry, :rx]
+            out_rgb = blend(edit.rgb, gen, edit.mask, blend_mode, feather_radius)
+            images.append(self._to_mode(edit, out_rgb))
+        return images
+
+    @staticmethod
+    def _to_mode(edit: PreparedEdit, out_rgb: np.ndarray) -> PIL.Image.Image:
+        """Write the edited pixels into a copy of the original array, in the original mode."""
+        out = edit.original.copy()
+        m = edit.mask
+        if edit.mode == "RGB":
+            out[m] = out_rgb[m]
+        elif edit.mode == "RGBA":
+            out[m, :3] = out_rgb[m]
+            out[m, 3] = 255  # generated content is opaque
+        else:  # L, LA
+            lum = np.asarray(PIL.Image.fromarray(out_rgb).convert("L"))
+            if edit.mode == "L":
+                out[m] = lum[m]
+            else:
+                out[m, 0], out[m, 1] = lum[m], 255
+        return PIL.Image.fromarray(out, edit.mode)
+
+    def stats(self, edit: PreparedEdit, enc: Dict[str, torch.Tensor], steps: int) -> Dict[str, Any]:
+        tm = enc["token_mask"]
+        return {"hole_tokens": int(tm[0].sum()), "total_tokens": int(tm[0].numel()),
+                "mask_ratio": float(edit.mask.mean()), "steps": int(steps),
+                "token_grid": tuple(int(v) for v in tm.shape[-2:]), **edit.notes}
+
+    def hole_tokens_of(self, full_latents: torch.Tensor, hole_index: torch.Tensor) -> torch.Tensor:
+        return gather_tokens(patchify(full_latents, self.patch_size), hole_index.expand(full_latents.shape[0], -1))
+
+    def added_cond_kwargs(self, edit: PreparedEdit, batch: int, device) -> Optional[Dict[str, torch.Tensor]]:
+        """PixArt-α 1024's resolution / aspect-ratio conditioning, when the decoder uses it."""
+        if not self.decoder.config.use_additional_conditions:
+            return None
+        h, w = edit.padded_size
+        return {"resolution": torch.tensor([[h, w]], device=device, dtype=self.model_dtype).repeat(batch, 1),
+                "aspect_ratio": torch.tensor([[h / w]], device=device, dtype=self.model_dtype).repeat(batch, 1)}
+
+    # -- the whole edit, with the denoiser left to the subclass
+    def make_denoiser(self, enc: Dict[str, torch.Tensor], edit: PreparedEdit, text: torch.Tensor,
+                      text_mask: torch.Tensor, batch: int, device, timer: StageTimer):
+        """-> (to_working, denoise, to_hole_tokens).
+
+        ``to_working`` maps full-canvas latents (B, C, h, w) to what the sampler holds,
+        ``denoise(x, t)`` predicts noise for a (CFG-doubled) batch of those, and ``to_hole_tokens``
+        maps the sampler's final latents to hole tokens (B, |H|, C*p*p) for decoding.
+        """
+        raise NotImplementedError
+
+    def run_edit(self, prompt: str, image: ImageInput, mask_image: ImageInput, negative_prompt: Optional[str] = "",
+                 num_inference_steps: int = 20, guidance_scale: float = 4.5, generator=None,
+                 num_images_per_prompt: int = 1, latents: Optional[torch.Tensor] = None,
+                 sketch: Optional[ImageInput] = None, strength: float = 1.0, blend: str = "feather",
+                 feather_radius: Optional[float] = None, max_sequence_length: int = 120,
+                 callback_on_step_end: Optional[Callable] = None,
+                 callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",)) -> EditPipelineOutput:
+        check_sampling_args(num_inference_steps, guidance_scale, strength, num_images_per_prompt, blend)
+        device = self._execution_device
+        timer = StageTimer(device)
+        edit = prepare_edit(image, mask_image, self.token_cell, sketch)
+        b = num_images_per_prompt
+        do_cfg = guidance_scale > 1.0
+        with timer("text"):
+            text, text_mask = self.encode_prompt(prompt, negative_prompt, do_cfg, b, device, max_sequence_length, edit.notes)
+        with timer("vae_encode"):
+            enc = self.encode_canvas(edit, device)
+        to_working, denoise, to_hole_tokens = self.make_denoiser(enc, edit, text, text_mask, 2 * b if do_cfg else b,
+                                                                 device, timer)
+        timesteps = self.prepare_timesteps(num_inference_steps, strength, device, sketch is not None)
+        c, (h, w) = enc["masked_latents"].shape[1], enc["masked_latents"].shape[-2:]
+        full = self.initial_latents((b, c, h, w), generator, device, latents, enc.get("sketch_latents"), timesteps, strength)
+
+        def preview(x0):
+            region, offset = self.decode_hole(enc["masked_latents"], to_hole_tokens(x0[:1]), enc["hole_index"], enc["token_mask"])
+            return self.compose(edit, region, offset, "hard", None)[0]
+
+        with timer("denoise"):
+            x = self.sample(to_working(full), denoise, timesteps, guidance_scale, generator, callback_on_step_end,
+                            callback_on_step_end_tensor_inputs, preview, timer)
+        if "callback" in timer.ms:
+            timer.ms["denoise"] -= timer.ms["callback"]
+        with timer("vae_decode"):
+            region, offset = self.decode_hole(enc["masked_latents"], to_hole_tokens(x), enc["hole_index"], enc["token_mask"])
+        with timer("blend"):
+            images = self.compose(edit, region, offset, blend, feather_radius)
+        return EditPipelineOutput(images=images, timings=timer.finish(), stats=self.stats(edit, enc, len(timesteps)))
+
+
+CALL_DOC = """Regenerate ``image`` inside ``mask_image`` (white = edit) following ``prompt``.
+
+        Args:
+            prompt, negative_prompt: text; the prompt is truncated (with a warning) past
+                ``max_sequence_length`` tokens.
+            image: the canvas (PIL RGB / RGBA / L / LA, or a uint8 array), any size.
+            mask_image: same size; white (or True) = regenerate. Non-binary masks are thresholded at 50%.
+            num_inference_steps, guidance_scale, generator, num_images_per_prompt: as in diffusers.
+            latents: optional starting noise for the whole canvas, (B, C, h, w) at the padded latent size.
+            sketch, strength: SDEdit-style guidance. Strokes of ``sketch`` (opaque pixels of an RGBA
+                image, or all pixels of an RGB one) inside the mask are encoded and noised to a
+                timestep set by ``strength`` in (0, 1], then denoised.
+            blend: seam handling, "hard", "feather" or "poisson"; ``feather_radius`` in pixels.
+            callback_on_step_end(pipe, step, t, kwargs): called after each step; ``kwargs`` holds the
+                tensors named in ``callback_on_step_end_tensor_inputs`` ("latents", "pred_x0") and
+                ``decode_preview()``, which renders the current estimate as a PIL canvas. Return a dict
+                (possibly with new "latents") or None.
+
+        Returns:
+            :class:`EditPipelineOutput` with ``images`` (same size and mode as ``image``; every pixel
+            outside the mask bit-identical), ``timings`` (ms: text, vae_encode, [context_encoder],
+            denoise, vae_decode, blend, total) and ``stats`` (hole_tokens, total_tokens, mask_ratio, steps).
+        """

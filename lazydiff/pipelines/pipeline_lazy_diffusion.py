@@ -1,0 +1,67 @@
+"""LazyDiffusionPipeline: the paper's two stages behind one diffusers-style ``__call__``.
+
+    text (cached) -> VAE-encode E(I * (1 - M)) -> context encoder, ONCE, whole canvas, keep |H| tokens
+    -> for each step: lazy decoder on the |H| hole tokens only (batched CFG)
+    -> scatter, VAE-decode the hole's region, paste inside the pixel mask
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+import torch
+from diffusers import DiffusionPipeline
+
+from ..models import ContextEncoder, LazyDecoder
+from .editing import CALL_DOC, EditPipelineMixin, ImageInput
+
+
+class LazyDiffusionPipeline(DiffusionPipeline, EditPipelineMixin):
+    """Edit a canvas inside a mask; cost scales with the mask, not the canvas.
+
+    Components: ``vae`` (any diffusers autoencoder), ``text_encoder`` + ``tokenizer`` (any
+    transformers text encoder), ``context_encoder`` (:class:`ContextEncoder`), ``decoder``
+    (:class:`LazyDecoder`), ``scheduler`` (any diffusers scheduler).
+    """
+
+    model_cpu_offload_seq = "text_encoder->context_encoder->decoder->vae"
+    _callback_tensor_inputs = ["latents", "pred_x0"]
+
+    def __init__(self, vae, text_encoder, tokenizer, context_encoder: ContextEncoder, decoder: LazyDecoder, scheduler):
+        super().__init__()
+        self.register_modules(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                              context_encoder=context_encoder, decoder=decoder, scheduler=scheduler)
+
+    def encode_context(self, enc):
+        """Stage 1, once per canvas + mask: the whole canvas in, |H| context tokens out."""
+        return self.context_encoder(enc["masked_latents"], enc["mask_latent"], enc["hole_index"]).context
+
+    def make_denoiser(self, enc, edit, text, text_mask, batch, device, timer):
+        with timer("context_encoder"):
+            context = self.encode_context(enc)
+        ctx, idx = context.expand(batch, -1, -1), enc["hole_index"].expand(batch, -1)
+        grid = tuple(enc["token_mask"].shape[-2:])
+        added = self.added_cond_kwargs(edit, batch, device)
+
+        def denoise(tokens, t):
+            # Stage 2, every step: the decoder sees exactly |H| tokens per image.
+            out = self.decoder(tokens, ctx, idx, grid, t.expand(tokens.shape[0]), text, text_mask,
+                               added_cond_kwargs=added).sample
+            return out[..., : tokens.shape[-1]]  # drop learned-variance channels, if any
+
+        # The sampler only ever holds the hole tokens.
+        return (lambda full: self.hole_tokens_of(full, enc["hole_index"])), denoise, (lambda x: x)
+
+    @torch.no_grad()
+    def __call__(self, prompt: str, image: ImageInput, mask_image: ImageInput, negative_prompt: Optional[str] = "",
+                 num_inference_steps: int = 20, guidance_scale: float = 4.5,
+                 generator: Optional[torch.Generator] = None, num_images_per_prompt: int = 1,
+                 latents: Optional[torch.Tensor] = None, sketch: Optional[ImageInput] = None, strength: float = 1.0,
+                 blend: str = "feather", feather_radius: Optional[float] = None, max_sequence_length: int = 120,
+                 callback_on_step_end: Optional[Callable] = None,
+                 callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",), return_dict: bool = True):
+        out = self.run_edit(prompt, image, mask_image, negative_prompt, num_inference_steps, guidance_scale, generator,
+                            num_images_per_prompt, latents, sketch, strength, blend, feather_radius,
+                            max_sequence_length, callback_on_step_end, callback_on_step_end_tensor_inputs)
+        return out if return_dict else (out.images,)
+
+    __call__.__doc__ = CALL_DOC

@@ -1,0 +1,102 @@
+"""Tiny, randomly initialised components built in code, for tests and examples (offline, CPU).
+
+Nothing here is a trained model: use it to exercise shapes, plumbing and invariants, never to
+report quality numbers.
+"""
+from __future__ import annotations
+
+import os
+import string
+import tempfile
+from typing import Dict
+
+import torch
+
+_VOCAB_WORDS = ("a an the small large red green blue yellow orange purple white black circle square triangle "
+                "star hexagon diamond cross heart ring empty background on and with striped checkered dotted "
+                "gradient solid of in").split()
+
+
+def tiny_tokenizer(max_length: int = 32):
+    """A real ``BertTokenizer`` over a small word-piece vocabulary written to a temp folder."""
+    from transformers import BertTokenizer
+
+    folder = tempfile.mkdtemp(prefix="lazydiff-tiny-tok-")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list(string.ascii_lowercase + string.digits)
+    vocab += ["##" + c for c in string.ascii_lowercase + string.digits] + _VOCAB_WORDS
+    path = os.path.join(folder, "vocab.txt")
+    with open(path, "w") as f:
+        f.write("\n".join(dict.fromkeys(vocab)) + "\n")
+    return BertTokenizer(path, model_max_length=max_length)
+
+
+def tiny_text_encoder(tokenizer, hidden_size: int = 32, seed: int = 0):
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=hidden_size, num_hidden_layers=1,
+                     num_attention_heads=2, intermediate_size=2 * hidden_size, max_position_embeddings=64)
+    return BertModel(cfg).eval()
+
+
+def tiny_vae(seed: int = 0, latent_channels: int = 4):
+    """An ``AutoencoderKL`` with 2x downsampling (two blocks)."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16),
+                         latent_channels=latent_channels, layers_per_block=1, norm_num_groups=4,
+                         sample_size=32).eval()
+
+
+def tiny_components(seed: int = 0, text_dim: int = 32, width_heads: int = 2, head_dim: int = 8,
+                    layers: int = 2, sample_size: int = 16, scheduler: str = "ddim") -> Dict[str, object]:
+    """All components of the lazy pipeline and of the full-canvas baseline, tiny and random.
+
+    Returns a dict with vae, text_encoder, tokenizer, context_encoder, decoder (lazy),
+    full_decoder and scheduler. The decoders' output layers are randomised (not zero) so outputs
+    depend on their inputs.
+    """
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+
+    from .models import ContextEncoder, FullCanvasDecoder, LazyDecoder
+
+    tok = tiny_tokenizer()
+    text = tiny_text_encoder(tok, text_dim, seed)
+    vae = tiny_vae(seed)
+    torch.manual_seed(seed)
+    common = dict(in_channels=4, patch_size=2, num_layers=layers, num_attention_heads=width_heads,
+                  attention_head_dim=head_dim, caption_channels=text_dim, sample_size=sample_size)
+    enc = ContextEncoder(latent_channels=4, patch_size=2, num_layers=layers, num_attention_heads=width_heads,
+                         attention_head_dim=head_dim, context_dim=24, sample_size=sample_size).eval()
+    lazy = LazyDecoder(context_dim=24, **common).eval()
+    full = FullCanvasDecoder(**common).eval()
+    with torch.no_grad():  # make every input matter (trained models would)
+        for m in (lazy, full):
+            m.trunk.proj_out.weight.normal_(0, 0.05)
+        lazy.proj_in.weight.normal_(0, 0.1)
+    sched = DPMSolverMultistepScheduler() if scheduler == "dpm" else DDIMScheduler()
+    return dict(vae=vae, text_encoder=text, tokenizer=tok, context_encoder=enc, decoder=lazy, full_decoder=full,
+                scheduler=sched)
+
+
+def tiny_lazy_pipeline(seed: int = 0, **kw):
+    from .pipelines import LazyDiffusionPipeline
+
+    c = tiny_components(seed, **kw)
+    pipe = LazyDiffusionPipeline(vae=c["vae"], text_encoder=c["text_encoder"], tokenizer=c["tokenizer"],
+                                 context_encoder=c["context_encoder"], decoder=c["decoder"], scheduler=c["scheduler"])
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_regenerate_pipeline(seed: int = 0, crop: bool = False, **kw):
+    from .pipelines import RegenerateCropPipeline, RegenerateImagePipeline
+
+    c = tiny_components(seed, **kw)
+    cls = RegenerateCropPipeline if crop else RegenerateImagePipeline
+    pipe = cls(vae=c["vae"], text_encoder=c["text_encoder"], tokenizer=c["tokenizer"], decoder=c["full_decoder"],
+               scheduler=c["scheduler"])
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
