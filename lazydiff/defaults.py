@@ -40,7 +40,8 @@ def load_text_encoder(path: Optional[str] = None, device="cpu") -> Tuple[object,
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     path = path or minilm_path()
     tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    model = AutoModel.from_pretrained(path, local_files_only=True, use_safetensors=True).to(device).eval()
+    model = AutoModel.from_pretrained(path, local_files_only=True, use_safetensors=True, dtype=torch.float32)
+    model = model.to(device).eval()
     return model, tok
 
 

@@ -26,7 +26,7 @@ def feather_alpha(mask: np.ndarray, radius: Optional[float] = None) -> np.ndarra
     from scipy.ndimage import distance_transform_edt
 
     radius = default_feather_radius(mask.shape) if radius is None else float(radius)
-    if radius <= 0:
+    if radius <= 0 or mask.all():  # a mask covering everything has no seam to hide
         return mask.astype(np.float32)
     dist = distance_transform_edt(mask)  # distance to the nearest unmasked pixel, >= 1 inside
     return np.clip(dist / radius, 0.0, 1.0).astype(np.float32)
@@ -37,6 +37,8 @@ def poisson_blend(original: np.ndarray, generated: np.ndarray, mask: np.ndarray)
     from scipy.sparse import coo_matrix
     from scipy.sparse.linalg import factorized
 
+    if mask.all():  # no border to match: the system would be singular; the generated image is the answer
+        return generated.astype(np.float64)
     h, w = mask.shape
     ys, xs = np.nonzero(mask)
     n = ys.size

@@ -58,13 +58,20 @@ class DiffusersInpaintAdapter:
         # diffusers resizes to (height, width); pad instead so the canvas is never resampled.
         canvas = np.pad(edit.rgb, ((0, hp - edit.size[0]), (0, wp - edit.size[1]), (0, 0)), mode="edge")
         mask = np.pad(edit.mask, ((0, hp - edit.size[0]), (0, wp - edit.size[1])))
+        from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+
+        callback = callback_on_step_end
+        if callback is not None and not isinstance(callback, (PipelineCallback, MultiPipelineCallbacks)):
+            # Our interface lets a callback return None; diffusers pipelines need a dict back.
+            def callback(pipe, step, timestep, tensors):
+                return callback_on_step_end(pipe, step, timestep, tensors) or {}
         t0 = time.perf_counter()
         result = self.pipe(prompt=prompt, image=PIL.Image.fromarray(canvas),
                            mask_image=PIL.Image.fromarray(mask.astype(np.uint8) * 255),
                            negative_prompt=negative_prompt or None, num_inference_steps=num_inference_steps,
                            guidance_scale=guidance_scale, generator=generator,
                            num_images_per_prompt=num_images_per_prompt, height=hp, width=wp,
-                           callback_on_step_end=callback_on_step_end, output_type="np", **kwargs)
+                           callback_on_step_end=callback, output_type="np", **kwargs)
         gen_ms = (time.perf_counter() - t0) * 1e3
         t0 = time.perf_counter()
         images = []

@@ -119,12 +119,15 @@ def prepare_mask(mask_image: ImageInput, size: Tuple[int, int], notes: Dict[str,
     """-> (H, W) bool. White (or True) = edit. Non-binary masks are thresholded at 50%, with a warning."""
     if mask_image is None:
         raise ValueError("mask_image is required: paint the region to regenerate in white on black")
+    if isinstance(mask_image, PIL.Image.Image) and mask_image.mode not in SUPPORTED_MODES:
+        mask_image = mask_image.convert("L")  # "1", "P", "I", ...: let PIL map them to grey levels
     arr, mode = _to_array(mask_image, "mask_image")
-    if mode != "L":
-        arr = np.asarray(PIL.Image.fromarray(arr, mode).convert("L")) if mode in SUPPORTED_MODES + ("1",) else arr
-    if isinstance(mask_image, PIL.Image.Image) and mask_image.mode in ("RGBA", "LA"):
-        # Painted layers: any opaque pixel counts as painted.
-        arr = np.maximum(arr, np.asarray(mask_image.getchannel("A")))
+    if mode in ("RGBA", "LA") and arr[..., -1].min() < 255:
+        # A painted layer (transparent background): any opaque pixel counts as painted, whatever its colour.
+        arr = arr[..., -1]
+    elif mode != "L":
+        # Opaque RGB(A)/LA masks: white = edit (an opaque alpha channel must not mark everything).
+        arr = np.asarray(PIL.Image.fromarray(arr, mode).convert("L"))
     if arr.shape[:2] != tuple(size):
         raise ValueError(f"mask_image is {arr.shape[1]}x{arr.shape[0]} but image is {size[1]}x{size[0]} "
                          "(width x height); resize the mask to the image size")

@@ -120,15 +120,25 @@ class RegenerateCropPipeline(RegenerateImagePipeline):
         if edit.sketch_rgb is not None:
             crop_sketch = PIL.Image.fromarray(edit.sketch_rgb[y0:y1, x0:x1]).resize((tw, th), PIL.Image.BICUBIC)
         resize_ms = (time.perf_counter() - t0) * 1e3
-        inner = self.run_edit(prompt, crop_rgb, crop_mask, negative_prompt, num_inference_steps, guidance_scale,
-                              generator, num_images_per_prompt, latents, crop_sketch, strength, "hard", None,
-                              max_sequence_length, callback_on_step_end, callback_on_step_end_tensor_inputs)
-        t0 = time.perf_counter()
-        images = []
-        for gen_crop in inner.images:
+
+        def to_canvas(gen_crop: PIL.Image.Image, mode: str, radius: Optional[float]) -> PIL.Image.Image:
             gen = edit.rgb.copy()
             gen[y0:y1, x0:x1] = np.asarray(gen_crop.convert("RGB").resize((cw, ch), PIL.Image.BICUBIC))
-            images.append(self._to_mode(edit, blend_pixels(edit.rgb, gen, edit.mask, blend, feather_radius)))
+            return self._to_mode(edit, blend_pixels(edit.rgb, gen, edit.mask, mode, radius))
+
+        callback = callback_on_step_end
+        if callback_on_step_end is not None:
+            def callback(pipe, step, timestep, kwargs):
+                if "decode_preview" in kwargs:  # previews show the whole canvas, as in the other pipelines
+                    crop_preview = kwargs["decode_preview"]
+                    kwargs = dict(kwargs, decode_preview=lambda: to_canvas(crop_preview(), "hard", None))
+                return callback_on_step_end(pipe, step, timestep, kwargs)
+
+        inner = self.run_edit(prompt, crop_rgb, crop_mask, negative_prompt, num_inference_steps, guidance_scale,
+                              generator, num_images_per_prompt, latents, crop_sketch, strength, "hard", None,
+                              max_sequence_length, callback, callback_on_step_end_tensor_inputs)
+        t0 = time.perf_counter()
+        images = [to_canvas(gen_crop, blend, feather_radius) for gen_crop in inner.images]
         timings = {k: v for k, v in inner.timings.items() if k != "total"}
         timings["blend"] = timings.get("blend", 0.0) + (time.perf_counter() - t0) * 1e3
         timings["crop_resize"] = resize_ms

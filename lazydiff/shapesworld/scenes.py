@@ -93,10 +93,15 @@ def as_size(size: int | Sequence[int]) -> Size:
     return int(h), int(w)
 
 
+def article(word: str) -> str:
+    """The indefinite article for ``word``: "a" or "an"."""
+    return "an" if word[:1] in "aeiou" else "a"
+
+
 def object_caption(shape: str, color: str, size: str | None = None) -> str:
     """``("star", "green", "small") -> "a small green star"``; without a size: "a green star"."""
-    words = [w for w in (size, color, shape) if w]
-    return "a " + " ".join(words)
+    words = " ".join(w for w in (size, color, shape) if w)
+    return f"{article(words)} {words}"
 
 
 def all_classes() -> list[tuple[str, str]]:
@@ -114,7 +119,7 @@ def class_prompts(size: str | None = None) -> list[str]:
 # --------------------------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(eq=False)
 class ShapeObject:
     """One object of a scene. Masks are full-canvas ``(H, W)`` bool arrays."""
 
@@ -136,7 +141,7 @@ class ShapeObject:
         return COLORS[self.color]
 
 
-@dataclass
+@dataclass(eq=False)
 class Scene:
     """A rendered scene: ``image`` = ``background`` with ``objects`` painted in list order."""
 
@@ -252,6 +257,7 @@ def shape_mask(shape: str, center: tuple[float, float], diameter: float, size) -
 
 
 def _mask_bbox(mask: np.ndarray) -> tuple[int, int, int, int]:
+    """Tight (x0, y0, x1, y1) box of a non-empty mask, exclusive ends."""
     rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
     return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
 
@@ -266,6 +272,7 @@ def size_range_px(size_name: str, canvas) -> tuple[float, float]:
 
 
 def sample_diameter(rng: np.random.Generator, size_name: str, canvas) -> float:
+    """Draw an object diameter (pixels) for a size class."""
     lo, hi = size_range_px(size_name, canvas)
     return float(rng.uniform(lo, hi))
 
@@ -274,14 +281,49 @@ def sample_diameter(rng: np.random.Generator, size_name: str, canvas) -> float:
 # Backgrounds
 # --------------------------------------------------------------------------------------------
 
-
-def _lerp_colors(t: np.ndarray, c0: np.ndarray, c1: np.ndarray) -> np.ndarray:
-    out = c0 + t[..., None] * (c1 - c0)
-    return np.rint(out).astype(np.uint8)
+_GRADIENT_LEVELS = 1024  # gradients are quantised to this many colours (below 1 RGB unit apart)
 
 
-def _render_background(rng: np.random.Generator, h: int, w: int):
-    """Sample and render a background. Returns (image, kind, (name0, name1), caption)."""
+@dataclass
+class _Background:
+    """A background as a colour table and an index map: ``image = lut[index]``.
+
+    The table makes colour checks exact and cheap: the colours under a mask are among
+    ``lut[index[mask].min() : index[mask].max() + 1]``.
+    """
+
+    index: np.ndarray  # (H, W) intp
+    lut: np.ndarray  # (K, 3) uint8
+    kind: str
+    colors: tuple[str, str]
+    caption: str
+
+    def image(self) -> np.ndarray:
+        return np.take(self.lut, self.index, axis=0)
+
+    def allowed_colors(self, win: np.ndarray, window: tuple[int, int, int, int]) -> np.ndarray:
+        """Bool vector over COLORS: colours contrasting with the background under ``win``."""
+        x0, y0, x1, y1 = window
+        idx = self.index[y0:y1, x0:x1][win]
+        if len(idx) == 0:
+            return np.ones(len(_COLOR_NAMES), bool)
+        entries = self.lut[idx.min() : idx.max() + 1].astype(np.int32)
+        d2 = ((entries[:, None, :] - _COLOR_ARRAY[None]) ** 2).sum(-1)
+        return d2.min(0) >= MIN_CONTRAST**2
+
+
+def _gradient_lut(c0: np.ndarray, c1: np.ndarray) -> np.ndarray:
+    t = np.linspace(0.0, 1.0, _GRADIENT_LEVELS, dtype=np.float32)[:, None]
+    return np.rint(c0 + t * (c1 - c0)).astype(np.uint8)
+
+
+def _quantise(t: np.ndarray) -> np.ndarray:
+    """Map t in [0, 1] to gradient table indices."""
+    return (t * (_GRADIENT_LEVELS - 1) + 0.5).astype(np.intp)
+
+
+def _sample_background(rng: np.random.Generator, h: int, w: int) -> _Background:
+    """Sample a background (kind, two palette colours, geometry) and build its index map."""
     _, _, X, Y = _grids(h, w)
     m = math.sqrt(h * w)
     kind = BACKGROUND_KINDS[int(rng.integers(len(BACKGROUND_KINDS)))]
@@ -291,45 +333,45 @@ def _render_background(rng: np.random.Generator, h: int, w: int):
     pal = np.stack([c0, c1]).astype(np.uint8)
 
     if kind == "solid":
-        img = np.empty((h, w, 3), np.uint8)
-        img[:] = pal[0]
-        return img, kind, (n0, n0), f"a plain {n0} background"
+        return _Background(np.zeros((h, w), np.intp), pal[:1], kind, (n0, n0), f"a plain {n0} background")
     if kind == "linear":
         a = rng.uniform(0, 2 * math.pi)
         ca, sa = math.cos(a), math.sin(a)
-        p = X * ca + Y * sa
         corners = [x * ca + y * sa for x in (0, w) for y in (0, h)]
-        t = (p - min(corners)) / (max(corners) - min(corners))
-        return _lerp_colors(t, c0, c1), kind, (n0, n1), f"a {n0} to {n1} gradient background"
+        lo, span = min(corners), max(corners) - min(corners)
+        t = (X * (ca / span) + Y * (sa / span)) - lo / span
+        caption = f"{article(n0)} {n0} to {n1} gradient background"
+        return _Background(_quantise(t), _gradient_lut(c0, c1), kind, (n0, n1), caption)
     if kind == "radial":
         cx, cy = rng.uniform(0.15, 0.85) * w, rng.uniform(0.15, 0.85) * h
         reach = max(math.hypot(x - cx, y - cy) for x in (0, w) for y in (0, h))
         radius = reach * rng.uniform(0.6, 1.0)
-        t = np.minimum(np.sqrt((X - cx) ** 2 + (Y - cy) ** 2) / radius, 1.0)
-        return _lerp_colors(t, c0, c1), kind, (n0, n1), f"a {n0} to {n1} radial gradient background"
+        t = np.minimum(np.sqrt((X - cx) ** 2 + (Y - cy) ** 2) * (1 / radius), 1.0)
+        caption = f"{article(n0)} {n0} to {n1} radial gradient background"
+        return _Background(_quantise(t), _gradient_lut(c0, c1), kind, (n0, n1), caption)
     if kind == "stripes":
         a = rng.uniform(0, math.pi)
-        period = rng.uniform(0.08, 0.3) * m
-        phase = rng.uniform(0, period)
-        band = np.floor((X * math.cos(a) + Y * math.sin(a) + phase) / (period / 2)).astype(np.int64) & 1
-        return pal[band], kind, (n0, n1), f"a {n0} and {n1} striped background"
+        half = rng.uniform(0.04, 0.15) * m  # half the period: one band
+        phase = rng.uniform(0, 2 * half)
+        p = X * (math.cos(a) / half) + (Y * (math.sin(a) / half) + phase / half)
+        band = np.floor(p).astype(np.intp) & 1
+        return _Background(band, pal, kind, (n0, n1), f"{article(n0)} {n0} and {n1} striped background")
     if kind == "checker":
         cell = rng.uniform(0.06, 0.2) * m
         ox, oy = rng.uniform(0, 2 * cell, size=2)
-        par = (np.floor((X + ox) / cell).astype(np.int64) + np.floor((Y + oy) / cell).astype(np.int64)) & 1
-        return pal[par], kind, (n0, n1), f"a {n0} and {n1} checkered background"
+        par = (np.floor((X + ox) / cell).astype(np.intp) + np.floor((Y + oy) / cell).astype(np.intp)) & 1
+        return _Background(par, pal, kind, (n0, n1), f"{article(n0)} {n0} and {n1} checkered background")
     # dots: a (possibly staggered) grid of round dots of colour 1 on colour 0
     spacing = rng.uniform(0.08, 0.2) * m
     radius = rng.uniform(0.18, 0.32) * spacing
     ox, oy = rng.uniform(0, spacing, size=2)
     stagger = rng.random() < 0.5
     gy = Y + oy
-    row = np.floor(gy / spacing)
-    gx = X + ox + (np.mod(row, 2) * (spacing / 2) if stagger else 0.0)
+    gx = X + ox + (np.mod(np.floor(gy / spacing), 2) * (spacing / 2) if stagger else 0.0)
     dx = np.mod(gx, spacing) - spacing / 2
     dy = np.mod(gy, spacing) - spacing / 2
-    dot = (dx * dx + dy * dy <= radius * radius).astype(np.int64)
-    return pal[dot], kind, (n0, n1), f"a {n0} background with {n1} dots"
+    dot = (dx * dx + dy * dy <= radius * radius).astype(np.intp)
+    return _Background(dot, pal, kind, (n0, n1), f"{article(n0)} {n0} background with {n1} dots")
 
 
 # --------------------------------------------------------------------------------------------
@@ -337,18 +379,13 @@ def _render_background(rng: np.random.Generator, h: int, w: int):
 # --------------------------------------------------------------------------------------------
 
 
-def allowed_colors(background: np.ndarray, mask: np.ndarray, *, window=None) -> np.ndarray:
-    """Bool vector over :data:`COLORS` order: colours contrasting with every background pixel
-    under ``mask`` (``window = (x0, y0, x1, y1)`` means ``mask`` covers only that window)."""
-    if window is not None:
-        x0, y0, x1, y1 = window
-        background = background[y0:y1, x0:x1]
-    px = background[mask]
+def allowed_colors(background: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Bool vector over :data:`COLORS` order: the object colours that contrast (RGB distance
+    >= MIN_CONTRAST) with every pixel of ``background`` (H, W, 3) under ``mask`` (H, W)."""
+    px = background[mask].astype(np.int32)
     if len(px) == 0:
         return np.ones(len(_COLOR_NAMES), bool)
-    # Unique colours first: most backgrounds have only two (fast, and exact).
-    px = px.astype(np.int32)
-    packed = np.unique((px[:, 0] << 16) | (px[:, 1] << 8) | px[:, 2])
+    packed = np.unique((px[:, 0] << 16) | (px[:, 1] << 8) | px[:, 2])  # few distinct colours
     px = np.stack([packed >> 16, (packed >> 8) & 255, packed & 255], axis=1)
     d2 = ((px[:, None, :] - _COLOR_ARRAY[None]) ** 2).sum(-1)
     return d2.min(0) >= MIN_CONTRAST**2
@@ -358,11 +395,12 @@ def _new_object(shape, color, size, diameter, center, win, window, h, w) -> Shap
     full = np.zeros((h, w), dtype=bool)
     x0, y0, x1, y1 = window
     full[y0:y1, x0:x1] = win
+    bx0, by0, bx1, by1 = _mask_bbox(win)
     return ShapeObject(
         shape=shape,
         color=color,
         size=size,
-        bbox=_mask_bbox(full),
+        bbox=(x0 + bx0, y0 + by0, x0 + bx1, y0 + by1),
         mask=full.copy(),
         center=(float(center[0]), float(center[1])),
         full_mask=full,
@@ -372,21 +410,24 @@ def _new_object(shape, color, size, diameter, center, win, window, h, w) -> Shap
 
 def compose(background: np.ndarray, objects: Sequence[ShapeObject]) -> np.ndarray:
     """Paint objects (in order, full silhouettes) over a background; returns a new image and
-    updates each object's visible ``mask`` in place."""
+    sets each object's visible ``mask`` in place."""
     img = background.copy()
     owner = np.full(background.shape[:2], -1, dtype=np.int16)
     for k, ob in enumerate(objects):
         owner[ob.full_mask] = k
+        img[ob.full_mask] = ob.rgb
     for k, ob in enumerate(objects):
         ob.mask = owner == k
-        img[ob.mask] = ob.rgb
     return img
 
 
-def _place_objects(rng: np.random.Generator, background: np.ndarray, n: int) -> list[ShapeObject]:
-    """Place up to ``n`` objects by rejection sampling (limited overlap, contrasting colours)."""
-    h, w = background.shape[:2]
-    owner = np.full((h, w), -1, dtype=np.int16)  # index of the top object at each pixel
+def _place_objects(rng: np.random.Generator, bg: _Background, bg_image: np.ndarray, n: int):
+    """Place up to ``n`` objects by rejection sampling (limited overlap, contrasting colours).
+
+    Returns (objects, image)."""
+    h, w = bg.index.shape
+    image = bg_image.copy()
+    owner = np.full((h, w), -1, dtype=np.int8)  # index of the top object at each pixel
     full_area: list[int] = []
     visible_area: list[int] = []
     placed: list[tuple] = []
@@ -397,31 +438,35 @@ def _place_objects(rng: np.random.Generator, background: np.ndarray, n: int) -> 
         r = diameter / 2
         for _attempt in range(12):
             cx, cy = rng.uniform(r, w - r), rng.uniform(r, h - r)
-            win, (x0, y0, x1, y1) = _shape_window(shape, cx, cy, r, h, w)
-            under = owner[y0:y1, x0:x1][win]
-            hit = np.bincount(under + 1, minlength=len(placed) + 1)[1:] if len(placed) else []
-            if any(visible_area[k] - hit[k] < MIN_VISIBLE * full_area[k] for k in range(len(placed))):
-                continue
-            ok = allowed_colors(background, win, window=(x0, y0, x1, y1))
-            for k in np.flatnonzero(hit):  # differ from objects we touch, so they stay separable
+            win, window = _shape_window(shape, cx, cy, r, h, w)
+            x0, y0, x1, y1 = window
+            touched: list[int] = []
+            if placed:
+                hit = np.bincount(owner[y0:y1, x0:x1][win] + 1, minlength=len(placed) + 1)[1:]
+                touched = [k for k in range(len(placed)) if hit[k]]
+                if any(visible_area[k] - hit[k] < MIN_VISIBLE * full_area[k] for k in touched):
+                    continue
+            ok = bg.allowed_colors(win, window)
+            for k in touched:  # differ from the objects we overlap, so both stay separable
                 ok[_COLOR_NAMES.index(placed[k][1])] = False
             choices = np.flatnonzero(ok)
             if len(choices) == 0:
                 continue
             color = _COLOR_NAMES[int(choices[rng.integers(len(choices))])]
-            for k in np.flatnonzero(hit):
+            for k in touched:
                 visible_area[k] -= int(hit[k])
-            k_new = len(placed)
-            owner[y0:y1, x0:x1][win] = k_new
+            owner[y0:y1, x0:x1][win] = len(placed)
+            image[y0:y1, x0:x1][win] = COLORS[color]
             area = int(win.sum())
             full_area.append(area)
             visible_area.append(area)
-            placed.append((shape, color, size, diameter, (cx, cy), win, (x0, y0, x1, y1)))
+            placed.append((shape, color, size, diameter, (cx, cy), win, window))
             break
     objects = [_new_object(*p, h, w) for p in placed]
-    for k, ob in enumerate(objects):
-        ob.mask = owner == k
-    return objects
+    if len(objects) > 1:
+        for k, ob in enumerate(objects[:-1]):  # the last one is fully visible
+            ob.mask = owner == k
+    return objects, image
 
 
 def scene_caption(object_captions: Sequence[str], background_caption: str) -> str:
@@ -434,20 +479,17 @@ def scene_caption(object_captions: Sequence[str], background_caption: str) -> st
     return f"{things} on {background_caption}"
 
 
-def _make_scene(background, objects, kind, colors, bg_caption, seed) -> Scene:
-    img = background.copy()
-    for ob in objects:
-        img[ob.mask] = ob.rgb
+def _make_scene(bg: _Background, bg_image, objects, image, seed) -> Scene:
     caps = [ob.caption for ob in objects]
     return Scene(
-        image=img,
-        background=background,
+        image=image,
+        background=bg_image,
         objects=objects,
-        caption=scene_caption(caps, bg_caption),
+        caption=scene_caption(caps, bg.caption),
         object_captions=caps,
-        background_caption=bg_caption,
-        background_kind=kind,
-        background_colors=colors,
+        background_caption=bg.caption,
+        background_kind=bg.kind,
+        background_colors=bg.colors,
         seed=seed,
     )
 
@@ -455,10 +497,11 @@ def _make_scene(background, objects, kind, colors, bg_caption, seed) -> Scene:
 def generate_scene(rng: np.random.Generator, size=(128, 128), seed: int | None = None) -> Scene:
     """Draw a scene from ``rng`` (the building block of :func:`render_scene` and edit tasks)."""
     h, w = as_size(size)
-    bg, kind, colors, bg_caption = _render_background(rng, h, w)
+    bg = _sample_background(rng, h, w)
     n = int(rng.integers(1, MAX_OBJECTS + 1))
-    objects = _place_objects(rng, bg, n)
-    return _make_scene(bg, objects, kind, colors, bg_caption, seed)
+    bg_image = bg.image()
+    objects, image = _place_objects(rng, bg, bg_image, n)
+    return _make_scene(bg, bg_image, objects, image, seed)
 
 
 def scene_rng(seed: int) -> np.random.Generator:
@@ -498,11 +541,16 @@ def render_object(shape: str, color: str, size: str, canvas_size=(128, 128), see
     rng = scene_rng(seed)
     diameter = sample_diameter(rng, size, (h, w))
     r = diameter / 2
-    while True:
-        bg, kind, colors, bg_caption = _render_background(rng, h, w)
+    for _ in range(1000):  # a solid background always contrasts, so this ends quickly
+        bg = _sample_background(rng, h, w)
         cx, cy = rng.uniform(r, w - r), rng.uniform(r, h - r)
         win, window = _shape_window(shape, cx, cy, r, h, w)
-        if allowed_colors(bg, win, window=window)[_COLOR_NAMES.index(color)]:
+        if bg.allowed_colors(win, window)[_COLOR_NAMES.index(color)]:
             break
+    else:
+        raise RuntimeError(f"no contrasting background found for {color} (seed {seed})")
     ob = _new_object(shape, color, size, diameter, (cx, cy), win, window, h, w)
-    return _make_scene(bg, [ob], kind, colors, bg_caption, seed)
+    bg_image = bg.image()
+    image = bg_image.copy()
+    image[ob.mask] = ob.rgb
+    return _make_scene(bg, bg_image, [ob], image, seed)

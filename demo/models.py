@@ -1,0 +1,175 @@
+"""Which pipelines the demo serves, loaded once per process and shared by every user.
+
+Three sources, in order of precedence:
+
+* ``tiny=True`` (``--tiny`` / ``LAZYDIFF_TINY=1``): :func:`lazydiff.testing.tiny_lazy_pipeline` and
+  :func:`~lazydiff.testing.tiny_regenerate_pipeline`, random weights, for tests and UI work;
+* ``model_dir`` (``--model DIR`` / ``LAZYDIFF_MODEL``): a :class:`~lazydiff.LazyDiffusionPipeline`
+  folder in diffusers layout; ``baseline_dir`` (``--baseline DIR`` / ``LAZYDIFF_BASELINE``) a
+  :class:`~lazydiff.RegenerateImagePipeline` folder;
+* otherwise the shipped ShapesWorld models, :func:`lazydiff.load_default`.
+
+Loading is lazy (first use) and thread-safe, so importing ``app`` stays cheap. The pipelines are not
+re-entrant (the scheduler keeps per-call state): every call goes through :attr:`Models.lock`.
+"""
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Optional
+
+TINY_BANNER = ("random-weight test model: outputs are noise. Use it to try the interface and to run the "
+               "tests, never to judge quality.")
+
+
+class ModelUnavailable(RuntimeError):
+    """The requested model cannot be loaded; the message says how to proceed."""
+
+
+def _truthy(value: Optional[str]) -> bool:
+    return (value or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+@dataclass
+class ModelSpec:
+    model_dir: Optional[str] = None
+    baseline_dir: Optional[str] = None
+    tiny: bool = False
+    device: Optional[str] = None
+    max_side: Optional[int] = None  # working resolution cap; None = the default for the model kind
+
+    @classmethod
+    def from_env(cls, environ=None) -> "ModelSpec":
+        env = os.environ if environ is None else environ
+        side = env.get("LAZYDIFF_MAX_SIDE")
+        return cls(model_dir=env.get("LAZYDIFF_MODEL") or None, baseline_dir=env.get("LAZYDIFF_BASELINE") or None,
+                   tiny=_truthy(env.get("LAZYDIFF_TINY")), device=env.get("LAZYDIFF_DEVICE") or None,
+                   max_side=int(side) if side else None)
+
+    @property
+    def working_max_side(self) -> int:
+        """Largest side the model works at; bigger canvases are edited downscaled (see handlers)."""
+        if self.max_side:
+            return int(self.max_side)
+        return 256 if self.tiny else 512
+
+    def describe(self) -> str:
+        if self.tiny:
+            return "tiny random-weight test pipelines (lazydiff.testing)"
+        lazy = self.model_dir or "shipped ShapesWorld model (data/models/lazy)"
+        base = self.baseline_dir or ("shipped RegenerateImage model (data/models/regenerate-image)")
+        return f"LazyDiffusion: {lazy}; baseline: {base}"
+
+
+_HOW_TO = ("To try the demo without trained weights run `python app.py --tiny` (random-weight test model); "
+           "to use your own checkpoint pass `--model DIR` (a LazyDiffusionPipeline folder saved with "
+           "save_pretrained) or set LAZYDIFF_MODEL; LAZYDIFF_MODELS_DIR points load_default at another "
+           "models folder.")
+
+
+@dataclass
+class Models:
+    """The shared pipelines. ``lazy()`` / ``baseline()`` load on first use."""
+
+    spec: ModelSpec = field(default_factory=ModelSpec)
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)  # held while a pipeline runs
+
+    def __post_init__(self):
+        self._load_lock = threading.Lock()
+        self._lazy = None
+        self._baseline = None
+        self._baseline_error: Optional[str] = None
+
+    # -- info shown in the UI
+    @property
+    def is_tiny(self) -> bool:
+        return self.spec.tiny
+
+    @property
+    def banner(self) -> Optional[str]:
+        return TINY_BANNER if self.spec.tiny else None
+
+    @property
+    def max_side(self) -> int:
+        return self.spec.working_max_side
+
+    # -- loading
+    def lazy(self):
+        with self._load_lock:
+            if self._lazy is None:
+                self._lazy = self._prepare(self._load_lazy())
+            return self._lazy
+
+    def baseline(self):
+        """The RegenerateImage pipeline, or raises :class:`ModelUnavailable` (comparison disabled)."""
+        with self._load_lock:
+            if self._baseline is None:
+                if self._baseline_error is not None:
+                    raise ModelUnavailable(self._baseline_error)
+                try:
+                    self._baseline = self._prepare(self._load_baseline())
+                except ModelUnavailable as err:
+                    self._baseline_error = str(err)
+                    raise
+            return self._baseline
+
+    def baseline_available(self) -> bool:
+        try:
+            self.baseline()
+            return True
+        except ModelUnavailable:
+            return False
+
+    def _prepare(self, pipe):
+        if hasattr(pipe, "set_progress_bar_config"):
+            pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def _device(self) -> str:
+        if self.spec.device:
+            return self.spec.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def _load_lazy(self):
+        if self.spec.tiny:
+            from lazydiff.testing import tiny_lazy_pipeline
+
+            return tiny_lazy_pipeline()
+        if self.spec.model_dir:
+            return self._from_pretrained("LazyDiffusionPipeline", self.spec.model_dir, "--model / LAZYDIFF_MODEL")
+        return self._default("lazy", "the LazyDiffusion model")
+
+    def _load_baseline(self):
+        if self.spec.tiny:
+            from lazydiff.testing import tiny_regenerate_pipeline
+
+            return tiny_regenerate_pipeline()
+        if self.spec.baseline_dir:
+            return self._from_pretrained("RegenerateImagePipeline", self.spec.baseline_dir, "--baseline / LAZYDIFF_BASELINE")
+        return self._default("regenerate-image", "the RegenerateImage baseline")
+
+    def _from_pretrained(self, cls_name: str, folder: str, flag: str):
+        import lazydiff
+
+        if not os.path.isdir(folder):
+            raise ModelUnavailable(f"{flag}: {folder!r} is not a folder. Pass a {cls_name} folder in diffusers "
+                                   "layout (model_index.json + one sub-folder per component).")
+        try:
+            pipe = getattr(lazydiff, cls_name).from_pretrained(folder)
+        except Exception as err:  # noqa: BLE001 - any loading failure becomes one clear message
+            raise ModelUnavailable(f"{flag}: could not load a {cls_name} from {folder!r}: "
+                                   f"{type(err).__name__}: {err}") from err
+        return pipe.to(self._device())
+
+    def _default(self, kind: str, what: str):
+        import lazydiff
+
+        try:
+            return lazydiff.load_default(kind, device=self._device())
+        except FileNotFoundError as err:
+            raise ModelUnavailable(f"{what} is not available: {err}\n{_HOW_TO}") from err
+        except ImportError as err:
+            raise ModelUnavailable(f"{what} cannot be loaded: {err}") from err

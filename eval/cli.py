@@ -1,0 +1,123 @@
+"""Command line: ``python -m eval {quality,runtime} ...`` (see ``eval/README.md``)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import List, Optional
+
+
+def _floats(s: str) -> List[float]:
+    try:
+        return [float(x) for x in s.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {s!r}") from None
+
+
+def _names(s: str) -> List[str]:
+    return [x.strip() for x in s.split(",") if x.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m eval", description="LazyDiffusion evaluation workbench")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("quality", help="run a suite of edits with each method and score them",
+                       description="Run every edit of a suite with each method (fixed seeds), keep every output and "
+                                   "a per-sample record, then report FID/KID, local FID, CLIP score, latency and "
+                                   "(ShapesWorld) prompt accuracy, background error and the unmasked-pixel check. "
+                                   "Rerunning skips finished edits; `accelerate launch -m eval quality ...` shards.")
+    q.add_argument("--suite", required=True, help="suite YAML (e.g. data/suites/shapes.yaml)")
+    q.add_argument("--methods", type=_names, default=None,
+                   help="comma-separated: lazy, regenerate-image, regenerate-crop, tiny-* (tests), a pipeline folder, "
+                        "or diffusers-inpaint:PATH (default: the suite's methods)")
+    q.add_argument("--out", required=True, help="output folder (reused to resume)")
+    q.add_argument("--limit", type=int, default=None, help="only the first N edits of the suite")
+    q.add_argument("--steps", type=int, default=None, help="override the suite's denoising steps")
+    q.add_argument("--guidance", type=float, default=None, help="override the suite's guidance scale")
+    q.add_argument("--device", default=None, help="cpu | cuda (default: accelerate's device)")
+    q.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    q.add_argument("--shapes-clip", default=None, help="ShapesCLIP folder (default data/models/shapes-clip or "
+                                                       "$LAZYDIFF_SHAPES_CLIP)")
+    q.add_argument("--inception-weights", default=None,
+                   help="Inception-v3 FID weights file for fid_backbone: inception ($LAZYDIFF_INCEPTION_WEIGHTS)")
+    q.add_argument("--clip-model", default=None, help="open_clip architecture for clip_backbone: openclip")
+    q.add_argument("--clip-weights", default=None, help="open_clip weights file or folder ($LAZYDIFF_CLIP_WEIGHTS)")
+    q.add_argument("--batch-size", type=int, default=32, help="batch size of metric feature extraction")
+    q.add_argument("--overwrite", action="store_true", help="regenerate every edit even if records exist")
+    q.add_argument("--metrics-only", action="store_true", help="skip generation; score what is on disk")
+
+    r = sub.add_parser("runtime", help="latency and FLOPs vs mask ratio against the full-canvas baselines",
+                       description="End-to-end and per-step latency of LazyDiffusion vs RegenerateImage (and "
+                                   "RegenerateCrop): warm-up, interleaved repeats, medians and IQR, per-stage "
+                                   "breakdown, FLOPs beside times.")
+    r.add_argument("--mask-ratios", type=_floats, default=[0.01, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1.0])
+    r.add_argument("--steps", type=int, default=20)
+    r.add_argument("--out", required=True)
+    r.add_argument("--preset", default="default", help="default | paper-shape | tiny")
+    r.add_argument("--methods", type=_names, default=["lazy", "regenerate-image", "regenerate-crop"])
+    r.add_argument("--dtype", default="fp32", help="fp32 | bf16 | fp16")
+    r.add_argument("--repeats", type=int, default=3, help="timed rounds per mask ratio")
+    r.add_argument("--warmup", type=int, default=1, help="untimed runs per method and ratio")
+    r.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
+    r.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    r.add_argument("--width", type=int, default=384, help="paper-shape: transformer width (PixArt-XL/2: 1152)")
+    r.add_argument("--depth", type=int, default=12, help="paper-shape: decoder layers (PixArt-XL/2: 28)")
+    r.add_argument("--heads", type=int, default=None, help="paper-shape: attention heads (default width/64, or /72)")
+    r.add_argument("--encoder-depth", type=int, default=None, help="paper-shape: context-encoder layers (default --depth)")
+    r.add_argument("--size", type=int, default=None, help="canvas side (default: 128, 1024 paper-shape, 64 tiny)")
+    r.add_argument("--guidance", type=float, default=4.5)
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--keep-caches", action="store_true", help="keep text/canvas caches between runs")
+    r.add_argument("--crop-resolution", type=int, default=None, help="RegenerateCrop: crop side after resizing")
+    r.add_argument("--fit-max-ratio", type=float, default=0.4, help="largest mask ratio in the per-step linear fit")
+    return p
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    from .methods import MethodError
+    from .metrics import MetricWeightsError
+    from .suites import SuiteError
+
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "quality":
+            from .quality import QualityOptions, print_summary, run_quality
+
+            opts = QualityOptions(suite=args.suite, out=args.out, methods=args.methods, limit=args.limit,
+                                  steps=args.steps, guidance=args.guidance, device=args.device, dtype=args.dtype,
+                                  shapes_clip=args.shapes_clip, inception_weights=args.inception_weights,
+                                  clip_model=args.clip_model, clip_weights=args.clip_weights,
+                                  batch_size=args.batch_size, overwrite=args.overwrite, metrics_only=args.metrics_only)
+            if opts.limit is not None and opts.limit < 1:
+                raise SuiteError("--limit must be >= 1")
+            res = run_quality(opts)
+            if res.summary is not None:
+                print_summary(res.summary)
+                print(f"\nwrote {res.out}/summary.csv, per_sample.csv, report.md")
+        else:
+            from .runtime import RuntimeOptions, print_table, run_runtime
+
+            opts = RuntimeOptions(out=args.out, mask_ratios=args.mask_ratios, steps=args.steps, preset=args.preset,
+                                  methods=args.methods, dtype=args.dtype, repeats=args.repeats, warmup=args.warmup,
+                                  device=args.device, threads=args.threads, width=args.width, depth=args.depth,
+                                  heads=args.heads, encoder_depth=args.encoder_depth, size=args.size,
+                                  guidance=args.guidance, seed=args.seed, keep_caches=args.keep_caches,
+                                  crop_resolution=args.crop_resolution, fit_max_ratio=args.fit_max_ratio)
+            summary, fit = run_runtime(opts)
+            print_table(summary)
+            if fit.get("slope_ms_per_token") is not None:
+                print(f"\nper-step fit (lazy, ratio <= {fit['max_ratio']:g}): {fit['intercept_ms']:.4g} ms + "
+                      f"{fit['slope_ms_per_token'] * 1e3:.4g} us x |H|, R^2 = {fit['r2']:.4f}")
+            print(f"wrote {opts.out}/runtime.csv, report.md and plots")
+    except (SuiteError, MethodError, MetricWeightsError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except ValueError as err:   # bad input found while running (e.g. a resumed run with other settings)
+        import os
+
+        if os.environ.get("LAZYDIFF_EVAL_DEBUG"):
+            raise
+        if True:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+    return 0

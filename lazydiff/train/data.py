@@ -1,0 +1,86 @@
+"""ShapesWorld training streams: deterministic by (seed, step), so a resumed run sees the same data.
+
+Sample ``i`` of the stream is generated from seed ``base + i``; process ``r`` of ``n`` takes the
+samples ``i = (step * n + r) * batch + j``. Worker processes of a DataLoader split each batch.
+"""
+from __future__ import annotations
+
+from typing import Dict, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset, get_worker_info
+
+TRAIN_SEED_BASE = 1_000_000_000  # far from the held-out test split's seeds
+
+
+def _images(arr: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def edit_batch(seeds, size: int) -> Dict[str, object]:
+    from ..shapesworld.tasks import make_task
+
+    tasks = [make_task(int(s), size=(size, size)) for s in seeds]
+    return {"canvas": _images(np.stack([t.canvas for t in tasks])),
+            "target": _images(np.stack([t.target for t in tasks])),
+            "mask": torch.from_numpy(np.stack([t.mask for t in tasks]))[:, None].float(),
+            "prompt": [t.prompt for t in tasks]}
+
+
+def image_batch(seeds, size: int) -> Dict[str, object]:
+    from ..shapesworld.scenes import render_scene
+
+    return {"image": _images(np.stack([render_scene(int(s), size=(size, size)).image for s in seeds]))}
+
+
+def caption_batch(seeds, size: int) -> Dict[str, object]:
+    """Image-caption pairs for ShapesCLIP: half whole scenes with scene captions, half crops around
+    one object (resized to the canvas size) with its caption, so zero-shot works on hole crops."""
+    import PIL.Image
+
+    from ..shapesworld.scenes import render_scene
+
+    images, captions = [], []
+    for s in seeds:
+        scene = render_scene(int(s), size=(size, size))
+        rng = np.random.default_rng(int(s) + 7)
+        if rng.random() < 0.5 or not scene.objects:
+            images.append(scene.image)
+            captions.append(scene.caption)
+            continue
+        obj = scene.objects[rng.integers(len(scene.objects))]
+        x0, y0, x1, y1 = obj.bbox
+        side = int(max(x1 - x0, y1 - y0) * rng.uniform(1.2, 2.0)) + 2
+        cx, cy = (x0 + x1) / 2 + rng.uniform(-0.1, 0.1) * side, (y0 + y1) / 2 + rng.uniform(-0.1, 0.1) * side
+        box = (int(cx - side / 2), int(cy - side / 2), int(cx - side / 2) + side, int(cy - side / 2) + side)
+        crop = PIL.Image.fromarray(scene.image).crop(box).resize((size, size), PIL.Image.BICUBIC)
+        images.append(np.asarray(crop))
+        captions.append(obj.caption)
+    return {"image": _images(np.stack(images)), "caption": captions}
+
+
+MAKERS = {"autoencoder": image_batch, "shapes_clip": caption_batch, "lazy": edit_batch, "regenerate_image": edit_batch}
+
+
+class ShapesWorldStream(IterableDataset):
+    """Yields batches for steps ``start_step, start_step + 1, ...`` of one process."""
+
+    def __init__(self, model: str, batch_size: int, size: int, seed: int, start_step: int,
+                 process_index: int = 0, num_processes: int = 1):
+        self.make = MAKERS[model]
+        self.batch_size, self.size = batch_size, size
+        self.base = TRAIN_SEED_BASE + seed * 100_000_000
+        self.start_step, self.rank, self.world = start_step, process_index, num_processes
+
+    def seeds(self, step: int) -> np.ndarray:
+        first = self.base + (step * self.world + self.rank) * self.batch_size
+        return np.arange(first, first + self.batch_size)
+
+    def __iter__(self) -> Iterator[Dict[str, object]]:
+        info = get_worker_info()
+        wid, nw = (info.id, info.num_workers) if info else (0, 1)
+        step = self.start_step + wid
+        while True:  # worker w makes steps w, w + nw, ...; DataLoader interleaves them in order
+            yield self.make(self.seeds(step), self.size)
+            step += nw

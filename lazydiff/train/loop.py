@@ -1,0 +1,189 @@
+"""The training loop, on HF accelerate: one CPU, one GPU, or many GPUs/nodes with ``accelerate launch``.
+
+Checkpoints are safetensors (weights, EMA) plus the optimizer state (tensors only, reloaded with
+``weights_only=True``). Data and noise are functions of (seed, step, rank), so a resumed run
+continues exactly where the interrupted one stopped.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import shutil
+import time
+from pathlib import Path
+from typing import Dict, Optional
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from .config import TrainConfig
+from .data import ShapesWorldStream
+from .objectives import OBJECTIVES
+
+
+class EMA:
+    """Exponential moving average of parameters, with the usual warm-up of the decay."""
+
+    def __init__(self, module: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {k: v.detach().clone().float() for k, v in module.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, module: torch.nn.Module, step: int):
+        d = min(self.decay, (1 + step) / (10 + step))
+        for k, v in module.state_dict().items():
+            if v.dtype.is_floating_point:
+                self.shadow[k].mul_(d).add_(v.detach().float(), alpha=1 - d)
+            else:
+                self.shadow[k].copy_(v)
+
+    def copy_to(self, module: torch.nn.Module):
+        module.load_state_dict({k: v.to(module.state_dict()[k].dtype) for k, v in self.shadow.items()})
+
+
+def _cpu_state(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+
+
+def latest_checkpoint(output_dir: Path) -> Optional[Path]:
+    ckpts = sorted((output_dir / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+    ckpts = [c for c in ckpts if (c / "state.json").exists()]  # state.json is written last
+    return ckpts[-1] if ckpts else None
+
+
+def save_checkpoint(output_dir: Path, step: int, model, ema: EMA, optimizer, log, cfg: TrainConfig):
+    final = output_dir / "checkpoints" / f"step-{step}"
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(_cpu_state(model.state_dict()), str(tmp / "model.safetensors"))
+    save_file(_cpu_state(ema.shadow), str(tmp / "ema.safetensors"))
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    with open(tmp / "state.json", "w") as f:
+        json.dump({"step": step, "log": log, "config": cfg.to_dict()}, f)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    old = sorted((output_dir / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+    for c in old[: -cfg.keep_checkpoints]:
+        shutil.rmtree(c, ignore_errors=True)
+
+
+def load_checkpoint(path: Path, model, ema: EMA, optimizer):
+    try:
+        model.load_state_dict(load_file(str(path / "model.safetensors"), device="cpu"))
+        ema.shadow = {k: v.to(next(iter(ema.shadow.values())).device) for k, v in
+                      load_file(str(path / "ema.safetensors"), device="cpu").items()}
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+        with open(path / "state.json") as f:
+            state = json.load(f)
+    except Exception as err:  # a corrupt or mismatched checkpoint must say which file and what to do
+        raise RuntimeError(f"could not resume from checkpoint {path}: {err}. Delete that folder to resume from the "
+                           "previous checkpoint, or pass --no-resume to start over.") from err
+    return state["step"], state["log"]
+
+
+def plot_loss(log, path: Path, title: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not log:
+        return
+    steps, losses = [r["step"] for r in log], [r["loss"] for r in log]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(steps, losses, lw=1)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def train(cfg: TrainConfig, resume: bool = True, max_steps_this_run: Optional[int] = None) -> Path:
+    """Train ``cfg.model``; returns the export folder. ``max_steps_this_run`` stops early (for tests
+    and time-boxed sessions) after checkpointing, so the next call resumes."""
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+    device = accelerator.device
+    torch.backends.cuda.matmul.allow_tf32 = True  # free speed on Ampere+; no effect on CPU
+    torch.backends.cudnn.allow_tf32 = True
+    out = Path(cfg.output_dir)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / "config.json", "w") as f:
+            json.dump(cfg.to_dict(), f, indent=2)
+    objective = OBJECTIVES[cfg.model](cfg, device)
+    model = objective.trainable.to(device)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                                  weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
+    ema = EMA(model, cfg.ema_decay)
+    start, log = 0, []
+    ckpt = latest_checkpoint(out) if resume else None
+    if ckpt is not None:
+        start, log = load_checkpoint(ckpt, model, ema, optimizer)
+        accelerator.print(f"resumed from {ckpt} at step {start}")
+    lr_at = lambda s: cfg.lr * min(1.0, (s + 1) / max(cfg.warmup_steps, 1)) * (0.5 * (1 + math.cos(math.pi * min(s / cfg.steps, 1.0))) * 0.9 + 0.1)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    objective.trainable = model  # the objective calls the (possibly DDP-wrapped) module
+    stream = ShapesWorldStream(cfg.model, cfg.batch_size, cfg.image_size, cfg.seed, start,
+                               accelerator.process_index, accelerator.num_processes)
+    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=cfg.num_workers,
+                                         prefetch_factor=4 if cfg.num_workers else None,
+                                         persistent_workers=False)
+    end = cfg.steps if max_steps_this_run is None else min(cfg.steps, start + max_steps_this_run)
+    t0, run_losses = time.time(), []
+    wall_before = log[-1]["wall_s"] if log else 0.0
+    bar = tqdm(total=cfg.steps, initial=start, desc=f"train {cfg.model}", disable=not accelerator.is_local_main_process)
+    data = iter(loader)
+    step = start
+    while step < end:
+        batch = next(data)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step)
+        model.train()
+        with accelerator.autocast():
+            loss = objective.loss(batch, step, accelerator.process_index)
+        accelerator.backward(loss)
+        if cfg.grad_clip:
+            accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        ema.update(accelerator.unwrap_model(model), step)
+        step += 1
+        run_losses.append(accelerator.reduce(loss.detach(), "mean").item())
+        if step % cfg.log_every == 0 or step == end:
+            mean = sum(run_losses) / len(run_losses)
+            log.append({"step": step, "loss": mean, "lr": lr_at(step - 1), "wall_s": wall_before + time.time() - t0})
+            run_losses = []
+            bar.set_postfix(loss=f"{mean:.4f}")
+        bar.update()
+        if accelerator.is_main_process and (step % cfg.checkpoint_every == 0 or step == end):
+            save_checkpoint(out, step, accelerator.unwrap_model(model), ema, optimizer, log, cfg)
+            plot_loss(log, out / "loss.png", f"{cfg.model} training loss")
+            with open(out / "loss.csv", "w") as f:
+                f.write("step,loss,lr,wall_s\n" + "".join(f"{r['step']},{r['loss']:.6f},{r['lr']:.3g},{r['wall_s']:.1f}\n" for r in log))
+    bar.close()
+    accelerator.wait_for_everyone()
+    export = out / "export"
+    if step >= cfg.steps and accelerator.is_main_process:
+        final = accelerator.unwrap_model(model)
+        ema.copy_to(final)
+        shutil.rmtree(export, ignore_errors=True)
+        objective.export(final, export)
+        info = {"model": cfg.model, "steps": cfg.steps, "batch_size_per_process": cfg.batch_size,
+                "num_processes": accelerator.num_processes, "wall_s": log[-1]["wall_s"] if log else None,
+                "final_loss": log[-1]["loss"] if log else None, "mixed_precision": cfg.mixed_precision,
+                "device": torch.cuda.get_device_name(0) if device.type == "cuda" else platform.processor() or "cpu",
+                "torch": torch.__version__, "params": sum(p.numel() for p in final.parameters())}
+        with open(out / "train_info.json", "w") as f:
+            json.dump(info, f, indent=2)
+        accelerator.print(f"exported to {export}: {info}")
+    return export

@@ -1,0 +1,261 @@
+"""What each trainable model is and how its loss is computed.
+
+Every objective has the same interface: ``build(cfg)`` makes the trainable module, ``loss(batch,
+step)`` returns a scalar, ``export(module, folder)`` writes the shipped layout. LazyDiffusion and
+RegenerateImage share everything except the denoiser call, and both are scored on the hole tokens
+only, so the comparison between them is like for like.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Dict, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..models.dit import gather_tokens, patchify, token_mask_from_pixels
+
+SHAPES_CLIP_CONFIG = {
+    "embed_dim": 128,
+    "vision_cfg": {"image_size": 128, "layers": 4, "width": 192, "head_width": 64, "patch_size": 16},
+    "text_cfg": {"context_length": 32, "vocab_size": 49408, "width": 96, "heads": 2, "layers": 3},
+}
+SHAPES_CLIP_PREPROCESS = {"size": 128, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5],
+                          "interpolation": "bicubic", "resize_mode": "shortest"}
+
+DEFAULT_AUTOENCODER = dict(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
+                           up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(32, 64, 128),
+                           latent_channels=4, layers_per_block=1, norm_num_groups=16, sample_size=128)
+
+
+def _export_dtype(name: str) -> torch.dtype:
+    return {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[name]
+
+
+def step_generator(seed: int, step: int, rank: int, device) -> torch.Generator:
+    """Noise for step ``step`` depends only on (seed, step, rank): resuming needs no RNG state."""
+    g = torch.Generator(device=device)
+    g.manual_seed((seed * 1_000_003 + step * 7919 + rank * 104_729) % (2 ** 63))
+    return g
+
+
+class Objective:
+    trainable: nn.Module
+
+    def __init__(self, cfg, device):
+        self.cfg, self.device = cfg, device
+
+    def loss(self, batch: Dict[str, object], step: int, rank: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def export(self, module: nn.Module, folder: Path) -> None:
+        raise NotImplementedError
+
+
+# ----------------------------------------------------------------------------- autoencoder
+class AutoencoderObjective(Objective):
+    def __init__(self, cfg, device):
+        super().__init__(cfg, device)
+        from diffusers import AutoencoderKL
+
+        torch.manual_seed(cfg.seed)
+        arch = dict(DEFAULT_AUTOENCODER, **cfg.arch)
+        arch["sample_size"] = cfg.image_size
+        self.trainable = AutoencoderKL(**arch)
+
+    def loss(self, batch, step, rank):
+        x = batch["image"].to(self.device)
+        vae = self.trainable
+        post = vae.encode(x).latent_dist
+        g = step_generator(self.cfg.seed, step, rank, x.device)
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=g, device=x.device, dtype=post.mean.dtype)
+        rec = vae.decode(z).sample
+        # Flat-coloured shapes: L1 keeps edges sharp; the tiny KL keeps the latent well scaled.
+        return F.l1_loss(rec, x) + 0.5 * F.mse_loss(rec, x) + self.cfg.kl_weight * post.kl().mean()
+
+    @torch.no_grad()
+    def export(self, module, folder):
+        from .data import image_batch
+
+        vae = module.eval()
+        x = image_batch(np.arange(10_000, 10_256), self.cfg.image_size)["image"].to(next(vae.parameters()).device)
+        z = vae.encode(x).latent_dist.mode()
+        # As for SD's VAE: scale latents to unit variance, so diffusion noise levels mean the same.
+        vae.register_to_config(scaling_factor=float(1.0 / z.float().std()))
+        vae.to(torch.float32).save_pretrained(folder, safe_serialization=True)
+
+
+# ----------------------------------------------------------------------------- ShapesCLIP
+def create_shapes_clip(config: Optional[dict] = None) -> nn.Module:
+    import open_clip
+
+    return open_clip.CLIP(**(config or SHAPES_CLIP_CONFIG), output_dict=True)
+
+
+class ShapesClipObjective(Objective):
+    def __init__(self, cfg, device):
+        super().__init__(cfg, device)
+        import open_clip
+
+        torch.manual_seed(cfg.seed)
+        self.model_cfg = json.loads(json.dumps(SHAPES_CLIP_CONFIG))
+        self.model_cfg.update(cfg.arch)
+        self.model_cfg["vision_cfg"]["image_size"] = cfg.image_size
+        self.trainable = create_shapes_clip(self.model_cfg)
+        self.tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=self.model_cfg["text_cfg"]["context_length"])
+        self.clip_loss = open_clip.ClipLoss()
+
+    def loss(self, batch, step, rank):
+        images = batch["image"].to(self.device)  # already in [-1, 1] = (x - 0.5) / 0.5
+        texts = self.tokenizer(batch["caption"]).to(self.device)
+        out = self.trainable(images, texts)
+        return self.clip_loss(out["image_features"], out["text_features"], out["logit_scale"])
+
+    def export(self, module, folder):
+        from safetensors.torch import save_file
+
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / "open_clip_config.json", "w") as f:
+            json.dump({"model_cfg": self.model_cfg, "preprocess_cfg": dict(SHAPES_CLIP_PREPROCESS,
+                                                                           size=self.cfg.image_size)}, f, indent=2)
+        dtype = _export_dtype(self.cfg.export_dtype)
+        state = {k: v.detach().to("cpu", dtype).contiguous().clone() for k, v in module.state_dict().items()}
+        save_file(state, str(folder / "open_clip_model.safetensors"))
+
+
+# ----------------------------------------------------------------------------- latent diffusion
+class LatentDiffusionObjective(Objective):
+    """Shared by LazyDiffusion and RegenerateImage: frozen VAE and text encoder, hole-token loss."""
+
+    def __init__(self, cfg, device):
+        super().__init__(cfg, device)
+        from diffusers import AutoencoderKL, DDPMScheduler
+
+        from ..defaults import load_text_encoder
+
+        try:
+            self.vae = AutoencoderKL.from_pretrained(cfg.autoencoder).to(device).eval().requires_grad_(False)
+        except (OSError, EnvironmentError) as err:
+            raise OSError(f"could not load the autoencoder from {cfg.autoencoder!r}: {err}. Train it first "
+                          "(configs/train/autoencoder.yaml) or point `autoencoder:` at data/models/autoencoder") from err
+        self.text_encoder, self.tokenizer = load_text_encoder(cfg.text_encoder, device)
+        self.text_encoder.requires_grad_(False)
+        self.noise_scheduler = DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps)
+        self.scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        self.latent_size = cfg.image_size // self.scale
+        self.text_dim = self.text_encoder.config.hidden_size
+        torch.manual_seed(cfg.seed)
+        self.trainable = self.build()
+        self.patch = self.decoder_config["patch_size"]
+
+    def build(self) -> nn.Module:
+        raise NotImplementedError
+
+    @property
+    def decoder_config(self) -> dict:
+        cfg = dict(patch_size=2, num_layers=8, num_attention_heads=3, attention_head_dim=64)
+        cfg.update({k: v for k, v in self.cfg.arch.items() if not k.startswith("encoder_")})
+        cfg.update(in_channels=self.vae.config.latent_channels, caption_channels=self.text_dim,
+                   sample_size=self.latent_size)
+        return cfg
+
+    @torch.no_grad()
+    def encode(self, batch, step, rank):
+        vae = self.vae
+        canvas, target = batch["canvas"].to(self.device), batch["target"].to(self.device)
+        mask = batch["mask"].to(self.device)
+        sf = vae.config.scaling_factor
+        x0 = vae.encode(target).latent_dist.mode() * sf
+        masked = vae.encode(canvas * (1 - mask)).latent_dist.mode() * sf   # E(I * (1 - M))
+        prompts = list(batch["prompt"])
+        drop = np.random.default_rng([self.cfg.seed, step, rank]).random(len(prompts)) < self.cfg.prompt_dropout
+        prompts = ["" if d else p for p, d in zip(prompts, drop)]
+        tok = self.tokenizer(prompts, padding=True, truncation=True, max_length=120, return_tensors="pt").to(self.device)
+        text = self.text_encoder(tok["input_ids"], attention_mask=tok["attention_mask"])[0]
+        token_mask = token_mask_from_pixels(mask, self.scale * self.patch)          # (B, gh, gw)
+        # Hole indices padded to the largest hole of the batch; `valid` marks the real ones.
+        flat = token_mask.flatten(1)
+        counts = flat.sum(1)
+        order = torch.argsort((~flat).to(torch.int8), dim=1, stable=True)
+        k = int(counts.max())
+        index = order[:, :k]
+        valid = torch.arange(k, device=self.device)[None] < counts[:, None]
+        g = step_generator(self.cfg.seed, step, rank, self.device)
+        noise = torch.randn(x0.shape, generator=g, device=self.device)
+        t = torch.randint(0, self.cfg.num_train_timesteps, (x0.shape[0],), generator=g, device=self.device)
+        xt = self.noise_scheduler.add_noise(x0, noise, t)
+        return dict(xt=xt, noise=noise, t=t, masked=masked, mask_latent=token_mask_from_pixels(mask, self.scale)[:, None].float(),
+                    text=text, text_mask=tok["attention_mask"], index=index, valid=valid,
+                    grid=tuple(token_mask.shape[-2:]))
+
+    def hole_loss(self, pred_tokens, e) -> torch.Tensor:
+        target = gather_tokens(patchify(e["noise"], self.patch), e["index"])
+        err = (pred_tokens[..., : target.shape[-1]].float() - target) ** 2
+        w = e["valid"][..., None].float()
+        return (err * w).sum() / (w.sum() * target.shape[-1])
+
+    def export_scheduler(self, folder: Path):
+        from diffusers import DDIMScheduler
+
+        DDIMScheduler(num_train_timesteps=self.cfg.num_train_timesteps).save_pretrained(folder / "scheduler")
+
+
+class LazyObjective(LatentDiffusionObjective):
+    def build(self):
+        from ..models import ContextEncoder, LazyDecoder
+        from ..models.pixart_init import lazy_decoder_from_pixart
+
+        arch = self.cfg.arch
+        enc = ContextEncoder(latent_channels=self.vae.config.latent_channels, patch_size=arch.get("patch_size", 2),
+                             num_layers=arch.get("encoder_layers", 6), num_attention_heads=arch.get("encoder_heads", 3),
+                             attention_head_dim=arch.get("encoder_head_dim", 64), sample_size=self.latent_size,
+                             context_dim=arch.get("encoder_context_dim"))
+        if self.cfg.pixart:
+            dec = lazy_decoder_from_pixart(self.cfg.pixart, context_dim=enc.context_dim)
+        else:
+            dec = LazyDecoder(context_dim=enc.context_dim, **self.decoder_config)
+        return nn.ModuleDict({"context_encoder": enc, "decoder": dec})
+
+    def loss(self, batch, step, rank):
+        e = self.encode(batch, step, rank)
+        m = self.trainable
+        ctx = m["context_encoder"](e["masked"], e["mask_latent"], e["index"]).context
+        noisy = gather_tokens(patchify(e["xt"], self.patch), e["index"])
+        pred = m["decoder"](noisy, ctx, e["index"], e["grid"], e["t"], e["text"], e["text_mask"],
+                            token_mask=e["valid"]).sample
+        return self.hole_loss(pred, e)
+
+    def export(self, module, folder):
+        dtype = _export_dtype(self.cfg.export_dtype)
+        for name in ("context_encoder", "decoder"):
+            module[name].to(dtype).save_pretrained(folder / name, safe_serialization=True)
+            module[name].to(torch.float32)
+        self.export_scheduler(folder)
+
+
+class RegenerateImageObjective(LatentDiffusionObjective):
+    def build(self):
+        from ..models import FullCanvasDecoder
+        from ..models.pixart_init import full_canvas_decoder_from_pixart
+
+        if self.cfg.pixart:
+            return nn.ModuleDict({"decoder": full_canvas_decoder_from_pixart(self.cfg.pixart)})
+        return nn.ModuleDict({"decoder": FullCanvasDecoder(**self.decoder_config)})
+
+    def loss(self, batch, step, rank):
+        e = self.encode(batch, step, rank)
+        out = self.trainable["decoder"](e["xt"], e["masked"], e["mask_latent"], e["t"], e["text"], e["text_mask"]).sample
+        return self.hole_loss(gather_tokens(patchify(out, self.patch), e["index"]), e)
+
+    def export(self, module, folder):
+        dtype = _export_dtype(self.cfg.export_dtype)
+        module["decoder"].to(dtype).save_pretrained(folder / "decoder", safe_serialization=True)
+        module["decoder"].to(torch.float32)
+        self.export_scheduler(folder)
+
+
+OBJECTIVES = {"autoencoder": AutoencoderObjective, "shapes_clip": ShapesClipObjective, "lazy": LazyObjective,
+              "regenerate_image": RegenerateImageObjective}

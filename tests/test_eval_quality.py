@@ -1,0 +1,145 @@
+"""`python -m eval quality` plumbing on tiny random pipelines and a tiny random open_clip model.
+
+Numbers from these models mean nothing; the tests check files, resume, errors and that metrics
+come out finite with the right shapes.
+"""
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from eval.cli import main
+from eval.methods import register_method, unregister_method
+from eval.metrics import (ClipImageFeatures, MetricWeightsError, ShapesZeroShot, frechet_and_kernel, load_clip_folder,
+                          write_tiny_clip)
+from eval.quality import QualityOptions, run_quality
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory):
+    return str(write_tiny_clip(tmp_path_factory.mktemp("clip")))
+
+
+@pytest.fixture(scope="module")
+def suite_file(tmp_path_factory):
+    p = tmp_path_factory.mktemp("suite") / "tiny.yaml"
+    p.write_text("dataset: shapesworld\nsplit: test\nsize: 64\nsteps: 2\nexamples: 2\n"
+                 "methods: [tiny-lazy, tiny-regenerate-crop]\n")
+    return str(p)
+
+
+class Counting:
+    """Wraps a pipeline and counts edits."""
+
+    calls = 0
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+
+    def set_progress_bar_config(self, **kw):
+        self.pipe.set_progress_bar_config(**kw)
+
+    def __call__(self, *a, **kw):
+        Counting.calls += 1
+        return self.pipe(*a, **kw)
+
+
+@pytest.fixture
+def counting_method():
+    from lazydiff.testing import tiny_lazy_pipeline
+
+    Counting.calls = 0
+    register_method("counting", lambda device, dtype: Counting(tiny_lazy_pipeline()), "counts calls", trained=False)
+    yield "counting"
+    unregister_method("counting")
+
+
+def test_open_clip_loader_and_zero_shot(tiny_clip):
+    b = load_clip_folder(tiny_clip)
+    assert "random" in b.note and b.image_size == 32
+    imgs = torch.randint(0, 255, (3, 3, 40, 40), dtype=torch.uint8)
+    feats = ClipImageFeatures(b)
+    assert feats(imgs).shape == (3, 16) and feats.num_features == 16
+    assert len(ShapesZeroShot(b).predict(imgs)) == 3
+    t = b.encode_texts(["a red star", "a blue circle"], normalize=True)
+    assert torch.allclose(t.norm(dim=-1), torch.ones(2), atol=1e-5)
+    real, fake = feats(imgs).double(), feats(imgs.flip(0)).double() + 0.1
+    d = frechet_and_kernel(feats, real, {"a": fake, "b": real[:1]})
+    assert math.isfinite(d["a"]["fid"]) and math.isfinite(d["a"]["kid"]) and math.isnan(d["b"]["fid"])
+
+
+def test_quality_run_resume_and_metrics(tmp_path, tiny_clip, suite_file, counting_method):
+    out = tmp_path / "q"
+    opts = QualityOptions(suite=suite_file, out=str(out), methods=[counting_method, "tiny-regenerate-crop"], limit=2,
+                          shapes_clip=tiny_clip, device="cpu")
+    res = run_quality(opts)
+    assert Counting.calls == 2 and res.generated == {"counting": 2, "tiny-regenerate-crop": 2}
+    # Resume with a larger limit: only the 2 new samples are generated.
+    opts.limit = 4
+    res = run_quality(opts)
+    assert Counting.calls == 4 and res.generated["counting"] == 2 and res.skipped["counting"] == 2
+    # Again: nothing to do.
+    res = run_quality(opts)
+    assert Counting.calls == 4 and res.generated["counting"] == 0
+
+    summary = pd.read_csv(out / "summary.csv")
+    assert list(summary.method) == ["counting", "tiny-regenerate-crop"]
+    for col in ("fid", "kid", "fid_local", "clip_cosine", "clip_score_x100", "latency_ms_mean", "hole_mae_target"):
+        assert np.isfinite(summary[col]).all(), col
+    assert (summary.unmasked_violating_pixels == 0).all()
+    assert (summary.clip_score_x100 >= 0).all() and (summary.clip_cosine.abs() <= 1).all()
+    per = pd.read_csv(out / "per_sample.csv")
+    assert len(per) == 8 and set(per.sample_id) == {f"sw{10_000_000 + i}" for i in range(4)}
+    assert np.allclose(per.clip_score_x100, 100 * np.maximum(per.clip_cosine, 0))
+    obj = per[per.prompt_correct.notna()]
+    assert len(obj) and set(obj.prompt_correct.unique()) <= {True, False}
+    lines = (out / "records.jsonl").read_text().splitlines()
+    assert len(lines) == 8 and json.loads(lines[0])["image"].endswith(".png")
+    for f in ("report.md", "plots/metrics.png", "plots/examples.png"):
+        assert (out / f).exists(), f
+    report = (out / "report.md").read_text()
+    assert "mean nothing" in report and "Beside the paper" in report and "LazyDiffusion" in report
+
+    # A killed run loses only the sample in flight: a missing record is regenerated on resume.
+    (out / "records" / "counting" / "sw10000001.json").unlink()
+    res = run_quality(opts)
+    assert res.generated["counting"] == 1 and Counting.calls == 5
+
+    # Other settings in the same folder: refused (records would be mixed).
+    opts.steps = 3
+    with pytest.raises(ValueError, match="other settings"):
+        run_quality(opts)
+
+
+def test_missing_inception_weights_fail_before_generation(tmp_path, tiny_clip, counting_method, monkeypatch):
+    monkeypatch.delenv("LAZYDIFF_INCEPTION_WEIGHTS", raising=False)
+    p = tmp_path / "s.yaml"
+    p.write_text("dataset: shapesworld\nsize: 64\nsteps: 2\nfid_backbone: inception\n")
+    opts = QualityOptions(suite=str(p), out=str(tmp_path / "o"), methods=[counting_method], limit=1,
+                          shapes_clip=tiny_clip, device="cpu")
+    with pytest.raises(MetricWeightsError, match="--inception-weights"):
+        run_quality(opts)
+    assert Counting.calls == 0
+    opts.inception_weights = str(tmp_path / "nope.pth")
+    with pytest.raises(MetricWeightsError, match="not found"):
+        run_quality(opts)
+    (tmp_path / "broken.pth").write_bytes(b"not a checkpoint")
+    opts.inception_weights = str(tmp_path / "broken.pth")
+    with pytest.raises(MetricWeightsError, match="could not load"):
+        run_quality(opts)
+    assert Counting.calls == 0
+
+
+def test_missing_shapes_clip_and_cli_errors(tmp_path, suite_file, counting_method, capsys):
+    opts = QualityOptions(suite=suite_file, out=str(tmp_path / "o"), methods=[counting_method], limit=1,
+                          shapes_clip=str(tmp_path / "no-clip"), device="cpu")
+    with pytest.raises(MetricWeightsError, match="ShapesCLIP not found"):
+        run_quality(opts)
+    assert Counting.calls == 0
+    rc = main(["quality", "--suite", suite_file, "--out", str(tmp_path / "o"), "--methods", "tiny-lazzy"])
+    assert rc == 2 and "did you mean 'tiny-lazy'" in capsys.readouterr().err
+    rc = main(["quality", "--suite", str(tmp_path / "missing.yaml"), "--out", str(tmp_path / "o")])
+    assert rc == 2 and "not found" in capsys.readouterr().err

@@ -1,0 +1,101 @@
+"""`python -m eval runtime` on the tiny pipelines, and the FLOP counter."""
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from eval.cli import main
+from eval.flops import context_encoder_flops, count_with_torch, decoder_flops
+from eval.runtime import RuntimeError_, RuntimeOptions, centred_mask, token_count, validate
+
+REQUIRED = ["method", "mask_ratio", "hole_tokens", "total_tokens", "steps", "total_ms", "denoise_ms_per_step",
+            "speedup_vs_full", "flops", "total_ms_q1", "total_ms_q3", "total_ms_iqr", "denoise_ms_per_step_iqr",
+            "stage_text_ms", "stage_vae_encode_ms", "stage_context_encoder_ms", "stage_denoise_ms",
+            "stage_vae_decode_ms", "stage_blend_ms", "flops_denoise_per_step", "flops_ratio_vs_full",
+            "speedup_vs_full_paired"]
+
+
+def test_runtime_tiny_writes_csv_plots_and_report(tmp_path, capsys):
+    out = tmp_path / "r"
+    rc = main(["runtime", "--preset", "tiny", "--mask-ratios", "0.05,0.5", "--steps", "2", "--repeats", "2",
+               "--warmup", "0", "--out", str(out)])
+    assert rc == 0
+    df = pd.read_csv(out / "runtime.csv")
+    assert set(REQUIRED) <= set(df.columns)
+    assert len(df) == 6 and set(df.method) == {"lazy", "regenerate-image", "regenerate-crop"}
+    assert (df.steps == 2).all() and (df.total_ms > 0).all() and (df.flops > 0).all()
+    full = df[df.method == "regenerate-image"]
+    assert np.allclose(full.speedup_vs_full, 1.0) and (full.hole_tokens < full.total_tokens).all()
+    lazy = df[df.method == "lazy"].sort_values("mask_ratio")
+    assert lazy.hole_tokens.is_monotonic_increasing and (lazy.flops_context_encoder > 0).all()
+    assert (full.flops_context_encoder == 0).all()
+    runs = pd.read_csv(out / "runtime_runs.csv")
+    assert len(runs) == 12 and list(runs.method[:3]) == ["lazy", "regenerate-image", "regenerate-crop"]  # interleaved
+    for f in ("latency_vs_mask_ratio.png", "speedup_vs_mask_ratio.png", "per_step_vs_hole_tokens.png",
+              "stage_breakdown.png", "report.md", "fit.json", "config.json"):
+        assert (out / f).exists(), f
+    printed = capsys.readouterr().out
+    assert "speedup_vs_full" in printed and "regenerate-crop" in printed
+
+
+def test_runtime_validation():
+    with pytest.raises(RuntimeError_, match="did you mean 'paper-shape'"):
+        validate(RuntimeOptions(out="x", preset="paper-shap"))
+    with pytest.raises(RuntimeError_, match="did you mean 'lazy'"):
+        validate(RuntimeOptions(out="x", methods=["lazzy"]))
+    with pytest.raises(RuntimeError_, match="mask ratios"):
+        validate(RuntimeOptions(out="x", mask_ratios=[0.0]))
+
+
+@pytest.mark.parametrize("ratio", [0.01, 0.1, 0.37, 0.8, 1.0])
+def test_centred_mask_area(ratio):
+    m = centred_mask(128, ratio)
+    assert abs(m.mean() - ratio) < 0.01
+    ys, xs = np.nonzero(m)
+    assert abs((ys.min() + ys.max()) / 2 - 63.5) <= 1 and abs((xs.min() + xs.max()) / 2 - 63.5) <= 1
+    assert token_count(m, 16) >= m.sum() / 256
+
+
+def _tiny_models(heads=2, head_dim=8, caption=32, layers=2):
+    from lazydiff.models import ContextEncoder, FullCanvasDecoder, LazyDecoder
+
+    common = dict(in_channels=4, patch_size=2, num_layers=layers, num_attention_heads=heads,
+                  attention_head_dim=head_dim, caption_channels=caption, sample_size=16)
+    enc = ContextEncoder(latent_channels=4, patch_size=2, num_layers=layers, num_attention_heads=heads,
+                         attention_head_dim=head_dim, context_dim=24, sample_size=16)
+    return LazyDecoder(context_dim=24, **common).eval(), FullCanvasDecoder(**common).eval(), enc.eval()
+
+
+def test_analytic_flops_match_torch_counter():
+    lazy, full, enc = _tiny_models()
+    b, text_len, k = 2, 7, 37
+    t = torch.tensor([500] * b)
+    text, tmask = torch.randn(b, text_len, 32), torch.ones(b, text_len)
+    idx = torch.arange(k)[None].repeat(b, 1)
+    got = count_with_torch(lambda: lazy(torch.randn(b, k, 16), torch.randn(b, k, 24), idx, (16, 16), t, text, tmask))
+    assert got == pytest.approx(decoder_flops(lazy, k, text_len, b), rel=1e-6)
+    got = count_with_torch(lambda: full(torch.randn(b, 4, 32, 32), torch.randn(b, 4, 32, 32), torch.randn(b, 1, 32, 32),
+                                        t, text, tmask))
+    assert got == pytest.approx(decoder_flops(full, 256, text_len, b), rel=1e-6)
+    got = count_with_torch(lambda: enc(torch.randn(1, 4, 32, 32), torch.randn(1, 1, 32, 32)))
+    assert got == pytest.approx(context_encoder_flops(enc, 256), rel=1e-6)
+
+
+def test_flop_ratio_tracks_token_ratio():
+    # Paper-shape proportions (width 384, 4,096 tokens, 120 text tokens, 4096-d captions).
+    cfg = dict(in_channels=4, out_channels=4, patch_size=2, num_layers=12, num_attention_heads=6,
+               attention_head_dim=64, caption_channels=4096, use_additional_conditions=True)
+    lazy_cfg = dict(cfg, context_dim=384)
+    n = 4096
+    for ratio in (0.01, 0.1, 0.25):
+        k = int(n * ratio)
+        lazy, full = decoder_flops(lazy_cfg, k, 120, 2), decoder_flops(cfg, n, 120, 2)
+        assert lazy < full
+        # Linear layers scale with the tokens, attention with their square: the FLOP ratio lies
+        # between the token ratio and its square, and near the token ratio for linear-dominated widths.
+        assert 0.8 * n / k <= full / lazy <= (n / k) ** 2
+    # Beyond a per-step fixed cost (caption projection, text keys/values), cost grows ~linearly with |H|.
+    fixed = decoder_flops(lazy_cfg, 0, 120, 2)
+    assert fixed > 0
+    assert (decoder_flops(lazy_cfg, 410, 120, 2) - fixed) / (decoder_flops(lazy_cfg, 41, 120, 2) - fixed) \
+        == pytest.approx(10, rel=0.15)

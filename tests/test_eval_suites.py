@@ -1,0 +1,129 @@
+"""Suite files and method names are validated strictly, before any long work starts."""
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+
+from eval.methods import MethodError, register_method, resolve_methods, unregister_method
+from eval.suites import SuiteError, load_suite, suite_from_dict
+
+ROOT = Path(__file__).resolve().parent.parent
+SUITES = ROOT / "data" / "suites"
+
+
+def test_shipped_suites_load():
+    s = load_suite(str(SUITES / "shapes.yaml"))
+    assert s.dataset == "shapesworld" and s.num_samples == 500 and s.split == "test"
+    assert s.methods == ["lazy", "regenerate-image", "regenerate-crop"]
+    first = s.samples(limit=3)
+    assert [x.id for x in first] == ["sw10000000", "sw10000001", "sw10000002"]
+    assert first[0].image.shape == (128, 128, 3) and first[0].mask.dtype == bool
+    f = load_suite(str(SUITES / "folder_example.yaml"))
+    samples = f.samples()
+    assert len(samples) == 4 and samples[0].image.shape == (128, 128, 3)
+    assert samples[0].reference.shape == samples[0].image.shape and samples[0].mask.any()
+
+
+def test_unknown_key_names_key_and_allowed_ones():
+    with pytest.raises(SuiteError) as e:
+        suite_from_dict({"dataset": "shapesworld", "stpes": 10}, "s.yaml")
+    msg = str(e.value)
+    assert "'stpes'" in msg and "did you mean 'steps'" in msg and "Allowed keys" in msg and "mask_kinds" in msg
+    with pytest.raises(SuiteError, match="applies to dataset: folder only"):
+        suite_from_dict({"dataset": "shapesworld", "manifest": "m.jsonl"}, "s.yaml")
+    with pytest.raises(SuiteError, match="missing required key 'dataset'"):
+        suite_from_dict({"steps": 3}, "s.yaml")
+
+
+@pytest.mark.parametrize("raw, needle", [
+    ({"dataset": "shapesworl"}, "did you mean 'shapesworld'"),
+    ({"dataset": "shapesworld", "mask_kinds": ["boxx"]}, "did you mean 'box'"),
+    ({"dataset": "shapesworld", "intents": ["delete"]}, "unknown value 'delete'"),
+    ({"dataset": "shapesworld", "steps": 0}, "steps must be >= 1"),
+    ({"dataset": "shapesworld", "guidance": "high"}, "guidance must be a number"),
+    ({"dataset": "shapesworld", "split": "tset"}, "did you mean 'test'"),
+    ({"dataset": "shapesworld", "mask_ratio": [0.5, 0.1]}, "mask_ratio"),
+    ({"dataset": "shapesworld", "fid_backbone": "inceptoin"}, "did you mean 'inception'"),
+    ({"dataset": "shapesworld", "blend": "soft"}, "blend must be one of"),
+    ({"dataset": "folder", "manifest": "m.jsonl"}, "needs 'root'"),
+])
+def test_bad_values(raw, needle):
+    with pytest.raises(SuiteError, match=needle):
+        suite_from_dict(raw, "s.yaml")
+
+
+def test_filters_and_seeds():
+    s = suite_from_dict({"dataset": "shapesworld", "seeds": {"start": 10_000_000, "count": 40}, "size": 64,
+                         "mask_kinds": ["box"], "intents": ["insert", "replace"]}, "s.yaml")
+    got = s.samples()
+    assert got and all(x.meta["kind"] == "box" and x.meta["intent"] in ("insert", "replace") for x in got)
+    assert [x.index for x in got] == list(range(len(got)))
+    s = suite_from_dict({"dataset": "shapesworld", "seeds": [10_000_000], "num_samples": 5}, "s.yaml")
+    with pytest.raises(SuiteError, match="only 1 of the 1 seeds"):
+        s.samples()
+
+
+def test_method_names_suggest_fixes():
+    with pytest.raises(MethodError) as e:
+        resolve_methods(["lazzy", "regenerate-imag"], check=False)
+    assert "did you mean 'lazy'" in str(e.value) and "'regenerate-image'" in str(e.value)
+    with pytest.raises(MethodError, match="given twice"):
+        resolve_methods(["tiny-lazy", "tiny-lazy"])
+    with pytest.raises(MethodError, match="does not exist"):
+        resolve_methods(["diffusers-inpaint:/nonexistent/sd2"])
+    register_method("my-method", lambda device, dtype: None, "test")
+    try:
+        assert resolve_methods(["my-method"])[0].label == "my-method"
+    finally:
+        unregister_method("my-method")
+
+
+def _copy_example(tmp_path):
+    dst = tmp_path / "folder"
+    shutil.copytree(SUITES / "folder_example", dst)
+    return dst
+
+
+def _suite(tmp_path, root, manifest="manifest.jsonl"):
+    p = tmp_path / "suite.yaml"
+    p.write_text(f"dataset: folder\nroot: {root}\nmanifest: {manifest}\nfid_backbone: shapes-clip\n"
+                 "clip_backbone: shapes-clip\n")
+    return load_suite(str(p))
+
+
+def test_folder_errors_list_every_bad_file(tmp_path):
+    root = _copy_example(tmp_path)
+    (root / "images" / "edit01.png").write_bytes(b"not a png at all")
+    PIL.Image.new("L", (64, 64), 255).save(root / "masks" / "edit02.png")   # wrong size
+    rows = [json.loads(x) for x in (root / "manifest.jsonl").read_text().splitlines()]
+    rows.append({"image": "images/missing.png", "mask": "masks/edit00.png", "prompt": "x"})
+    (root / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(SuiteError) as e:
+        _suite(tmp_path, root).samples()
+    msg = str(e.value)
+    assert "3 problem(s)" in msg
+    assert "edit01.png is not a readable image" in msg
+    assert "masks/edit02.png is 64x64 but image" in msg
+    assert "missing.png does not exist" in msg
+
+
+def test_folder_manifest_csv_and_column_errors(tmp_path):
+    root = _copy_example(tmp_path)
+    (root / "m.csv").write_text("image,mask,prompt\nimages/edit00.png,masks/edit00.png,a red star\n")
+    s = _suite(tmp_path, root, "m.csv")
+    (x,) = s.samples()
+    assert x.prompt == "a red star" and x.id == "edit00"
+    assert np.array_equal(x.reference, x.image)    # no reference column: compare with the input
+    (root / "bad.csv").write_text("image,prompt\nimages/edit00.png,a red star\n")
+    with pytest.raises(SuiteError, match="missing mask"):
+        _suite(tmp_path, root, "bad.csv").samples()
+    (root / "bad2.jsonl").write_text('{"image": "images/edit00.png", "mask": "masks/edit00.png", "prompt": "x", '
+                                     '"captoin": "y"}\n')
+    with pytest.raises(SuiteError, match="unknown column"):
+        _suite(tmp_path, root, "bad2.jsonl").samples()
+    PIL.Image.new("L", (128, 128), 0).save(root / "masks" / "edit00.png")
+    with pytest.raises(SuiteError, match="is empty"):
+        _suite(tmp_path, root, "m.csv").samples()
