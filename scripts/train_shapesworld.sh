@@ -1,36 +1,49 @@
 #!/usr/bin/env bash
 # Train every shipped ShapesWorld model, in the order their dependencies need:
-#   stage 1: the autoencoder and ShapesCLIP (independent, run side by side)
+#   stage 1: the autoencoder (ShapesCLIP, which needs nothing, starts beside it and runs on)
 #   stage 2: LazyDiffusion and RegenerateImage (both need the autoencoder; same data and steps)
 # Each run resumes from its latest checkpoint if interrupted; run this script again to continue.
-# Usage: scripts/train_shapesworld.sh [stage1|stage2|all]   (env EXTRA="--set key=value ..." applies to every run)
+# Usage: scripts/train_shapesworld.sh [stage1|stage2|all]
+# Environment:
+#   EXTRA="--set key=value ..."          applies to every run (e.g. mixed_precision=bf16 on a CPU)
+#   RUNS, MODELS                          run folders (runs/train) and where exports are published (data/models)
+#   WORKERS_AE, WORKERS_CLIP, WORKERS_DIFFUSION   data-generation processes per run (default 2)
+#   MINUTES_AE, MINUTES_CLIP, MINUTES_DIFFUSION   time boxes: stop there, checkpoint and export anyway
+#                                                 (train_info.json records the step reached)
 # On several GPUs, replace `python -m lazydiff.train` by `accelerate launch -m lazydiff.train`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 STAGE=${1:-all}
 EXTRA=${EXTRA:-}
-W1=${WORKERS_SMALL:-2}; W2=${WORKERS_LARGE:-2}
 RUNS=${RUNS:-runs/train}; MODELS=${MODELS:-data/models}
 
-publish() {  # copy a finished export into data/models
+publish() {  # copy a finished export into $MODELS
   rm -rf "$MODELS/$2"; mkdir -p "$MODELS/$2/training"; cp -r "$1/export/." "$MODELS/$2/"
   cp "$1/train_info.json" "$1/loss.csv" "$1/loss.png" "$1/config.json" "$MODELS/$2/training/"
 }
+run() {  # run CONFIG NAME WORKERS MINUTES [more args]
+  local cfg=$1 name=$2 workers=$3 minutes=$4; shift 4
+  local box=""; [[ -n $minutes ]] && box="--max-minutes $minutes --export-at-stop"
+  $PY -m lazydiff.train "configs/train/$cfg.yaml" --set "output_dir=$RUNS/$name" --set "num_workers=$workers" \
+    $box "$@" $EXTRA
+}
 
 if [[ $STAGE == stage1 || $STAGE == all ]]; then
-  $PY -m lazydiff.train configs/train/autoencoder.yaml --set output_dir=$RUNS/autoencoder --set num_workers=$W1 $EXTRA &
+  run autoencoder autoencoder "${WORKERS_AE:-2}" "${MINUTES_AE:-}" &
   A=$!
-  $PY -m lazydiff.train configs/train/shapes_clip.yaml --set output_dir=$RUNS/shapes_clip --set num_workers=$W2 $EXTRA &
+  run shapes_clip shapes_clip "${WORKERS_CLIP:-2}" "${MINUTES_CLIP:-}" &
   C=$!
-  wait $A; publish $RUNS/autoencoder autoencoder
-  wait $C; publish $RUNS/shapes_clip shapes-clip
+  wait $A; publish "$RUNS/autoencoder" autoencoder
 fi
 if [[ $STAGE == stage2 || $STAGE == all ]]; then
-  $PY -m lazydiff.train configs/train/lazy.yaml --set output_dir=$RUNS/lazy --set autoencoder=$MODELS/autoencoder --set num_workers=$W2 $EXTRA &
+  run lazy lazy "${WORKERS_DIFFUSION:-2}" "${MINUTES_DIFFUSION:-}" --set "autoencoder=$MODELS/autoencoder" &
   L=$!
-  $PY -m lazydiff.train configs/train/regenerate_image.yaml --set output_dir=$RUNS/regenerate_image --set autoencoder=$MODELS/autoencoder --set num_workers=$W2 $EXTRA &
+  run regenerate_image regenerate_image "${WORKERS_DIFFUSION:-2}" "${MINUTES_DIFFUSION:-}" --set "autoencoder=$MODELS/autoencoder" &
   R=$!
-  wait $L; publish $RUNS/lazy lazy
-  wait $R; publish $RUNS/regenerate_image regenerate-image
+  wait $L; publish "$RUNS/lazy" lazy
+  wait $R; publish "$RUNS/regenerate_image" regenerate-image
+fi
+if [[ $STAGE == stage1 || $STAGE == all ]]; then
+  wait $C; publish "$RUNS/shapes_clip" shapes-clip
 fi

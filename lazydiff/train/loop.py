@@ -106,9 +106,15 @@ def plot_loss(log, path: Path, title: str):
     plt.close(fig)
 
 
-def train(cfg: TrainConfig, resume: bool = True, max_steps_this_run: Optional[int] = None) -> Path:
-    """Train ``cfg.model``; returns the export folder. ``max_steps_this_run`` stops early (for tests
-    and time-boxed sessions) after checkpointing, so the next call resumes."""
+def train(cfg: TrainConfig, resume: bool = True, max_steps_this_run: Optional[int] = None,
+          max_minutes: Optional[float] = None, export_at_stop: bool = False) -> Path:
+    """Train ``cfg.model``; returns the export folder.
+
+    ``max_steps_this_run`` / ``max_minutes`` stop early (tests, time-boxed machines) after a
+    checkpoint, so the next call resumes. ``export_at_stop`` exports the EMA weights where the run
+    stopped instead of only at ``cfg.steps``; ``train_info.json`` then records the step reached, and
+    ``--max-steps-this-run <that step> --export-at-stop`` reproduces it (the LR schedule is a
+    function of ``cfg.steps``, not of where the run stopped)."""
     from accelerate import Accelerator
 
     accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
@@ -144,7 +150,26 @@ def train(cfg: TrainConfig, resume: bool = True, max_steps_this_run: Optional[in
     bar = tqdm(total=cfg.steps, initial=start, desc=f"train {cfg.model}", disable=not accelerator.is_local_main_process)
     data = iter(loader)
     step = start
-    while step < end:
+    deadline = None if max_minutes is None else time.time() + 60 * max_minutes
+
+    def time_is_up() -> bool:  # every process must agree, or DDP would hang on the next step
+        if deadline is None:
+            return False
+        flag = torch.tensor(float(time.time() > deadline), device=device)
+        return bool(accelerator.reduce(flag, "max").item())
+
+    def write_logs():
+        if run_losses:
+            log.append({"step": step, "loss": sum(run_losses) / len(run_losses), "lr": lr_at(step - 1),
+                        "wall_s": wall_before + time.time() - t0})
+            run_losses.clear()
+        if accelerator.is_main_process:
+            save_checkpoint(out, step, accelerator.unwrap_model(model), ema, optimizer, log, cfg)
+            plot_loss(log, out / "loss.png", f"{cfg.model} training loss")
+            with open(out / "loss.csv", "w") as f:
+                f.write("step,loss,lr,wall_s\n" + "".join(f"{r['step']},{r['loss']:.6f},{r['lr']:.3g},{r['wall_s']:.1f}\n" for r in log))
+
+    while step < end and not time_is_up():
         batch = next(data)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
@@ -159,26 +184,25 @@ def train(cfg: TrainConfig, resume: bool = True, max_steps_this_run: Optional[in
         ema.update(accelerator.unwrap_model(model), step)
         step += 1
         run_losses.append(accelerator.reduce(loss.detach(), "mean").item())
-        if step % cfg.log_every == 0 or step == end:
-            mean = sum(run_losses) / len(run_losses)
-            log.append({"step": step, "loss": mean, "lr": lr_at(step - 1), "wall_s": wall_before + time.time() - t0})
-            run_losses = []
-            bar.set_postfix(loss=f"{mean:.4f}")
+        if step % cfg.log_every == 0:
+            log.append({"step": step, "loss": sum(run_losses) / len(run_losses), "lr": lr_at(step - 1),
+                        "wall_s": wall_before + time.time() - t0})
+            run_losses.clear()
+            bar.set_postfix(loss=f"{log[-1]['loss']:.4f}")
         bar.update()
-        if accelerator.is_main_process and (step % cfg.checkpoint_every == 0 or step == end):
-            save_checkpoint(out, step, accelerator.unwrap_model(model), ema, optimizer, log, cfg)
-            plot_loss(log, out / "loss.png", f"{cfg.model} training loss")
-            with open(out / "loss.csv", "w") as f:
-                f.write("step,loss,lr,wall_s\n" + "".join(f"{r['step']},{r['loss']:.6f},{r['lr']:.3g},{r['wall_s']:.1f}\n" for r in log))
+        if step % cfg.checkpoint_every == 0 and step < end:
+            write_logs()
     bar.close()
+    if step > start:
+        write_logs()  # the final (or time-boxed) checkpoint
     accelerator.wait_for_everyone()
     export = out / "export"
-    if step >= cfg.steps and accelerator.is_main_process:
+    if (step >= cfg.steps or export_at_stop) and step > 0 and accelerator.is_main_process:
         final = accelerator.unwrap_model(model)
         ema.copy_to(final)
         shutil.rmtree(export, ignore_errors=True)
         objective.export(final, export)
-        info = {"model": cfg.model, "steps": cfg.steps, "batch_size_per_process": cfg.batch_size,
+        info = {"model": cfg.model, "steps": step, "schedule_steps": cfg.steps, "batch_size_per_process": cfg.batch_size,
                 "num_processes": accelerator.num_processes, "wall_s": log[-1]["wall_s"] if log else None,
                 "final_loss": log[-1]["loss"] if log else None, "mixed_precision": cfg.mixed_precision,
                 "device": torch.cuda.get_device_name(0) if device.type == "cuda" else platform.processor() or "cpu",
