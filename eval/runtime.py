@@ -109,6 +109,7 @@ def paper_shape_pipelines(methods: Sequence[str], size: int = 1024, width: int =
     from diffusers import AutoencoderKL, DDIMScheduler
 
     from lazydiff.models import ContextEncoder, FullCanvasDecoder, LazyDecoder
+    from lazydiff.defaults import default_scheduler
     from lazydiff.pipelines import LazyDiffusionPipeline, RegenerateCropPipeline, RegenerateImagePipeline
 
     if size % 16:
@@ -128,7 +129,7 @@ def paper_shape_pipelines(methods: Sequence[str], size: int = 1024, width: int =
     latent = size // 8
     common = dict(in_channels=4, patch_size=2, num_layers=depth, num_attention_heads=heads, attention_head_dim=head_dim,
                   caption_channels=caption, sample_size=latent)
-    sched = DDIMScheduler()
+    sched = default_scheduler()
     pipes = {}
     full = None
     if "regenerate-image" in methods or "regenerate-crop" in methods:

@@ -45,6 +45,16 @@ def load_text_encoder(path: Optional[str] = None, device="cpu") -> Tuple[object,
     return model, tok
 
 
+def default_scheduler(num_train_timesteps: int = 1000):
+    """The sampler shipped with our models: DDIM over the training betas, "trailing" spacing so the
+    first step is t=T-1 (pure noise, which is where sampling starts). ``clip_sample`` must stay off:
+    latents are scaled to unit variance, so clipping the predicted x0 to [-1, 1] destroys colours."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(num_train_timesteps=num_train_timesteps, clip_sample=False, set_alpha_to_one=False,
+                         timestep_spacing="trailing")
+
+
 def _require(path: Path, what: str) -> Path:
     if not path.exists():
         raise FileNotFoundError(f"{what} not found at {path}. The shipped ShapesWorld models live in data/models "

@@ -58,7 +58,9 @@ def tiny_components(seed: int = 0, text_dim: int = 32, width_heads: int = 2, hea
     full_decoder and scheduler. The decoders' output layers are randomised (not zero) so outputs
     depend on their inputs.
     """
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler
+    from diffusers import DPMSolverMultistepScheduler
+
+    from .defaults import default_scheduler
 
     from .models import ContextEncoder, FullCanvasDecoder, LazyDecoder
 
@@ -76,7 +78,7 @@ def tiny_components(seed: int = 0, text_dim: int = 32, width_heads: int = 2, hea
         for m in (lazy, full):
             m.trunk.proj_out.weight.normal_(0, 0.05)
         lazy.proj_in.weight.normal_(0, 0.1)
-    sched = DPMSolverMultistepScheduler() if scheduler == "dpm" else DDIMScheduler()
+    sched = DPMSolverMultistepScheduler() if scheduler == "dpm" else default_scheduler()
     return dict(vae=vae, text_encoder=text, tokenizer=tok, context_encoder=enc, decoder=lazy, full_decoder=full,
                 scheduler=sched)
 

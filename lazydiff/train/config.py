@@ -12,6 +12,18 @@ import yaml
 MODELS = ("autoencoder", "shapes_clip", "lazy", "regenerate_image")
 
 
+def _number(value: Any, kind: str, what: str):
+    """An int/float config value. YAML 1.1 reads ``1e-3`` (no dot) as a string, so numeric strings
+    are accepted; anything else is an error here rather than a TypeError deep in training."""
+    try:
+        num = None if isinstance(value, bool) else float(value)
+    except (TypeError, ValueError):
+        num = None
+    if num is None or (kind == "int" and not num.is_integer()):
+        raise ValueError(f"{what} must be {'a whole number' if kind == 'int' else 'a number'}, got {value!r}")
+    return int(num) if kind == "int" else num
+
+
 @dataclass
 class TrainConfig:
     model: str                                # one of MODELS
@@ -66,6 +78,10 @@ class TrainConfig:
         for key in ("model", "output_dir"):
             if key not in raw:
                 raise ValueError(f"{source}: missing required key {key!r}")
+        raw = dict(raw)
+        for f in dataclasses.fields(cls):  # annotations are strings here (postponed evaluation)
+            if f.type in ("int", "float") and f.name in raw:
+                raw[f.name] = _number(raw[f.name], f.type, f"{source}: {f.name}")
         cfg = cls(**raw)
         if cfg.model not in MODELS:
             raise ValueError(f"{source}: model must be one of {MODELS}, got {cfg.model!r}")

@@ -48,9 +48,14 @@ def _cpu_state(state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
 
 
+def _checkpoint_dirs(output_dir: Path):
+    """The step-N folders, oldest first; not the step-N.tmp a run killed while saving leaves behind."""
+    dirs = [p for p in (output_dir / "checkpoints").glob("step-*") if p.name[len("step-"):].isdigit()]
+    return sorted(dirs, key=lambda p: int(p.name[len("step-"):]))
+
+
 def latest_checkpoint(output_dir: Path) -> Optional[Path]:
-    ckpts = sorted((output_dir / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
-    ckpts = [c for c in ckpts if (c / "state.json").exists()]  # state.json is written last
+    ckpts = [c for c in _checkpoint_dirs(output_dir) if (c / "state.json").exists()]  # state.json is written last
     return ckpts[-1] if ckpts else None
 
 
@@ -66,8 +71,7 @@ def save_checkpoint(output_dir: Path, step: int, model, ema: EMA, optimizer, log
         json.dump({"step": step, "log": log, "config": cfg.to_dict()}, f)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    old = sorted((output_dir / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
-    for c in old[: -cfg.keep_checkpoints]:
+    for c in _checkpoint_dirs(output_dir)[: -cfg.keep_checkpoints]:
         shutil.rmtree(c, ignore_errors=True)
 
 
@@ -124,6 +128,14 @@ def train(cfg: TrainConfig, resume: bool = True, max_steps_this_run: Optional[in
     out = Path(cfg.output_dir)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
+        if not resume and (out / "checkpoints").exists():
+            # Starting over: set the old run's checkpoints aside, or they would outrank the new run's on the
+            # next resume (and the keep_checkpoints pruning would delete the new run's instead of theirs).
+            n = 1
+            while (out / f"checkpoints.old-{n}").exists():
+                n += 1
+            os.replace(out / "checkpoints", out / f"checkpoints.old-{n}")
+            accelerator.print(f"--no-resume: moved the existing checkpoints to {out / f'checkpoints.old-{n}'}")
         with open(out / "config.json", "w") as f:
             json.dump(cfg.to_dict(), f, indent=2)
     objective = OBJECTIVES[cfg.model](cfg, device)

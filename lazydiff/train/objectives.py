@@ -150,6 +150,7 @@ class LatentDiffusionObjective(Objective):
         torch.manual_seed(cfg.seed)
         self.trainable = self.build()
         self.patch = self.decoder_config["patch_size"]
+        self.extra_conditions = bool(self.trainable["decoder"].config.use_additional_conditions)
 
     def build(self) -> nn.Module:
         raise NotImplementedError
@@ -161,6 +162,15 @@ class LatentDiffusionObjective(Objective):
         cfg.update(in_channels=self.vae.config.latent_channels, caption_channels=self.text_dim,
                    sample_size=self.latent_size)
         return cfg
+
+    def added_cond_kwargs(self, batch: int):
+        """PixArt-α 1024's resolution / aspect-ratio conditioning (square canvases here), as the pipelines
+        pass it, when the decoder uses it (e.g. initialised from PixArt-XL-2-1024-MS)."""
+        if not self.extra_conditions:
+            return None
+        size = float(self.cfg.image_size)
+        return {"resolution": torch.tensor([[size, size]], device=self.device).repeat(batch, 1),
+                "aspect_ratio": torch.ones(batch, 1, device=self.device)}
 
     @torch.no_grad()
     def encode(self, batch, step, rank):
@@ -189,7 +199,7 @@ class LatentDiffusionObjective(Objective):
         xt = self.noise_scheduler.add_noise(x0, noise, t)
         return dict(xt=xt, noise=noise, t=t, masked=masked, mask_latent=token_mask_from_pixels(mask, self.scale)[:, None].float(),
                     text=text, text_mask=tok["attention_mask"], index=index, valid=valid,
-                    grid=tuple(token_mask.shape[-2:]))
+                    grid=tuple(token_mask.shape[-2:]), added=self.added_cond_kwargs(x0.shape[0]))
 
     def hole_loss(self, pred_tokens, e) -> torch.Tensor:
         target = gather_tokens(patchify(e["noise"], self.patch), e["index"])
@@ -198,9 +208,9 @@ class LatentDiffusionObjective(Objective):
         return (err * w).sum() / (w.sum() * target.shape[-1])
 
     def export_scheduler(self, folder: Path):
-        from diffusers import DDIMScheduler
+        from ..defaults import default_scheduler
 
-        DDIMScheduler(num_train_timesteps=self.cfg.num_train_timesteps).save_pretrained(folder / "scheduler")
+        default_scheduler(self.cfg.num_train_timesteps).save_pretrained(folder / "scheduler")
 
 
 class LazyObjective(LatentDiffusionObjective):
@@ -225,7 +235,7 @@ class LazyObjective(LatentDiffusionObjective):
         ctx = m["context_encoder"](e["masked"], e["mask_latent"], e["index"]).context
         noisy = gather_tokens(patchify(e["xt"], self.patch), e["index"])
         pred = m["decoder"](noisy, ctx, e["index"], e["grid"], e["t"], e["text"], e["text_mask"],
-                            token_mask=e["valid"]).sample
+                            token_mask=e["valid"], added_cond_kwargs=e["added"]).sample
         return self.hole_loss(pred, e)
 
     def export(self, module, folder):
@@ -247,7 +257,8 @@ class RegenerateImageObjective(LatentDiffusionObjective):
 
     def loss(self, batch, step, rank):
         e = self.encode(batch, step, rank)
-        out = self.trainable["decoder"](e["xt"], e["masked"], e["mask_latent"], e["t"], e["text"], e["text_mask"]).sample
+        out = self.trainable["decoder"](e["xt"], e["masked"], e["mask_latent"], e["t"], e["text"], e["text_mask"],
+                                        added_cond_kwargs=e["added"]).sample
         return self.hole_loss(gather_tokens(patchify(out, self.patch), e["index"]), e)
 
     def export(self, module, folder):
