@@ -1,0 +1,508 @@
+"""Training package (lazydiff.train): config validation, the CLI, exact resume, time boxes, exports that
+load, corrupt checkpoints and PixArt-α initialisation. Tiny architectures at 32x32, a few steps each, CPU."""
+import copy
+import json
+import types
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from lazydiff.train import MODELS, TrainConfig, train
+from lazydiff.train import loop
+from lazydiff.train.__main__ import main as cli_main
+from lazydiff.train.objectives import OBJECTIVES, AutoencoderObjective
+
+REPO = Path(__file__).resolve().parent.parent
+
+# 3 blocks = 4x down like the shipped autoencoder (32 px -> 8x8 latent -> 4x4 tokens of patch 2);
+# norm_num_groups must divide every block width.
+AE_ARCH = dict(block_out_channels=[8, 8, 16], down_block_types=["DownEncoderBlock2D"] * 3,
+               up_block_types=["UpDecoderBlock2D"] * 3, norm_num_groups=4, latent_channels=4)
+LAZY_ARCH = dict(num_layers=1, num_attention_heads=2, attention_head_dim=8,
+                 encoder_layers=1, encoder_heads=2, encoder_head_dim=8)
+REGEN_ARCH = dict(num_layers=1, num_attention_heads=2, attention_head_dim=8)
+CLIP_ARCH = dict(embed_dim=16,
+                 vision_cfg=dict(image_size=32, layers=1, width=32, head_width=16, patch_size=8),
+                 text_cfg=dict(context_length=32, vocab_size=49408, width=32, heads=2, layers=1))
+ARCH = {"autoencoder": AE_ARCH, "lazy": LAZY_ARCH, "regenerate_image": REGEN_ARCH, "shapes_clip": CLIP_ARCH}
+BASE = dict(steps=2, batch_size=2, image_size=32, num_workers=0, log_every=1, checkpoint_every=1000, warmup_steps=2)
+
+
+def _raw(model, out, autoencoder=None, **kw):
+    raw = dict(BASE, model=model, output_dir=str(out), arch=copy.deepcopy(ARCH[model]))
+    if model == "shapes_clip":
+        raw["batch_size"] = 4  # the contrastive loss wants a few pairs
+    if model in ("lazy", "regenerate_image"):
+        raw["autoencoder"] = str(autoencoder)
+    raw.update(kw)
+    return raw
+
+
+def _cfg(model, out, autoencoder=None, **kw) -> TrainConfig:
+    return TrainConfig.from_dict(_raw(model, out, autoencoder, **kw))
+
+
+def _ckpt(out, step) -> Path:
+    return Path(out) / "checkpoints" / f"step-{step}"
+
+
+def _state(out, step):
+    with open(_ckpt(out, step) / "state.json") as f:
+        return json.load(f)
+
+
+def _log_values(log):
+    """The log without wall-clock times."""
+    return [(r["step"], r["loss"], r["lr"]) for r in log]
+
+
+def _assert_same_tensors(a, b, what):
+    assert a.keys() == b.keys(), what
+    diff = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not diff, f"{what}: {len(diff)} tensors differ, e.g. {diff[:3]}"
+
+
+def _assert_same_optimizer(path_a, path_b):
+    a = torch.load(path_a, map_location="cpu", weights_only=True)
+    b = torch.load(path_b, map_location="cpu", weights_only=True)
+    assert a["param_groups"] == b["param_groups"]
+    assert a["state"].keys() == b["state"].keys()
+    for k in a["state"]:
+        for name, v in a["state"][k].items():
+            assert torch.equal(v, b["state"][k][name]), f"optimizer state {k}.{name} differs"
+
+
+# ----------------------------------------------------------------------------- shared tiny runs
+REAL_PLOT_LOSS = loop.plot_loss
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _no_loss_plots():
+    """matplotlib costs ~0.3 s per checkpoint; only test_loss_csv_and_plot_are_written draws the plot."""
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(loop, "plot_loss", lambda log, path, title: None)
+        yield
+
+
+@pytest.fixture(scope="module")
+def autoencoder_export(tmp_path_factory):
+    """A tiny AutoencoderKL trained for 2 steps; its export feeds the latent-diffusion runs."""
+    out = tmp_path_factory.mktemp("ae")
+    export = train(_cfg("autoencoder", out, export_dtype="float32"))
+    assert (export / "config.json").exists()
+    return export
+
+
+@pytest.fixture(scope="module")
+def lazy_export(tmp_path_factory, autoencoder_export):
+    out = tmp_path_factory.mktemp("lazy")
+    return train(_cfg("lazy", out, autoencoder_export))
+
+
+@pytest.fixture(scope="module")
+def regen_export(tmp_path_factory, autoencoder_export):
+    out = tmp_path_factory.mktemp("regen")
+    return train(_cfg("regenerate_image", out, autoencoder_export))
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory, autoencoder_export, lazy_export, regen_export):
+    """The data/models layout of lazydiff.defaults, assembled from the tiny exports (symlinks)."""
+    root = tmp_path_factory.mktemp("models")
+    (root / "autoencoder").symlink_to(autoencoder_export, target_is_directory=True)
+    (root / "lazy").symlink_to(lazy_export, target_is_directory=True)
+    (root / "regenerate-image").symlink_to(regen_export, target_is_directory=True)
+    return root
+
+
+# ----------------------------------------------------------------------------- 1. config and CLI
+def test_config_unknown_key_names_it_and_suggests_close_match(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown key 'stpes' \(did you mean 'steps'\?\)"):
+        TrainConfig.from_dict({"model": "autoencoder", "output_dir": str(tmp_path), "stpes": 10})
+    path = tmp_path / "typo.yaml"
+    path.write_text("model: autoencoder\noutput_dir: x\nbatch_sise: 4\n")
+    with pytest.raises(ValueError) as err:
+        TrainConfig.load(str(path))
+    msg = str(err.value)
+    assert str(path) in msg and "'batch_sise'" in msg and "did you mean 'batch_size'" in msg
+
+
+def test_config_unknown_key_without_close_match_lists_allowed_keys():
+    with pytest.raises(ValueError, match="unknown key 'zzzqqq'") as err:
+        TrainConfig.from_dict({"model": "autoencoder", "output_dir": "x", "zzzqqq": 1})
+    assert "did you mean" not in str(err.value) and "allowed keys:" in str(err.value)
+
+
+@pytest.mark.parametrize("missing", ["model", "output_dir"])
+def test_config_missing_required_key(missing):
+    raw = {"model": "autoencoder", "output_dir": "x"}
+    del raw[missing]
+    with pytest.raises(ValueError, match=f"missing required key '{missing}'"):
+        TrainConfig.from_dict(raw)
+
+
+def test_config_bad_model_name():
+    with pytest.raises(ValueError, match=r"model must be one of .*got 'lazzy'"):
+        TrainConfig.from_dict({"model": "lazzy", "output_dir": "x"})
+
+
+@pytest.mark.parametrize("model", ["lazy", "regenerate_image"])
+def test_config_latent_diffusion_needs_autoencoder(model):
+    with pytest.raises(ValueError, match=f"model '{model}' needs `autoencoder:`"):
+        TrainConfig.from_dict({"model": model, "output_dir": "x"})
+    assert TrainConfig.from_dict({"model": model, "output_dir": "x", "autoencoder": "ae"}).autoencoder == "ae"
+
+
+@pytest.mark.parametrize("key,value,match", [("mixed_precision", "fp8", "mixed_precision"),
+                                             ("steps", 0, "steps and batch_size"),
+                                             ("batch_size", 0, "steps and batch_size")])
+def test_config_rejects_bad_values(key, value, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig.from_dict({"model": "autoencoder", "output_dir": "x", key: value})
+
+
+def test_config_missing_file_says_where_to_look(tmp_path):
+    with pytest.raises(FileNotFoundError, match="configs/train"):
+        TrainConfig.load(str(tmp_path / "nope.yaml"))
+
+
+@pytest.mark.parametrize("name", ["autoencoder", "lazy", "regenerate_image", "shapes_clip"])
+def test_shipped_configs_validate_and_overrides_win(name):
+    cfg = TrainConfig.load(str(REPO / "configs" / "train" / f"{name}.yaml"), {"steps": 7, "output_dir": "elsewhere"})
+    assert cfg.model == name and cfg.model in MODELS
+    assert cfg.steps == 7 and cfg.output_dir == "elsewhere"
+    assert isinstance(cfg.lr, float) and cfg.lr > 0
+
+
+def _tiny_yaml(tmp_path) -> Path:
+    """A tiny autoencoder run, so that a CLI test that fails to reject its input trains for one tiny step
+    (the CLI tests all pass --max-steps-this-run 1) instead of a full-size run."""
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(_raw("autoencoder", tmp_path / "run", steps=3, warmup_steps=1)))
+    return path
+
+
+def test_cli_set_without_equals_is_a_usage_error(tmp_path, capsys):
+    with pytest.raises(SystemExit) as err:
+        cli_main([str(_tiny_yaml(tmp_path)), "--set", "steps=3", "--set", "steps", "--max-steps-this-run", "1"])
+    assert err.value.code == 2
+    assert "--set expects KEY=VALUE, got 'steps'" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # nothing ran
+
+
+def test_cli_set_unknown_key_is_reported(tmp_path):
+    with pytest.raises(ValueError, match="did you mean 'steps'"):
+        cli_main([str(_tiny_yaml(tmp_path)), "--set", "stepz=3", "--max-steps-this-run", "1"])
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("key,value,match", [("lr", "fast", "lr must be a number, got 'fast'"),
+                                             ("steps", "2.5", "steps must be a whole number"),
+                                             ("batch_size", "true", "batch_size must be a whole number")])
+def test_cli_non_numeric_value_for_a_number_is_reported(tmp_path, key, value, match):
+    with pytest.raises(ValueError, match=match):
+        cli_main([str(_tiny_yaml(tmp_path)), "--set", f"{key}={value}", "--max-steps-this-run", "1"])
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_runs_with_yaml_typed_overrides(tmp_path):
+    """--set values are YAML: lists/dicts for arch, and numbers written the usual ways (1e-3 included,
+    which YAML 1.1 reads as a string)."""
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"model": "autoencoder", "output_dir": "unused"}))
+    out = tmp_path / "run"
+    cli_main([str(path), "--set", f"output_dir={out}", "--set", "steps=3", "--set", "batch_size=2",
+              "--set", "image_size=32", "--set", "num_workers=0", "--set", "lr=1e-3", "--set", "warmup_steps=1",
+              "--set", f"arch={json.dumps(AE_ARCH)}", "--max-steps-this-run", "1"])
+    with open(out / "config.json") as f:
+        saved = json.load(f)
+    assert saved["steps"] == 3 and saved["lr"] == 1e-3 and saved["arch"] == AE_ARCH
+    assert (_ckpt(out, 1) / "state.json").exists() and not (out / "export").exists()
+    assert _state(out, 1)["log"][0]["lr"] == pytest.approx(1e-3)  # lr_at(0): warmup 1, cosine at its start
+
+
+# ----------------------------------------------------------------------------- 2. exact resume
+@pytest.mark.parametrize("model", ["lazy", "autoencoder", "regenerate_image", "shapes_clip"])
+def test_resume_is_exact(model, tmp_path, autoencoder_export):
+    """4 steps in one go == 2 steps, stop, resume for 2 more (weights, EMA, optimizer, losses, export)."""
+    kw = dict(steps=4, warmup_steps=3, prompt_dropout=0.5)  # LR and prompt dropout vary over the steps
+    ae = autoencoder_export if model in ("lazy", "regenerate_image") else None
+    one, split = tmp_path / "one", tmp_path / "split"
+    train(_cfg(model, one, ae, **kw))
+    train(_cfg(model, split, ae, **kw), max_steps_this_run=2)
+    assert (_ckpt(split, 2) / "state.json").exists() and not (split / "export").exists()
+    half = load_file(str(_ckpt(split, 2) / "model.safetensors"))
+    train(_cfg(model, split, ae, **kw))
+
+    a, b = _ckpt(one, 4), _ckpt(split, 4)
+    end = load_file(str(b / "model.safetensors"))
+    assert any(not torch.equal(half[k], end[k]) for k in end), "the resumed run did not train"
+    _assert_same_tensors(load_file(str(a / "model.safetensors")), end, "model")
+    _assert_same_tensors(load_file(str(a / "ema.safetensors")), load_file(str(b / "ema.safetensors")), "ema")
+    _assert_same_optimizer(a / "optimizer.pt", b / "optimizer.pt")
+    log_a, log_b = _state(one, 4)["log"], _state(split, 4)["log"]
+    assert [r["step"] for r in log_b] == [1, 2, 3, 4]
+    assert _log_values(log_a) == _log_values(log_b)
+    assert len({r["lr"] for r in log_a}) == 4  # the schedule really varies across the split
+    for f in sorted((one / "export").rglob("*.safetensors")):
+        _assert_same_tensors(load_file(str(f)), load_file(str(split / "export" / f.relative_to(one / "export"))),
+                             f"export {f.name}")
+
+
+def test_no_resume_starts_over_and_sets_old_checkpoints_aside(tmp_path):
+    """--no-resume: the new run starts from scratch, and a later resume continues the new run, not the
+    old run's later checkpoints (which are kept, moved aside)."""
+    out, fresh = tmp_path / "run", tmp_path / "fresh"
+    cfg = _cfg("autoencoder", out, steps=4)
+    train(cfg, max_steps_this_run=3)
+    train(cfg, resume=False, max_steps_this_run=1)
+    assert loop.latest_checkpoint(out) == _ckpt(out, 1)
+    assert [r["step"] for r in _state(out, 1)["log"]] == [1]
+    assert (out / "checkpoints.old-1" / "step-3" / "state.json").exists()
+    train(cfg, max_steps_this_run=1)  # resumes the new run at step 1
+    assert [r["step"] for r in _state(out, 2)["log"]] == [1, 2]
+    train(_cfg("autoencoder", fresh, steps=4), max_steps_this_run=2)
+    _assert_same_tensors(load_file(str(_ckpt(out, 2) / "model.safetensors")),
+                         load_file(str(_ckpt(fresh, 2) / "model.safetensors")), "model")
+
+
+def test_loss_csv_and_plot_are_written(tmp_path, monkeypatch):
+    monkeypatch.setattr(loop, "plot_loss", REAL_PLOT_LOSS)
+    out = tmp_path / "run"
+    train(_cfg("autoencoder", out, steps=3), max_steps_this_run=2)
+    rows = (out / "loss.csv").read_text().splitlines()
+    assert rows[0] == "step,loss,lr,wall_s" and [r.split(",")[0] for r in rows[1:]] == ["1", "2"]
+    assert [float(r.split(",")[1]) for r in rows[1:]] == pytest.approx(
+        [r["loss"] for r in _state(out, 2)["log"]], abs=1e-6)
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ----------------------------------------------------------------------------- 3. time boxes
+def test_max_steps_this_run_without_export_at_stop_exports_nothing(tmp_path):
+    out = tmp_path / "run"
+    export = train(_cfg("autoencoder", out, steps=4), max_steps_this_run=1)
+    assert export == out / "export" and not export.exists()
+    assert not (out / "train_info.json").exists()
+    assert (_ckpt(out, 1) / "state.json").exists()
+    assert [r["step"] for r in _state(out, 1)["log"]] == [1]
+
+
+def test_zero_minute_time_box_exports_where_the_run_stands(tmp_path):
+    out = tmp_path / "run"
+    cfg = _cfg("autoencoder", out, steps=4, export_dtype="float32")
+    train(cfg, max_steps_this_run=1)
+    export = train(cfg, max_minutes=0.0, export_at_stop=True)
+    ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert ckpts == ["step-1"]  # no step was taken, so no new checkpoint
+    assert (export / "config.json").exists() and (export / "diffusion_pytorch_model.safetensors").exists()
+    info = json.loads((out / "train_info.json").read_text())
+    assert info["steps"] == 1 and info["schedule_steps"] == cfg.steps == 4
+    # the export is the EMA of that checkpoint, not the raw weights
+    exported = load_file(str(export / "diffusion_pytorch_model.safetensors"))
+    _assert_same_tensors(exported, load_file(str(_ckpt(out, 1) / "ema.safetensors")), "export vs EMA")
+
+
+def test_zero_minute_time_box_on_fresh_run_trains_and_exports_nothing(tmp_path):
+    out = tmp_path / "run"
+    export = train(_cfg("autoencoder", out, steps=4), max_minutes=0.0, export_at_stop=True)
+    assert not export.exists() and not (out / "checkpoints").exists()
+
+
+def test_time_box_stops_mid_run_and_matches_max_steps_export(tmp_path, monkeypatch):
+    """A fake clock that advances 60 s per training step: a 2.5-minute box stops after step 3 with a
+    checkpoint and an export, identical to --max-steps-this-run 3 --export-at-stop."""
+    clock = [1000.0]
+
+    class Ticking(AutoencoderObjective):
+        def loss(self, batch, step, rank):
+            clock[0] += 60.0
+            return super().loss(batch, step, rank)
+
+    boxed, counted = tmp_path / "boxed", tmp_path / "counted"
+    with monkeypatch.context() as m:
+        m.setattr(loop, "time", types.SimpleNamespace(time=lambda: clock[0]))
+        m.setitem(loop.OBJECTIVES, "autoencoder", Ticking)
+        export = train(_cfg("autoencoder", boxed, steps=10, export_dtype="float32"), max_minutes=2.5,
+                       export_at_stop=True)
+    assert sorted(p.name for p in (boxed / "checkpoints").iterdir()) == ["step-3"]
+    info = json.loads((boxed / "train_info.json").read_text())
+    assert info["steps"] == 3 and info["schedule_steps"] == 10
+    ref = train(_cfg("autoencoder", counted, steps=10, export_dtype="float32"), max_steps_this_run=3,
+                export_at_stop=True)
+    _assert_same_tensors(load_file(str(export / "diffusion_pytorch_model.safetensors")),
+                         load_file(str(ref / "diffusion_pytorch_model.safetensors")), "time-boxed vs step-counted")
+    assert json.loads((counted / "train_info.json").read_text())["steps"] == 3
+
+
+# ----------------------------------------------------------------------------- 4. exports load
+def _edit_task(seed=3):
+    from lazydiff.shapesworld import make_task
+
+    task = make_task(seed, size=(32, 32))
+    assert task.mask.any() and not task.mask.all()
+    return task, PIL.Image.fromarray(task.canvas), PIL.Image.fromarray(task.mask.astype(np.uint8) * 255, "L")
+
+
+@pytest.mark.parametrize("kind", ["lazy", "regenerate-image", "regenerate-crop"])
+def test_exports_load_with_load_default_and_edit(kind, models_dir):
+    import lazydiff
+
+    pipe = lazydiff.load_default(kind, device="cpu", models_dir=str(models_dir))
+    pipe.set_progress_bar_config(disable=True)
+    task, image, mask = _edit_task()
+    out = pipe(task.prompt, image, mask, num_inference_steps=2, guidance_scale=2.0,
+               generator=torch.Generator().manual_seed(0)).images[0]
+    assert out.size == (32, 32) and out.mode == "RGB"
+    o, i = np.asarray(out), np.asarray(image)
+    assert np.array_equal(o[~task.mask], i[~task.mask]), "pixels outside the mask changed"
+    assert (o[task.mask] != i[task.mask]).any(), "nothing was generated in the hole"
+
+
+def test_lazy_export_holds_the_ema_weights(lazy_export):
+    from lazydiff import ContextEncoder, LazyDecoder
+
+    ema = load_file(str(_ckpt(lazy_export.parent, 2) / "ema.safetensors"))
+    for name, cls in (("context_encoder", ContextEncoder), ("decoder", LazyDecoder)):
+        shipped = load_file(str(lazy_export / name / "diffusion_pytorch_model.safetensors"))
+        assert {v.dtype for v in shipped.values()} == {torch.float16}  # export_dtype
+        assert shipped.keys() == {k[len(name) + 1:] for k in ema if k.startswith(name + ".")}
+        for k, v in shipped.items():
+            assert torch.equal(v, ema[f"{name}.{k}"].to(torch.float16)), f"{name}.{k}"
+        assert cls.from_pretrained(lazy_export / name).config.num_layers == 1
+    assert (lazy_export / "scheduler" / "scheduler_config.json").exists()
+
+
+@pytest.fixture(scope="module")
+def clip_export(tmp_path_factory):
+    out = tmp_path_factory.mktemp("clip")
+    return train(_cfg("shapes_clip", out))
+
+
+def test_shapes_clip_export_loads_in_eval_and_open_clip(clip_export):
+    import open_clip
+
+    from eval.metrics import load_clip_folder
+    from lazydiff.shapesworld.scenes import render_scene
+
+    image = render_scene(5, size=(32, 32)).image
+    bundle = load_clip_folder(clip_export)
+    assert bundle.image_size == 32
+    feats = bundle.encode_images(torch.from_numpy(image).permute(2, 0, 1)[None])
+    assert feats.shape == (1, 16) and torch.isfinite(feats).all()
+    assert bundle.encode_texts(["a red circle"]).shape == (1, 16)
+
+    model, _, preprocess = open_clip.create_model_and_transforms("local-dir:" + str(clip_export))
+    model.eval()
+    with torch.no_grad():
+        direct = model.encode_image(preprocess(PIL.Image.fromarray(image))[None])
+    assert direct.shape == (1, 16)
+    torch.testing.assert_close(direct, feats, atol=1e-3, rtol=1e-3)  # same weights, same preprocessing
+    ema = load_file(str(_ckpt(clip_export.parent, 2) / "ema.safetensors"))
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, ema[k].to(torch.float16).float()), k
+
+
+# ----------------------------------------------------------------------------- 5. corrupt checkpoints
+def test_corrupt_checkpoint_names_the_folder_and_the_fix(tmp_path):
+    out = tmp_path / "run"
+    cfg = _cfg("autoencoder", out, steps=4, checkpoint_every=1)
+    train(cfg, max_steps_this_run=2)
+    bad = _ckpt(out, 2)
+    weights = bad / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(RuntimeError) as err:
+        train(cfg)
+    msg = str(err.value)
+    assert str(bad) in msg and "Delete that folder" in msg and "--no-resume" in msg
+    # following the advice: without the corrupt folder the run resumes from the previous checkpoint
+    import shutil
+
+    shutil.rmtree(bad)
+    train(cfg, max_steps_this_run=1)
+    assert [r["step"] for r in _state(out, 2)["log"]] == [1, 2]
+
+
+def test_checkpoint_from_another_architecture_is_reported(tmp_path):
+    out = tmp_path / "run"
+    train(_cfg("autoencoder", out, steps=4), max_steps_this_run=1)
+    wider = dict(AE_ARCH, block_out_channels=[8, 8, 32])
+    with pytest.raises(RuntimeError, match=r"(?s)could not resume from checkpoint \S*step-1: .*size mismatch.*--no-resume"):
+        train(_cfg("autoencoder", out, steps=4, arch=wider))
+
+
+def test_interrupted_checkpoint_write_is_ignored_on_resume(tmp_path):
+    """A run killed while writing a checkpoint leaves step-N.tmp behind; resuming must skip it."""
+    out = tmp_path / "run"
+    cfg = _cfg("autoencoder", out, steps=4)
+    train(cfg, max_steps_this_run=1)
+    partial = out / "checkpoints" / "step-2.tmp"
+    partial.mkdir()
+    (partial / "model.safetensors").write_bytes(b"\0" * 10)
+    train(cfg, max_steps_this_run=1)
+    assert [r["step"] for r in _state(out, 2)["log"]] == [1, 2]
+
+
+# ----------------------------------------------------------------------------- 6. PixArt-α initialisation
+def _tiny_pixart(sample_size, seed=0):
+    """A PixArt-α transformer like test_models' (learned sigma, ada_norm_single), with 4 latent channels
+    and MiniLM's 384-d captions; sample_size 128 turns on the 1024-px resolution conditioning (its
+    size embeddings split the width in 3: 3 heads x 8)."""
+    from diffusers import PixArtTransformer2DModel
+
+    torch.manual_seed(seed)
+    pixart = PixArtTransformer2DModel(sample_size=sample_size, num_layers=1, patch_size=2, attention_head_dim=8,
+                                      num_attention_heads=3, caption_channels=384, cross_attention_dim=24,
+                                      in_channels=4, out_channels=8, norm_type="ada_norm_single",
+                                      norm_elementwise_affine=False, norm_eps=1e-6).eval()
+    with torch.no_grad():
+        for p in pixart.parameters():
+            p.normal_(0, 0.3)
+    return pixart
+
+
+@pytest.fixture(scope="module", params=[8, 128], ids=["pixart-256", "pixart-1024-extra-conds"])
+def pixart_folder(request, tmp_path_factory):
+    folder = tmp_path_factory.mktemp(f"pixart{request.param}")
+    pixart = _tiny_pixart(request.param)
+    pixart.save_pretrained(folder, safe_serialization=True)
+    return folder, pixart
+
+
+@pytest.mark.parametrize("model", ["lazy", "regenerate_image"])
+def test_pixart_init_copies_trunk_then_trains(model, pixart_folder, autoencoder_export, tmp_path):
+    folder, pixart = pixart_folder
+    cfg = _cfg(model, tmp_path / "run", autoencoder_export, arch={"encoder_layers": 1, "encoder_heads": 2,
+                                                                  "encoder_head_dim": 8}, pixart=str(folder))
+    objective = OBJECTIVES[model](cfg, "cpu")
+    decoder = objective.trainable["decoder"]
+    assert decoder.config.num_layers == 1 and decoder.config.attention_head_dim == 8  # PixArt's, not the defaults
+    assert decoder.config.use_additional_conditions == (pixart.config.sample_size == 128)
+    added = objective.added_cond_kwargs(2)  # what the pipelines pass for a 32x32 canvas
+    if decoder.config.use_additional_conditions:
+        assert added["resolution"].tolist() == [[32.0, 32.0]] * 2 and added["aspect_ratio"].tolist() == [[1.0]] * 2
+    else:
+        assert added is None
+    trunk = decoder.trunk.state_dict()
+    ref = {k: v for k, v in pixart.state_dict().items() if not k.startswith("pos_embed.")}
+    assert ref.keys() <= trunk.keys()
+    for k, v in ref.items():
+        assert torch.equal(trunk[k], v), k
+    assert torch.equal(decoder.trunk.transformer_blocks[0].attn1.to_q.weight,
+                       pixart.transformer_blocks[0].attn1.to_q.weight)
+    patch_dim = pixart.pos_embed.proj.weight[0].numel()
+    assert torch.equal(decoder.proj_in.weight[:, :patch_dim], pixart.pos_embed.proj.weight.flatten(1))
+    assert not decoder.proj_in.weight[:, patch_dim:].any()  # inputs PixArt never had start at zero
+
+    export = train(cfg)
+    losses = [r["loss"] for r in _state(tmp_path / "run", 2)["log"]]
+    assert len(losses) == 2 and all(np.isfinite(losses))
+    cls_name = "LazyDecoder" if model == "lazy" else "FullCanvasDecoder"
+    import lazydiff
+
+    loaded = getattr(lazydiff, cls_name).from_pretrained(export / "decoder")
+    assert loaded.config.num_layers == 1 and loaded.config.caption_channels == 384
