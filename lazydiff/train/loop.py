@@ -121,7 +121,9 @@ def train(cfg: TrainConfig, resume: bool = True, max_steps_this_run: Optional[in
     function of ``cfg.steps``, not of where the run stopped)."""
     from accelerate import Accelerator
 
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision)
+    # cpu=True without a GPU: processes started by `accelerate launch` then form a gloo group
+    # (without it each CPU process would train alone, all writing to one output_dir).
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
     device = accelerator.device
     torch.backends.cuda.matmul.allow_tf32 = True  # free speed on Ampere+; no effect on CPU
     torch.backends.cudnn.allow_tf32 = True

@@ -42,8 +42,20 @@ def step_generator(seed: int, step: int, rank: int, device) -> torch.Generator:
     return g
 
 
+class Trainable(nn.ModuleDict):
+    """The modules being trained, with the objective's loss as ``forward``: DDP (``accelerate launch``)
+    syncs gradients only through ``forward``, so the loss must be computed inside the wrapped call."""
+
+    def __init__(self, modules: Dict[str, nn.Module], loss_fn):
+        super().__init__(modules)
+        self.__dict__["_loss_fn"] = loss_fn  # a plain attribute, not a registered submodule
+
+    def forward(self, inputs: Dict[str, object]) -> torch.Tensor:
+        return self._loss_fn(self, inputs)
+
+
 class Objective:
-    trainable: nn.Module
+    trainable: nn.Module  # a Trainable; loss() calls it, so it may be DDP-wrapped
 
     def __init__(self, cfg, device):
         self.cfg, self.device = cfg, device
@@ -64,14 +76,18 @@ class AutoencoderObjective(Objective):
         torch.manual_seed(cfg.seed)
         arch = dict(DEFAULT_AUTOENCODER, **cfg.arch)
         arch["sample_size"] = cfg.image_size
-        self.trainable = AutoencoderKL(**arch)
+        self.trainable = Trainable({"vae": AutoencoderKL(**arch)}, self.forward)
 
     def loss(self, batch, step, rank):
         x = batch["image"].to(self.device)
-        vae = self.trainable
-        post = vae.encode(x).latent_dist
         g = step_generator(self.cfg.seed, step, rank, x.device)
-        z = post.mean + post.std * torch.randn(post.mean.shape, generator=g, device=x.device, dtype=post.mean.dtype)
+        return self.trainable({"x": x, "generator": g})
+
+    def forward(self, m, inputs):
+        x, vae = inputs["x"], m["vae"]
+        post = vae.encode(x).latent_dist
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=inputs["generator"], device=x.device,
+                                               dtype=post.mean.dtype)
         rec = vae.decode(z).sample
         # Flat-coloured shapes: L1 keeps edges sharp; the tiny KL keeps the latent well scaled.
         return F.l1_loss(rec, x) + 0.5 * F.mse_loss(rec, x) + self.cfg.kl_weight * post.kl().mean()
@@ -80,7 +96,7 @@ class AutoencoderObjective(Objective):
     def export(self, module, folder):
         from .data import image_batch
 
-        vae = module.eval()
+        vae = module["vae"].eval()
         x = image_batch(np.arange(10_000, 10_256), self.cfg.image_size)["image"].to(next(vae.parameters()).device)
         z = vae.encode(x).latent_dist.mode()
         # As for SD's VAE: scale latents to unit variance, so diffusion noise levels mean the same.
@@ -149,7 +165,12 @@ class LatentDiffusionObjective(Objective):
         self.text_dim = self.text_encoder.config.hidden_size
         torch.manual_seed(cfg.seed)
         self.trainable = self.build()
-        self.patch = self.decoder_config["patch_size"]
+        dec = self.trainable["decoder"].config
+        if dec.caption_channels != self.text_dim:
+            raise ValueError(f"the decoder expects {dec.caption_channels}-wide text embeddings (caption_channels), but "
+                             f"the text encoder gives {self.text_dim}. With `pixart:` set `text_encoder:` to a local "
+                             "folder of the text encoder it was trained with (T5-XXL for PixArt-α).")
+        self.patch = dec.patch_size  # from the built decoder: a PixArt checkpoint brings its own
         self.extra_conditions = bool(self.trainable["decoder"].config.use_additional_conditions)
 
     def build(self) -> nn.Module:
@@ -201,6 +222,9 @@ class LatentDiffusionObjective(Objective):
                     text=text, text_mask=tok["attention_mask"], index=index, valid=valid,
                     grid=tuple(token_mask.shape[-2:]), added=self.added_cond_kwargs(x0.shape[0]))
 
+    def loss(self, batch, step, rank):
+        return self.trainable(self.encode(batch, step, rank))  # frozen encoders outside, trained modules inside
+
     def hole_loss(self, pred_tokens, e) -> torch.Tensor:
         target = gather_tokens(patchify(e["noise"], self.patch), e["index"])
         err = (pred_tokens[..., : target.shape[-1]].float() - target) ** 2
@@ -227,11 +251,12 @@ class LazyObjective(LatentDiffusionObjective):
             dec = lazy_decoder_from_pixart(self.cfg.pixart, context_dim=enc.context_dim)
         else:
             dec = LazyDecoder(context_dim=enc.context_dim, **self.decoder_config)
-        return nn.ModuleDict({"context_encoder": enc, "decoder": dec})
+        if enc.config.patch_size != dec.config.patch_size:
+            raise ValueError(f"the context encoder's patch size ({enc.config.patch_size}) differs from the decoder's "
+                             f"({dec.config.patch_size}); set `arch: {{patch_size: {dec.config.patch_size}}}`")
+        return Trainable({"context_encoder": enc, "decoder": dec}, self.forward)
 
-    def loss(self, batch, step, rank):
-        e = self.encode(batch, step, rank)
-        m = self.trainable
+    def forward(self, m, e):
         ctx = m["context_encoder"](e["masked"], e["mask_latent"], e["index"]).context
         noisy = gather_tokens(patchify(e["xt"], self.patch), e["index"])
         pred = m["decoder"](noisy, ctx, e["index"], e["grid"], e["t"], e["text"], e["text_mask"],
@@ -252,12 +277,11 @@ class RegenerateImageObjective(LatentDiffusionObjective):
         from ..models.pixart_init import full_canvas_decoder_from_pixart
 
         if self.cfg.pixart:
-            return nn.ModuleDict({"decoder": full_canvas_decoder_from_pixart(self.cfg.pixart)})
-        return nn.ModuleDict({"decoder": FullCanvasDecoder(**self.decoder_config)})
+            return Trainable({"decoder": full_canvas_decoder_from_pixart(self.cfg.pixart)}, self.forward)
+        return Trainable({"decoder": FullCanvasDecoder(**self.decoder_config)}, self.forward)
 
-    def loss(self, batch, step, rank):
-        e = self.encode(batch, step, rank)
-        out = self.trainable["decoder"](e["xt"], e["masked"], e["mask_latent"], e["t"], e["text"], e["text_mask"],
+    def forward(self, m, e):
+        out = m["decoder"](e["xt"], e["masked"], e["mask_latent"], e["t"], e["text"], e["text_mask"],
                                         added_cond_kwargs=e["added"]).sample
         return self.hole_loss(gather_tokens(patchify(out, self.patch), e["index"]), e)
 
