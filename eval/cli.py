@@ -1,4 +1,4 @@
-"""Command line: ``python -m eval {quality,runtime} ...`` (see ``eval/README.md``)."""
+"""Command line: ``python -m eval {quality,gate,runtime} ...`` (see ``eval/README.md``)."""
 from __future__ import annotations
 
 import argparse
@@ -46,6 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--overwrite", action="store_true", help="regenerate every edit even if records exist")
     q.add_argument("--metrics-only", action="store_true", help="skip generation; score what is on disk")
 
+    g = sub.add_parser("gate", help="the shipped ShapesWorld models' quality gate, from a quality run",
+                       description="Read <run>/summary.csv of `python -m eval quality --suite data/suites/shapes.yaml` "
+                                   "and check the targets (prompt accuracy >= 60%, within 10 points of "
+                                   "RegenerateImage, background MAE <= 1.25x). Exit code 1 if a target is missed.")
+    g.add_argument("run", help="output folder of a quality run")
+
     r = sub.add_parser("runtime", help="latency and FLOPs vs mask ratio against the full-canvas baselines",
                        description="End-to-end and per-step latency of LazyDiffusion vs RegenerateImage (and "
                                    "RegenerateCrop): warm-up, interleaved repeats, medians and IQR, per-stage "
@@ -80,6 +86,10 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "gate":
+            from .gate import main as gate_main
+
+            return gate_main(args.run)
         if args.command == "quality":
             from .quality import QualityOptions, print_summary, run_quality
 
@@ -109,7 +119,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                 print(f"\nper-step fit (lazy, ratio <= {fit['max_ratio']:g}): {fit['intercept_ms']:.4g} ms + "
                       f"{fit['slope_ms_per_token'] * 1e3:.4g} us x |H|, R^2 = {fit['r2']:.4f}")
             print(f"wrote {opts.out}/runtime.csv, report.md and plots")
-    except (SuiteError, MethodError, MetricWeightsError) as err:
+    except (SuiteError, MethodError, MetricWeightsError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except ValueError as err:   # bad input found while running (e.g. a resumed run with other settings)

@@ -1,0 +1,82 @@
+"""The shipped models' quality gate (issue: ShapesWorld defaults), read from a `quality` run's summary.csv.
+
+    python -m eval quality --suite data/suites/shapes.yaml --out runs/quality-shapes   # 500 test edits
+    python -m eval gate runs/quality-shapes                                             # PASS / FAIL table
+
+Criteria on the held-out split (500 edits, fixed seeds, 20 steps):
+  * ShapesCLIP zero-shot picks the prompted (shape, colour) for >= 60% of LazyDiffusion's object edits;
+  * LazyDiffusion within 10 points of RegenerateImage on that accuracy;
+  * LazyDiffusion's background error in the hole (remove edits) <= 1.25x RegenerateImage's.
+RegenerateCrop and the real renders' accuracy (the classifier's ceiling) are reported beside them.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+MIN_PROMPT_ACC = 0.60
+MAX_ACC_GAP = 0.10
+MAX_BG_RATIO = 1.25
+
+
+def _rows(summary_csv: Path) -> Dict[str, Dict[str, float]]:
+    import pandas as pd
+
+    if not summary_csv.exists():
+        raise FileNotFoundError(f"{summary_csv} not found: run `python -m eval quality --suite "
+                                "data/suites/shapes.yaml --out <dir>` first, then `python -m eval gate <dir>`")
+    df = pd.read_csv(summary_csv)
+    return {r["method"]: r for r in df.to_dict("records")}
+
+
+def evaluate(run_dir: str, lazy: str = "lazy", full: str = "regenerate-image",
+             crop: str = "regenerate-crop") -> Tuple[List[Tuple[str, str, str, bool]], str]:
+    """-> (checks [(criterion, measured, threshold, passed)], markdown report)."""
+    rows = _rows(Path(run_dir) / "summary.csv")
+    missing = [m for m in (lazy, full) if m not in rows]
+    if missing:
+        raise ValueError(f"{run_dir}/summary.csv has no rows for {missing}; run quality with --methods "
+                         f"{lazy},{full},{crop}")
+    L, F = rows[lazy], rows[full]
+    acc_l, acc_f, bg_l, bg_f = L["prompt_acc"], F["prompt_acc"], L["bg_mae"], F["bg_mae"]
+    ratio = bg_l / bg_f if bg_f and not math.isnan(bg_f) else float("nan")
+    checks = [
+        ("LazyDiffusion prompt accuracy (ShapesCLIP zero-shot)", f"{acc_l:.1%}", f">= {MIN_PROMPT_ACC:.0%}",
+         acc_l >= MIN_PROMPT_ACC),
+        ("LazyDiffusion vs RegenerateImage accuracy gap", f"{(acc_f - acc_l) * 100:+.1f} pts",
+         f"<= {MAX_ACC_GAP * 100:.0f} pts", acc_f - acc_l <= MAX_ACC_GAP),
+        ("Background MAE in the hole, LazyDiffusion / RegenerateImage", f"{bg_l:.2f} / {bg_f:.2f} = {ratio:.2f}x",
+         f"<= {MAX_BG_RATIO}x", ratio <= MAX_BG_RATIO),
+    ]
+    lines = ["| criterion | measured | target | result |", "|---|---|---|---|"]
+    lines += [f"| {c} | {v} | {t} | {'PASS' if ok else 'FAIL'} |" for c, v, t, ok in checks]
+    cols = [("n", "edits", "{:.0f}"), ("n_object_edits", "object edits", "{:.0f}"),
+            ("prompt_acc", "prompt acc.", "{:.1%}"), ("shape_acc", "shape acc.", "{:.1%}"),
+            ("color_acc", "colour acc.", "{:.1%}"), ("n_remove", "remove edits", "{:.0f}"),
+            ("bg_mae", "bg MAE (0-255)", "{:.2f}"), ("hole_mae_target", "hole MAE vs GT", "{:.2f}"),
+            ("fid", "FID (ShapesCLIP)", "{:.2f}"), ("fid_local", "local FID", "{:.2f}"),
+            ("clip_cosine", "CLIP cos.", "{:.3f}"), ("latency_ms_median", "median latency (ms)", "{:.0f}"),
+            ("unmasked_violating_pixels", "changed px outside mask", "{:.0f}")]
+    lines += ["", "| method | " + " | ".join(h for _, h, _ in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+
+    def cell(row, key, fmt):
+        v = row.get(key)
+        return "" if v is None or (isinstance(v, float) and math.isnan(v)) else fmt.format(v)
+
+    for name in (lazy, full, crop):
+        if name in rows:
+            lines.append(f"| {name} | " + " | ".join(cell(rows[name], k, f) for k, _, f in cols) + " |")
+    ceiling = L.get("prompt_acc_ceiling")
+    lines.append(f"| real renders (ceiling) | | {L.get('n_object_edits', float('nan')):.0f} | {ceiling:.1%} | | | | "
+                 f"{L.get('bg_mae_input', float('nan')):.2f} (input, unedited) | | | | | | |")
+    return checks, "\n".join(lines)
+
+
+def main(run_dir: str) -> int:
+    checks, md = evaluate(run_dir)
+    print(md)
+    (Path(run_dir) / "gate.md").write_text(md + "\n")
+    ok = all(c[-1] for c in checks)
+    print(f"\nquality gate: {'PASS' if ok else 'FAIL'} (wrote {run_dir}/gate.md)")
+    return 0 if ok else 1

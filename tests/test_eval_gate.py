@@ -1,0 +1,38 @@
+"""`python -m eval gate`: the shipped models' quality targets, read from a quality run's summary.csv."""
+import pandas as pd
+import pytest
+
+from eval.cli import main
+from eval.gate import evaluate
+
+
+def _summary(tmp_path, lazy_acc, full_acc, lazy_bg, full_bg):
+    base = dict(n=500, n_object_edits=300, prompt_acc_ceiling=0.9, n_remove=100, bg_mae_input=90.0)
+    rows = [dict(base, method="lazy", prompt_acc=lazy_acc, bg_mae=lazy_bg),
+            dict(base, method="regenerate-image", prompt_acc=full_acc, bg_mae=full_bg),
+            dict(base, method="regenerate-crop", prompt_acc=0.5, bg_mae=9.0)]
+    pd.DataFrame(rows).to_csv(tmp_path / "summary.csv", index=False)
+    return str(tmp_path)
+
+
+def test_gate_passes_and_writes_table(tmp_path, capsys):
+    run = _summary(tmp_path, 0.70, 0.75, 5.0, 4.5)
+    assert main(["gate", run]) == 0
+    md = (tmp_path / "gate.md").read_text()
+    assert md.count("PASS") == 3 and "regenerate-crop" in md and "90.0%" in md  # ceiling reported
+
+
+@pytest.mark.parametrize("lazy_acc,full_acc,lazy_bg,full_bg,failing", [
+    (0.59, 0.60, 5.0, 5.0, 0),     # below 60%
+    (0.65, 0.80, 5.0, 5.0, 1),     # 15 points behind RegenerateImage
+    (0.70, 0.70, 6.5, 5.0, 2),     # background error 1.3x
+])
+def test_gate_fails_each_criterion(tmp_path, lazy_acc, full_acc, lazy_bg, full_bg, failing):
+    checks, _ = evaluate(_summary(tmp_path, lazy_acc, full_acc, lazy_bg, full_bg))
+    assert [ok for *_, ok in checks] == [i != failing for i in range(3)]
+    assert main(["gate", str(tmp_path)]) == 1
+
+
+def test_gate_without_a_run_says_what_to_do(tmp_path, capsys):
+    assert main(["gate", str(tmp_path / "missing")]) == 2
+    assert "python -m eval quality" in capsys.readouterr().err
