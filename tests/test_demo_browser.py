@@ -181,3 +181,64 @@ def test_paint_prompt_generate_in_chromium(sync_playwright, app_url, tmp_path):
             page.screenshot(path=str(SHOTS / "demo_after_undo.png"), full_page=True)
         finally:
             browser.close()
+
+
+@pytest.fixture(scope="module")
+def shipped_app_url(sync_playwright, tmp_path_factory):
+    """app.py with the shipped ShapesWorld models (what `python app.py` serves)."""
+    if not (REPO / "data" / "models" / "lazy").exists():
+        pytest.skip("the shipped models are not in data/models")
+    port = _free_port()
+    log = tmp_path_factory.mktemp("app") / "app.log"
+    env = {k: v for k, v in os.environ.items() if k != "LAZYDIFF_TINY"}
+    env.update(GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1")
+    with open(log, "w") as fh:
+        proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port)], cwd=REPO, env=env,
+                                stdout=fh, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    try:
+        deadline = time.time() + 240
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"app.py exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
+            try:
+                urllib.request.urlopen(url, timeout=2)
+                break
+            except OSError:
+                if time.time() > deadline:
+                    pytest.fail(f"app.py did not start in time:\n{log.read_text()[-3000:]}")
+                time.sleep(1)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def test_shipped_model_example_edit_in_chromium(sync_playwright, shipped_app_url):
+    """One click on a ShapesWorld example, Generate with the baseline comparison: the shipped models
+    edit inside the example's mask, and the speed panel shows both times."""
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1440, "height": 1150})
+            page.goto(shipped_app_url)
+            page.wait_for_selector("#text-examples", timeout=60_000)
+            assert page.locator("#ld-banner").count() == 0  # the banner only warns about random test models
+            page.locator("#text-examples img").first.click()  # (the first button is "Download All")
+            page.wait_for_function("document.querySelector('#text-prompt textarea').value.length > 0", timeout=30_000)
+            page.wait_for_timeout(1500)
+            page.locator("#text-compare input[type=checkbox]").check()
+            page.locator("#text-generate").click()
+            _wait_history(page, 2, timeout=180_000)
+            page.wait_for_selector("#text-cmp-stats .ld-kpi", timeout=60_000)
+            page.wait_for_timeout(1500)
+            page.screenshot(path=str(SHOTS / "demo_shipped_example.png"), full_page=True)
+            stats = page.locator("#text-stats").inner_text()
+            assert "tokens denoised" in stats
+            assert "speedup" in page.locator("#text-cmp-stats").inner_text()
+        finally:
+            browser.close()

@@ -1,0 +1,55 @@
+"""The models shipped in data/models: they load through `load_default`, edit a held-out task without
+touching pixels outside the mask, and ShapesCLIP recognises real ShapesWorld objects."""
+import json
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from lazydiff import load_default
+from lazydiff.shapesworld import make_task
+
+MODELS = Path(__file__).resolve().parent.parent / "data" / "models"
+pytestmark = pytest.mark.skipif(not (MODELS / "lazy").exists(), reason="data/models not present")
+
+
+def test_shipped_models_fit_the_size_budget_and_are_safetensors():
+    files = [p for p in MODELS.rglob("*") if p.is_file() and "training" not in p.parts]
+    weights = [p for p in files if p.suffix in (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".pkl")]
+    assert weights and all(p.suffix == ".safetensors" for p in weights)
+    assert sum(p.stat().st_size for p in files) <= 60 * 2 ** 20
+    for kind in ("lazy", "regenerate-image"):
+        sched = json.loads((MODELS / kind / "scheduler" / "scheduler_config.json").read_text())
+        assert sched["clip_sample"] is False  # clipping x0 to [-1, 1] destroys unit-variance latents
+
+
+@pytest.mark.parametrize("kind", ["lazy", "regenerate-image", "regenerate-crop"])
+def test_load_default_edits_a_held_out_task(kind):
+    pipe = load_default(kind)
+    pipe.set_progress_bar_config(disable=True)
+    task = make_task(10_000_002, size=(128, 128))          # test split: "a small blue square", object mask
+    image, mask = PIL.Image.fromarray(task.canvas), PIL.Image.fromarray((task.mask * 255).astype(np.uint8))
+    out = pipe(prompt=task.prompt, image=image, mask_image=mask, num_inference_steps=4,
+               generator=torch.Generator().manual_seed(0)).images[0]
+    res = np.asarray(out)
+    assert res.shape == task.canvas.shape
+    outside = task.mask < 0.5
+    assert np.array_equal(res[outside], task.canvas[outside])
+    assert np.abs(res[~outside].astype(int) - task.canvas[~outside]).mean() > 5  # the hole was repainted
+
+
+def test_shapes_clip_recognises_real_objects():
+    from eval.metrics import ShapesZeroShot, crop_resize, hole_crop_box, load_clip_folder, to_batch
+
+    torch.manual_seed(0)
+    bundle = load_clip_folder(MODELS / "shapes-clip")
+    zs = ShapesZeroShot(bundle)
+    crops, labels = [], []
+    for seed in range(20_000_000, 20_000_048):
+        t = make_task(seed, size=(128, 128), kind="object", intent="insert")
+        crops.append(crop_resize(t.target, hole_crop_box(t.mask, 0.2), bundle.image_size))
+        labels.append((t.shape, t.color))
+    acc = np.mean([p == y for p, y in zip(zs.predict(to_batch(crops)), labels)])
+    assert acc >= 0.6, acc   # measured 35/48 = 0.73 for the shipped model; chance is 1/48
