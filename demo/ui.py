@@ -184,9 +184,10 @@ def _edit_tab(models: Models, mode: str, examples) -> Dict[str, Any]:
                 c["download"] = gr.DownloadButton("⤓ Download", size="sm", elem_id=f"{mode}-download")
             c["history_md"] = gr.Markdown(H.history_markdown(None), label="History", elem_id=f"{mode}-history")
             if examples:
+                # The label goes above as text: Gradio floats a gallery's label over its first row.
+                gr.Markdown("**Examples** (ShapesWorld): click one to load its canvas, mask and prompt")
                 c["ex_gallery"] = gr.Gallery(value=[(e.thumbnail(), e.title) for e in examples],
-                                             label="Examples (ShapesWorld): click one to load its canvas, mask and prompt",
-                                             columns=4, height=150, allow_preview=False, format="png",
+                                             label="Examples", show_label=False, columns=4, height=150, allow_preview=False, format="png",
                                              object_fit="contain", elem_id=f"{mode}-examples")
         with gr.Column(scale=5, min_width=360):
             c["prompt"] = gr.Textbox(label="Prompt: what should appear in the painted region",

@@ -4,15 +4,29 @@ edited region instead of the canvas (Nitzan et al., arXiv 2404.12382).
 Stage 1, :class:`ContextEncoder`, runs once per canvas + mask over the whole canvas; stage 2,
 :class:`LazyDecoder`, runs at every denoising step on the hole tokens only.
 """
-from .models import (ContextEncoder, FullCanvasDecoder, LazyDecoder, full_canvas_decoder_from_pixart,
-                     lazy_decoder_from_pixart)
-from .pipelines import (DiffusersInpaintAdapter, EditPipelineOutput, LazyDiffusionPipeline, RegenerateCropPipeline,
-                        RegenerateImagePipeline)
-
-from .defaults import load_default
+from importlib import import_module
 
 __version__ = "0.1.0"
 
-__all__ = ["ContextEncoder", "LazyDecoder", "FullCanvasDecoder", "lazy_decoder_from_pixart",
-           "full_canvas_decoder_from_pixart", "LazyDiffusionPipeline", "RegenerateImagePipeline",
-           "RegenerateCropPipeline", "DiffusersInpaintAdapter", "EditPipelineOutput", "load_default"]
+# Imported on first use: `python -m lazydiff.shapesworld` and the training data workers need neither
+# diffusers nor transformers, which take seconds to import.
+_EXPORTS = {
+    "ContextEncoder": ".models", "LazyDecoder": ".models", "FullCanvasDecoder": ".models",
+    "lazy_decoder_from_pixart": ".models", "full_canvas_decoder_from_pixart": ".models",
+    "LazyDiffusionPipeline": ".pipelines", "RegenerateImagePipeline": ".pipelines",
+    "RegenerateCropPipeline": ".pipelines", "DiffusersInpaintAdapter": ".pipelines",
+    "EditPipelineOutput": ".pipelines", "load_default": ".defaults",
+}
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        value = getattr(import_module(_EXPORTS[name], __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'lazydiff' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)
