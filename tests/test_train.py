@@ -533,3 +533,9 @@ def test_two_process_data_parallel_training(model, tmp_path, autoencoder_export)
     info = json.loads((tmp_path / "run" / "train_info.json").read_text())
     assert info["num_processes"] == 2 and info["steps"] == 2
     assert (tmp_path / "run" / "export").exists()
+
+
+def test_cli_set_mixed_precision_no_is_not_yaml_false(tmp_path):
+    """`--set mixed_precision=no` parses as YAML false; it must still mean "no mixed precision"."""
+    cfg = TrainConfig.from_dict(_raw("autoencoder", tmp_path, mixed_precision=yaml.safe_load("no")))
+    assert cfg.mixed_precision == "no"

@@ -85,6 +85,8 @@ class TrainConfig:
         cfg = cls(**raw)
         if cfg.model not in MODELS:
             raise ValueError(f"{source}: model must be one of {MODELS}, got {cfg.model!r}")
+        if cfg.mixed_precision is False:  # YAML 1.1 reads a bare `no` as false
+            cfg.mixed_precision = "no"
         if cfg.mixed_precision not in ("no", "bf16", "fp16"):
             raise ValueError(f"{source}: mixed_precision must be 'no', 'bf16' or 'fp16'")
         if cfg.model in ("lazy", "regenerate_image") and not cfg.autoencoder:
