@@ -51,17 +51,15 @@ def sync_playwright():
     return sp
 
 
-@pytest.fixture(scope="module")
-def app_url(sync_playwright, tmp_path_factory):
+def _serve(args, env, log: Path, startup_s: float = 180):
+    """Start ``app.py ARGS`` on a free port; yield its URL until the fixture ends."""
     port = _free_port()
-    log = tmp_path_factory.mktemp("app") / "app.log"
-    env = dict(os.environ, LAZYDIFF_TINY="1", GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1")
     with open(log, "w") as fh:
-        proc = subprocess.Popen([sys.executable, "app.py", "--tiny", "--port", str(port)], cwd=REPO, env=env,
+        proc = subprocess.Popen([sys.executable, "app.py", *args, "--port", str(port)], cwd=REPO, env=env,
                                 stdout=fh, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     try:
-        deadline = time.time() + 180
+        deadline = time.time() + startup_s
         while True:
             if proc.poll() is not None:
                 pytest.fail(f"app.py exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
@@ -79,6 +77,12 @@ def app_url(sync_playwright, tmp_path_factory):
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+@pytest.fixture(scope="module")
+def app_url(sync_playwright, tmp_path_factory):
+    env = dict(os.environ, LAZYDIFF_TINY="1", GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1")
+    yield from _serve(["--tiny"], env, tmp_path_factory.mktemp("app") / "app.log")
 
 
 def _canvas(path: Path, size: int = 128) -> np.ndarray:
@@ -188,33 +192,9 @@ def shipped_app_url(sync_playwright, tmp_path_factory):
     """app.py with the shipped ShapesWorld models (what `python app.py` serves)."""
     if not (REPO / "data" / "models" / "lazy").exists():
         pytest.skip("the shipped models are not in data/models")
-    port = _free_port()
-    log = tmp_path_factory.mktemp("app") / "app.log"
     env = {k: v for k, v in os.environ.items() if k != "LAZYDIFF_TINY"}
     env.update(GRADIO_ANALYTICS_ENABLED="False", PYTHONUNBUFFERED="1")
-    with open(log, "w") as fh:
-        proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port)], cwd=REPO, env=env,
-                                stdout=fh, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        deadline = time.time() + 240
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"app.py exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
-            try:
-                urllib.request.urlopen(url, timeout=2)
-                break
-            except OSError:
-                if time.time() > deadline:
-                    pytest.fail(f"app.py did not start in time:\n{log.read_text()[-3000:]}")
-                time.sleep(1)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    yield from _serve([], env, tmp_path_factory.mktemp("app") / "app.log", startup_s=240)
 
 
 def test_shipped_model_example_edit_in_chromium(sync_playwright, shipped_app_url):
