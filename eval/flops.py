@@ -8,7 +8,8 @@
       MLP (4x, GELU)   16·N·d²
 
   plus patch embedding / output projections, the caption projection and the timestep (adaLN-single)
-  embedding. :func:`count_with_torch` checks these against ``FlopCounterMode`` in the tests.
+  embedding. When the pipelines precompute the text constants once per edit (``prepare_text``: the
+  caption projection and the 4·L·d² keys/values), those are counted once, not per step. :func:`count_with_torch` checks these against ``FlopCounterMode`` in the tests.
 * Anything else (VAE encode/decode, text encoder): ``FlopCounterMode`` on the real call, or on a
   meta-device copy of the module so counting costs no compute.
 
@@ -41,9 +42,20 @@ def _adaln_flops(d: int, additional: bool) -> float:
     return float(f)
 
 
-def decoder_flops(model, tokens: int, text_tokens: int, batch: int = 1) -> float:
+def decoder_text_flops(model, text_tokens: int, batch: int = 1) -> float:
+    """The per-edit text constants of a decoder (``prepare_text``): caption projection and every
+    block's cross-attention keys and values."""
+    c = _cfg(model)
+    d = c["num_attention_heads"] * c["attention_head_dim"]
+    l = int(text_tokens)
+    return float(batch * (2 * l * (c["caption_channels"] * d + d * d) + c["num_layers"] * 4 * l * d * d))
+
+
+def decoder_flops(model, tokens: int, text_tokens: int, batch: int = 1, text_prepared: bool = False) -> float:
     """One forward of a :class:`LazyDecoder` (``tokens`` = hole tokens) or :class:`FullCanvasDecoder`
-    (``tokens`` = all tokens), for ``batch`` images (2x with batched classifier-free guidance)."""
+    (``tokens`` = all tokens), for ``batch`` images (2x with batched classifier-free guidance).
+    ``text_prepared``: the text constants were computed once per edit (``prepare_text``) and are
+    not part of this forward; count them with :func:`decoder_text_flops`."""
     c = _cfg(model)
     d = c["num_attention_heads"] * c["attention_head_dim"]
     p2 = c["patch_size"] ** 2
@@ -57,7 +69,10 @@ def decoder_flops(model, tokens: int, text_tokens: int, batch: int = 1) -> float
     f = 2 * n * in_dim * d + c["num_layers"] * _block_flops(n, d, l, True) + 2 * n * d * out_dim
     f += 2 * l * (c["caption_channels"] * d + d * d)      # caption projection (per forward)
     f += _adaln_flops(d, bool(c.get("use_additional_conditions")))
-    return float(batch * f)
+    f = float(batch * f)
+    if text_prepared:
+        f -= decoder_text_flops(c, l, batch)
+    return f
 
 
 def context_encoder_flops(model, tokens: int, batch: int = 1) -> float:
@@ -147,10 +162,19 @@ class CallRecorder:
                 else:             # lazy: (B, |H|, D)
                     tokens = x.shape[1]
                     text = args[4] if len(args) > 4 else kw.get("encoder_hidden_states")
-                self.calls.append(("decoder", int(x.shape[0]), int(tokens), int(text.shape[1])))
+                self.calls.append(("decoder", int(x.shape[0]), int(tokens), int(text.shape[1]),
+                                   kw.get("text_conditioning") is not None))
             return orig_dec(x, *args, **kw)
 
         dec.forward = dec_forward
+        orig_prep = getattr(dec, "prepare_text", None)
+        if orig_prep is not None:
+            def prepare_text(text, *args, **kw):
+                if self.enabled:
+                    self.calls.append(("decoder_text", int(text.shape[0]), int(text.shape[1])))
+                return orig_prep(text, *args, **kw)
+
+            dec.prepare_text = prepare_text
         enc = getattr(pipe, "context_encoder", None)
         if enc is not None:
             orig_enc = enc.forward
@@ -210,9 +234,11 @@ class CallRecorder:
         steps, tokens = 0, None
         for c in calls:
             if c[0] == "decoder":
-                out["denoise"] += decoder_flops(self.pipe.decoder, c[2], c[3], c[1])
+                out["denoise"] += decoder_flops(self.pipe.decoder, c[2], c[3], c[1], text_prepared=c[4])
                 steps += 1
                 tokens = c[2]
+            elif c[0] == "decoder_text":
+                out["text"] += decoder_text_flops(self.pipe.decoder, c[2], c[1])
             elif c[0] == "context_encoder":
                 out["context_encoder"] += context_encoder_flops(self.pipe.context_encoder, c[2], c[1])
             elif c[0] == "vae_encode":

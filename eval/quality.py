@@ -192,6 +192,8 @@ def generate(methods: List[Method], samples: List[EditSample], suite: Suite, opt
         if not todo:
             continue
         pipe = method.load(device, dtype)
+        if hasattr(pipe, "canvas_cache"):
+            pipe.canvas_cache = "exact"  # scores must not depend on the order of the edits
         bar = tqdm(todo, desc=f"[{rank}/{world}] {method.label}", unit="edit", position=rank, leave=True,
                    dynamic_ncols=True)
         for s in bar:

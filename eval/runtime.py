@@ -3,10 +3,24 @@ vs RegenerateImage (and RegenerateCrop) on the same backbone, dtype, device and 
 
 Protocol: for each mask ratio, ``--warmup`` untimed runs per method, then ``--repeats`` rounds of
 interleaved runs (lazy, full, crop, lazy, full, crop, ...); medians and interquartile ranges.
-Each run is a fresh edit: the pipelines' caches (text embeddings; any ``clear_caches()`` a
-pipeline offers) are emptied before every run unless ``--keep-caches``, so text encoding, VAE
+Each run is a fresh edit: the pipelines' caches (text embeddings, canvas latents, context tokens:
+``clear_caches()``) are emptied before every run unless ``--keep-caches``, so text encoding, VAE
 encoding, the context encoder, every step, the decode and the blend are all counted (from the
-pipelines' ``out.timings``). Masks are centred rectangles (the canvas' aspect) of the requested
+pipelines' ``out.timings``).
+
+Follow-up edits (``followup``; ``python -m eval.runtime --followup same-mask ...``), as an editor makes
+them on its previous output:
+
+* ``same-mask``: every round, each method makes the fresh edit (caches emptied, recorded as
+  ``<method>``) and then, timed too, a follow-up edit of that result with the same mask and another
+  seed (recorded as ``followup/<method>``): a re-roll, or a new prompt for the same region. The
+  masked canvas is unchanged, so the canvas-latent cache hits (no VAE encode) for every method, and
+  the lazy pipeline's context cache hits; the prompt embedding is cached. Speed-ups of
+  ``followup/*`` rows are against ``followup/regenerate-image``.
+* ``new-mask``: the caches are emptied and an untimed 1-step priming edit touches a 1% square at
+  (0.25, 0.25); the timed edit (recorded as ``<method>``) then edits the primed result with the
+  centred mask, so the VAE re-encodes crops around both regions (``canvas_cache="incremental"``)
+  or, when those would cover more than half the canvas, the whole canvas. Masks are centred rectangles (the canvas' aspect) of the requested
 area. FLOPs of each run are counted from the shapes each component saw (:mod:`eval.flops`).
 
 Presets:
@@ -42,6 +56,7 @@ PRESETS = ("default", "paper-shape", "tiny")
 METHODS = ("lazy", "regenerate-image", "regenerate-crop")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 STAGES = ("text", "vae_encode", "context_encoder", "denoise", "vae_decode", "blend")
+FOLLOWUPS = ("none", "same-mask", "new-mask")
 PROMPT = "a small red star"
 
 
@@ -68,6 +83,8 @@ class RuntimeOptions:
     crop_resolution: Optional[int] = None
     fit_max_ratio: float = 0.4
     prompt: str = PROMPT
+    followup: str = "none"
+    canvas_cache: Optional[str] = None   # override every pipeline's canvas_cache ("off" | "exact" | "incremental")
 
 
 class RuntimeError_(ValueError):
@@ -192,6 +209,8 @@ def build_pipelines(opts: RuntimeOptions, device: str, dtype: torch.dtype):
         if dtype != torch.float32:
             p.to(dtype=dtype)
         p.set_progress_bar_config(disable=True)
+        if opts.canvas_cache is not None and hasattr(p, "canvas_cache"):
+            p.canvas_cache = opts.canvas_cache
     return pipes, info, size
 
 
@@ -239,14 +258,33 @@ def clear_caches(pipe) -> None:
         fn()
 
 
+def corner_mask(size: int, ratio: float = 0.01) -> np.ndarray:
+    """A square of ``ratio`` of the canvas centred at (0.25, 0.25): the region a previous edit touched."""
+    side = max(int(round(math.sqrt(ratio) * size)), 1)
+    m = np.zeros((size, size), bool)
+    y0 = max(int(round(size * 0.25 - side / 2)), 0)
+    m[y0:y0 + side, y0:y0 + side] = True
+    return m
+
+
+def prime(pipe, method: str, image, mask_img, opts: "RuntimeOptions"):
+    """Untimed 1-step edit whose result becomes the canvas of a follow-up edit (caches emptied first)."""
+    clear_caches(pipe)
+    kw = {"resolution": opts.crop_resolution} if method == "regenerate-crop" and opts.crop_resolution else {}
+    out = pipe(opts.prompt, image, mask_img, num_inference_steps=1, guidance_scale=opts.guidance,
+               generator=torch.Generator(device="cpu").manual_seed(opts.seed + 1), **kw)
+    return out.images[0]
+
+
 # ----------------------------------------------------------------------------- one run
-def timed_edit(pipe, method: str, image, mask_img, opts: RuntimeOptions, device: str) -> Dict:
-    if not opts.keep_caches:
+def timed_edit(pipe, method: str, image, mask_img, opts: RuntimeOptions, device: str, primed: bool = False,
+               seed_offset: int = 0) -> Dict:
+    if not opts.keep_caches and not primed:
         clear_caches(pipe)
     kw = {}
     if method == "regenerate-crop" and opts.crop_resolution:
         kw["resolution"] = opts.crop_resolution
-    gen = torch.Generator(device="cpu").manual_seed(opts.seed)
+    gen = torch.Generator(device="cpu").manual_seed(opts.seed + seed_offset)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -255,7 +293,22 @@ def timed_edit(pipe, method: str, image, mask_img, opts: RuntimeOptions, device:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     wall = (time.perf_counter() - t0) * 1e3
-    return {"timings": dict(out.timings), "stats": dict(out.stats), "wall_ms": wall}
+    return {"timings": dict(out.timings), "stats": dict(out.stats), "wall_ms": wall, "image": out.images[0]}
+
+
+def one_edit(pipe, method: str, image, mask_img, prime_mask_img, opts: RuntimeOptions, device: str,
+             recorder=None, primed: bool = False, seed_offset: int = 0) -> Dict:
+    """A timed edit (after an untimed priming edit in ``new-mask`` mode); FLOPs recorded for the timed one only."""
+    if opts.followup == "new-mask" and not primed:
+        image = prime(pipe, method, image, prime_mask_img, opts)
+        primed = True
+    if recorder is not None:
+        recorder.start()
+    try:
+        return timed_edit(pipe, method, image, mask_img, opts, device, primed=primed, seed_offset=seed_offset)
+    finally:
+        if recorder is not None:
+            recorder.stop()
 
 
 # ----------------------------------------------------------------------------- aggregate
@@ -279,6 +332,9 @@ def aggregate(runs, flops: Dict, canvas_holes: Dict[float, int]):
                "denoise_ms_per_step": _q(d.denoise_ms_per_step, 0.5),
                "denoise_ms_per_step_q1": _q(d.denoise_ms_per_step, 0.25),
                "denoise_ms_per_step_q3": _q(d.denoise_ms_per_step, 0.75), "wall_ms": _q(d.wall_ms, 0.5)}
+        if "vae_encode_mode" in d:
+            modes = [v for v in d.vae_encode_mode if isinstance(v, str)]
+            row["vae_encode_mode"] = ",".join(sorted(set(modes))) if modes else None
         row["total_ms_iqr"] = row["total_ms_q3"] - row["total_ms_q1"]
         row["denoise_ms_per_step_iqr"] = row["denoise_ms_per_step_q3"] - row["denoise_ms_per_step_q1"]
         for s in STAGES + ("crop_resize",):
@@ -297,7 +353,9 @@ def aggregate(runs, flops: Dict, canvas_holes: Dict[float, int]):
                 "denoise_flops_ratio_vs_full"):
         out[col] = float("nan")
     for i, row in out.iterrows():
-        ref = out[(out.method == "regenerate-image") & (out.mask_ratio == row.mask_ratio)]
+        prefix = row.method.rsplit("/", 1)[0] + "/" if "/" in row.method else ""   # followup/<m> vs followup/full
+        ref_name = prefix + "regenerate-image"
+        ref = out[(out.method == ref_name) & (out.mask_ratio == row.mask_ratio)]
         if not len(ref):
             continue
         ref = ref.iloc[0]
@@ -306,7 +364,7 @@ def aggregate(runs, flops: Dict, canvas_holes: Dict[float, int]):
         out.loc[i, "flops_ratio_vs_full"] = ref.flops / row.flops
         out.loc[i, "denoise_flops_ratio_vs_full"] = ref.flops_denoise_per_step / row.flops_denoise_per_step
         a = df[(df.method == row.method) & (df.mask_ratio == row.mask_ratio)].set_index("repeat").total_ms
-        b = df[(df.method == "regenerate-image") & (df.mask_ratio == row.mask_ratio)].set_index("repeat").total_ms
+        b = df[(df.method == ref_name) & (df.mask_ratio == row.mask_ratio)].set_index("repeat").total_ms
         common = a.index.intersection(b.index)
         if len(common):   # ratio within each interleaved round, then the median: robust to drift
             out.loc[i, "speedup_vs_full_paired"] = float(np.median(b[common].to_numpy() / a[common].to_numpy()))
@@ -342,7 +400,11 @@ def write_report(out: Path, summary, fit: Dict, plots: Dict[str, Path], opts: Ru
     if opts.preset != "default":
         L += [f"**Preset `{opts.preset}`: {info.get('weights')}.**", ""]
     busy = [x for x in (env.get("load_avg_start"), env.get("load_avg_end")) if x]
-    if env["device"].startswith("cpu") and busy and max(b[0] for b in busy) > (os.cpu_count() or 1) * 0.75:
+    # The load at the end includes this run's own threads: judge other work by the start (and by the
+    # end only beyond what this run itself accounts for).
+    own = env.get("threads") or 1
+    if env["device"].startswith("cpu") and busy and (busy[0][0] > (os.cpu_count() or 1) * 0.75
+                                                      or busy[-1][0] - own > (os.cpu_count() or 1) * 0.75):
         L += [f"**The CPU was shared while measuring (1-min load average {busy[0][0]:.1f} at the start, "
               f"{busy[-1][0]:.1f} at the end, {os.cpu_count()} CPUs): absolute times are inflated and noisy; the "
               "interleaved ratios (`speedup_vs_full_paired`) are the robust numbers.**", ""]
@@ -352,8 +414,14 @@ def write_report(out: Path, summary, fit: Dict, plots: Dict[str, Path], opts: Ru
           f"torch threads {env['threads']}, {env['cpu']}",
           f"- protocol: {opts.warmup} warm-up run(s) per method and ratio, then {opts.repeats} interleaved rounds "
           f"({', '.join(opts.methods)}); medians and IQR; caches "
-          + ("kept between runs (--keep-caches)" if opts.keep_caches else "cleared before every run (each run is a "
-                                                                           "fresh edit: text, VAE, encoder all counted)"),
+          + ("kept between runs (--keep-caches)" if opts.keep_caches else
+             "cleared before every run (each run is a fresh edit: text, VAE, encoder all counted)"
+             if opts.followup == "none" else
+             f"cleared, then an untimed 1-step priming edit ({opts.followup}); the timed run is the follow-up edit "
+             "on the primed result (canvas-latent, context and prompt caches as an editor would have them)"),
+          f"- canvas-latent cache: {opts.canvas_cache or 'pipeline default'}; VAE encode per timed run: "
+          + ", ".join(f"{m} {v}" for m, v in summary.drop_duplicates("method")[["method", "vae_encode_mode"]]
+                      .itertuples(index=False)) if "vae_encode_mode" in summary else "",
           "- masks: centred rectangles of the given area; `hole_tokens` / `total_tokens` are those of the grid the "
           "method's denoiser works on (RegenerateCrop: the resized crop), `canvas_hole_tokens` those of the canvas",
           "- `speedup_vs_full` = median RegenerateImage latency / median latency; `_paired` = median of per-round "
@@ -421,6 +489,10 @@ def validate(opts: RuntimeOptions) -> None:
     for r in opts.mask_ratios:
         if not 0 < r <= 1:
             raise RuntimeError_(f"mask ratios must be in (0, 1], got {r}")
+    if opts.followup not in FOLLOWUPS:
+        raise RuntimeError_(f"--followup must be one of {list(FOLLOWUPS)}, got {opts.followup!r}")
+    if opts.canvas_cache is not None and opts.canvas_cache not in ("off", "exact", "incremental"):
+        raise RuntimeError_(f"--canvas-cache must be off, exact or incremental, got {opts.canvas_cache!r}")
     if opts.steps < 1 or opts.repeats < 1 or opts.warmup < 0:
         raise RuntimeError_("--steps and --repeats must be >= 1 and --warmup >= 0")
     if opts.device and opts.device.startswith("cuda") and not torch.cuda.is_available():
@@ -455,32 +527,43 @@ def run_runtime(opts: RuntimeOptions):
         mask = centred_mask(size, ratio)
         canvas_holes[ratio] = token_count(mask, cell)
         mask_img = PIL.Image.fromarray(mask.astype(np.uint8) * 255, "L")
+        prime_mask = mask_img if opts.followup == "same-mask" else \
+            PIL.Image.fromarray(corner_mask(size).astype(np.uint8) * 255, "L")
+        def edits(m):
+            """(label, result) of one round of method m: the edit, and its same-mask follow-up."""
+            first = (m, ratio) not in flops
+            res = one_edit(pipes[m], m, image, mask_img, prime_mask, opts, device, recorders[m] if first else None)
+            if first:
+                flops[(m, ratio)] = recorders[m].flops()
+            yield m, res
+            if opts.followup == "same-mask":
+                f = f"followup/{m}"
+                first = (f, ratio) not in flops
+                res = one_edit(pipes[m], m, res["image"], mask_img, prime_mask, opts, device,
+                               recorders[m] if first else None, primed=True, seed_offset=1)
+                if first:
+                    flops[(f, ratio)] = recorders[m].flops()
+                yield f, res
+
         for w in range(opts.warmup):
             for m in opts.methods:
                 bar.set_postfix_str(f"{m} @ {ratio:g} (warm-up)")
-                recorders[m].start()
-                timed_edit(pipes[m], m, image, mask_img, opts, device)
-                calls = recorders[m].stop()
-                if (m, ratio) not in flops:
-                    flops[(m, ratio)] = recorders[m].flops(calls)
+                for _ in edits(m):
+                    pass
                 bar.update()
         for r in range(opts.repeats):
-            for m in opts.methods:   # interleaved: lazy, full, crop, lazy, full, crop, ...
-                bar.set_postfix_str(f"{m} @ {ratio:g}")
-                first = (m, ratio) not in flops
-                if first:
-                    recorders[m].start()
-                res = timed_edit(pipes[m], m, image, mask_img, opts, device)
-                if first:
-                    flops[(m, ratio)] = recorders[m].flops(recorders[m].stop())
-                t, st = res["timings"], res["stats"]
-                row = {"method": m, "mask_ratio": ratio, "repeat": r, "mask_ratio_actual": float(mask.mean()),
-                       "hole_tokens": st.get("hole_tokens"), "total_tokens": st.get("total_tokens"),
-                       "steps": st.get("steps", opts.steps), "total_ms": t["total"], "wall_ms": res["wall_ms"],
-                       "denoise_ms_per_step": t.get("denoise", float("nan")) / max(st.get("steps", opts.steps), 1)}
-                for s in STAGES + ("crop_resize",):
-                    row[f"stage_{s}_ms"] = t.get(s, float("nan"))
-                runs.append(row)
+            for m0 in opts.methods:   # interleaved: lazy, full, crop, lazy, full, crop, ...
+                bar.set_postfix_str(f"{m0} @ {ratio:g}")
+                for m, res in edits(m0):
+                    t, st = res["timings"], res["stats"]
+                    row = {"method": m, "mask_ratio": ratio, "repeat": r, "mask_ratio_actual": float(mask.mean()),
+                           "hole_tokens": st.get("hole_tokens"), "total_tokens": st.get("total_tokens"),
+                           "steps": st.get("steps", opts.steps), "total_ms": t["total"], "wall_ms": res["wall_ms"],
+                           "denoise_ms_per_step": t.get("denoise", float("nan")) / max(st.get("steps", opts.steps), 1),
+                           "vae_encode_mode": st.get("vae_encode"), "vae_encoded_fraction": st.get("encoded_fraction")}
+                    for s in STAGES + ("crop_resize",):
+                        row[f"stage_{s}_ms"] = t.get(s, float("nan"))
+                    runs.append(row)
                 bar.update()
     bar.close()
     summary, run_df = aggregate(runs, flops, canvas_holes)
@@ -498,3 +581,214 @@ def run_runtime(opts: RuntimeOptions):
     plots = runtime_plots(summary, out, fit)
     write_report(out, summary, fit, plots, opts, info, env)
     return summary, fit
+
+
+# ----------------------------------------------------------------------------- lever ablation
+LEVER_CONFIGS = [  # label, method, threads, fused blocks, text constants once, canvas/context caches, follow-up edit
+    ("before: diffusers blocks, no caches", "lazy", 2, False, False, "off", False),
+    ("+ fused no-grad blocks", "lazy", 2, True, False, "off", False),
+    ("+ text constants once per edit", "lazy", 2, True, True, "off", False),
+    ("all levers, fresh edit (caches emptied)", "lazy", 2, True, True, "incremental", False),
+    ("all levers, follow-up edit, same mask", "lazy", 2, True, True, "incremental", True),
+    ("all levers, fresh edit, 1 thread", "lazy", 1, True, True, "incremental", False),
+    ("all levers, follow-up edit, 1 thread", "lazy", 1, True, True, "incremental", True),
+    ("RegenerateImage before", "regenerate-image", 2, False, False, "off", False),
+    ("RegenerateImage all levers, fresh edit", "regenerate-image", 2, True, True, "incremental", False),
+    ("RegenerateImage all levers, follow-up edit", "regenerate-image", 2, True, True, "incremental", True),
+]
+
+
+def run_levers(out: str, repeats: int = 5, ratio: float = 0.1, steps: int = 20, prompt: str = PROMPT) -> Dict:
+    """What each engineering lever gives on the shipped models (128x128, centred mask of ``ratio``):
+    interleaved rounds over :data:`LEVER_CONFIGS` (the first round is a warm-up), medians of the
+    pipelines' stage timings. Writes ``levers.json`` and ``levers.md`` to ``out``."""
+    import PIL.Image
+
+    from lazydiff import load_default
+
+    img = PIL.Image.fromarray(canvas_image(128))
+    mask = PIL.Image.fromarray(centred_mask(128, ratio).astype(np.uint8) * 255)
+    pipes = {k: load_default(k, device="cpu") for k in ("lazy", "regenerate-image")}
+    for p in pipes.values():
+        p.set_progress_bar_config(disable=True)
+    rows = {c[0]: [] for c in LEVER_CONFIGS}
+    images = {}
+    before = torch.get_num_threads()
+    try:
+        for r in range(repeats + 1):
+            for label, meth, threads, fused, text_once, cache, follow in LEVER_CONFIGS:
+                p = pipes[meth]
+                torch.set_num_threads(threads)
+                p.decoder.trunk.fast_inference, p.precompute_text, p.canvas_cache = fused, text_once, cache
+                if hasattr(p, "context_cache"):
+                    p.context_cache = cache != "off"
+                clear_caches(p)
+                canvas = img
+                if follow:  # the previous edit of this region; its result is the canvas
+                    canvas = p(prompt, img, mask, num_inference_steps=steps,
+                               generator=torch.Generator().manual_seed(0)).images[0]
+                res = p(prompt, canvas, mask, num_inference_steps=steps, generator=torch.Generator().manual_seed(1))
+                if r:
+                    rows[label].append(dict(res.timings, vae_mode=res.stats.get("vae_encode")))
+                images[label] = np.asarray(res.images[0]).astype(int)
+    finally:
+        torch.set_num_threads(before)
+    summary: Dict = {"ratio": ratio, "steps": steps, "repeats": repeats,
+                     "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "levers": {}}
+    for label, rs in rows.items():
+        med = {k: float(np.median([x.get(k, 0.0) for x in rs])) for k in ("text", "vae_encode", "context_encoder",
+                                                                          "denoise", "vae_decode", "blend", "total")}
+        med["ms_per_step"] = med["denoise"] / steps
+        med["vae_encode_mode"] = rs[0]["vae_mode"]
+        summary["levers"][label] = med
+    summary["max_abs_pixel_diff_all_levers_vs_before"] = int(np.abs(
+        images["all levers, fresh edit (caches emptied)"] - images["before: diffusers blocks, no caches"]).max())
+    Path(out).mkdir(parents=True, exist_ok=True)
+    atomic_write_text(Path(out) / "levers.json", json.dumps(summary, indent=1))
+    L = [f"| lever ({int(ratio * 100)}% mask, {steps} steps) | total ms | ms/step | text | VAE enc | context enc | VAE dec |",
+         "|---|---|---|---|---|---|---|"]
+    for label, m in summary["levers"].items():
+        L.append(f"| {label} | {m['total']:.0f} | {m['ms_per_step']:.1f} | {m['text']:.1f} | {m['vae_encode']:.1f} "
+                 f"({m['vae_encode_mode']}) | {m['context_encoder']:.1f} | {m['vae_decode']:.1f} |")
+    atomic_write_text(Path(out) / "levers.md", "\n".join(L) + "\n")
+    print("\n".join(L))
+    return summary
+
+
+# ----------------------------------------------------------------------------- per-step sweep
+def run_step_sweep(out: str, ratios: Sequence[float] = (0.01, 0.02, 0.05, 0.1, 0.15, 0.25, 0.4, 0.6), size: int = 1024,
+                   width: int = 384, depth: int = 12, repeats: int = 5, fit_max_ratio: float = 0.4) -> Dict:
+    """Per-step denoiser time vs hole tokens at paper shape without the rest of the edit: exactly the
+    decoder calls the pipelines make (CFG batch 2, text constants prepared once per edit, centred
+    masks), plus the full-canvas step; medians of ``repeats``. Cheap enough to cover many ratios on a
+    CPU where whole paper-shape edits take minutes. Writes ``step_sweep.json`` and ``.png`` to ``out``."""
+    pipes, _ = paper_shape_pipelines(["lazy", "regenerate-image"], size, width, depth)
+    lazy, full = pipes["lazy"].decoder, pipes["regenerate-image"].decoder
+    from .flops import decoder_flops
+
+    b, cell, lat = 2, 16, size // 8
+    text, tm = torch.randn(b, 120, lazy.config.caption_channels), torch.ones(b, 120)
+    add = {"resolution": torch.tensor([[float(size)] * 2] * b), "aspect_ratio": torch.tensor([[1.0]] * b)}
+    t = torch.tensor([500] * b)
+
+    def med(f, n):
+        f()
+        ts = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            f()
+            ts.append(time.perf_counter() - t0)
+        return float(np.median(ts)) * 1e3
+
+    rows = []
+    with torch.no_grad():
+        cl, cf = lazy.prepare_text(text, tm), full.prepare_text(text, tm)
+        for r in ratios:
+            k = token_count(centred_mask(size, r), cell)
+            x, ctx = torch.randn(b, k, 16), torch.randn(b, k, lazy.config.context_dim)
+            idx = torch.arange(k)[None].repeat(b, 1)
+            ms = med(lambda: lazy(x, ctx, idx, (lat // 2, lat // 2), t, text, tm, added_cond_kwargs=add,
+                                  text_conditioning=cl), repeats)
+            rows.append({"ratio": r, "hole_tokens": k, "ms_per_step": ms,
+                         "flops": decoder_flops(lazy, k, 120, b, text_prepared=True)})
+            print(rows[-1], flush=True)
+        z = torch.randn(b, 4, lat, lat)
+        fms = med(lambda: full(z, z, z[:, :1], t, text, tm, added_cond_kwargs=add, text_conditioning=cf),
+                  max(2, repeats // 2))
+    ffl = decoder_flops(full, (lat // 2) ** 2, 120, b, text_prepared=True)
+    for row in rows:
+        row["speedup_vs_full"] = fms / row["ms_per_step"]
+        row["flop_ratio_vs_full"] = ffl / row["flops"]
+    sel = [x for x in rows if x["ratio"] <= fit_max_ratio + 1e-12]
+    xs, ys = np.array([x["hole_tokens"] for x in sel], float), np.array([x["ms_per_step"] for x in sel])
+    slope, icpt = np.polyfit(xs, ys, 1)
+    pred = icpt + slope * xs
+    fit = {"intercept_ms": float(icpt), "slope_ms_per_token": float(slope),
+           "r2": float(1 - ((ys - pred) ** 2).sum() / ((ys - ys.mean()) ** 2).sum()),
+           "max_rel_residual": float(np.max(np.abs(ys - pred) / ys)), "max_ratio": fit_max_ratio}
+    res = {"size": size, "width": width, "depth": depth, "threads": torch.get_num_threads(), "rows": rows,
+           "full": {"tokens": (lat // 2) ** 2, "ms_per_step": fms, "flops": ffl}, "fit": fit,
+           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    Path(out).mkdir(parents=True, exist_ok=True)
+    atomic_write_text(Path(out) / "step_sweep.json", json.dumps(res, indent=1))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 3.6))
+        ax.plot([x["hole_tokens"] for x in rows], [x["ms_per_step"] for x in rows], "o", label="LazyDiffusion step (median)")
+        xx = np.linspace(0, max(x["hole_tokens"] for x in rows), 50)
+        ax.plot(xx, icpt + slope * xx, "k--", label=f"fit (ratio <= {fit_max_ratio:g}): {icpt:.0f} ms + "
+                                                   f"{slope * 1e3:.0f} us x |H|, R2 = {fit['r2']:.3f}")
+        ax.axhline(fms, color="C1", ls=":", label=f"RegenerateImage step ({(lat // 2) ** 2} tokens): {fms:.0f} ms")
+        ax.set_xlabel("hole tokens |H| (CFG: batch 2)")
+        ax.set_ylabel("ms per denoising step")
+        ax.set_title(f"paper shape ({depth} x {width}, {size}^2), {torch.get_num_threads()} threads, fp32", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(Path(out) / "step_sweep.png", dpi=100)
+        plt.close(fig)
+    except Exception as err:  # pragma: no cover - plotting is optional
+        print(f"plot skipped: {err}")
+    print(json.dumps(fit))
+    return res
+
+
+def main(argv=None) -> int:
+    """``python -m eval.runtime [--followup none|same-mask|new-mask] [--canvas-cache off|exact|incremental]
+    <the options of python -m eval runtime>``: the runtime command with the follow-up-edit and
+    canvas-cache options."""
+    import argparse
+    import sys
+
+    from .cli import build_parser
+
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--followup", default="none", choices=FOLLOWUPS)
+    pre.add_argument("--canvas-cache", default=None, choices=["off", "exact", "incremental"])
+    pre.add_argument("--levers", default=None, metavar="OUT",
+                     help="instead: the per-lever ablation on the shipped models, written to OUT")
+    pre.add_argument("--levers-repeats", type=int, default=5)
+    pre.add_argument("--step-sweep", default=None, metavar="OUT",
+                     help="instead: per-step time vs hole tokens at paper shape (decoder calls only), written to OUT")
+    ns, rest = pre.parse_known_args(argv)
+    if ns.levers:
+        run_levers(ns.levers, ns.levers_repeats)
+        return 0
+    if ns.step_sweep:
+        sub = argparse.ArgumentParser(add_help=False)
+        sub.add_argument("--threads", type=int, default=None)
+        sub.add_argument("--width", type=int, default=384)
+        sub.add_argument("--depth", type=int, default=12)
+        sub.add_argument("--size", type=int, default=1024)
+        a, _ = sub.parse_known_args(rest)
+        if a.threads:
+            torch.set_num_threads(a.threads)
+        run_step_sweep(ns.step_sweep, size=a.size, width=a.width, depth=a.depth)
+        return 0
+    args = build_parser().parse_args(["runtime"] + rest)
+    opts = RuntimeOptions(out=args.out, mask_ratios=args.mask_ratios, steps=args.steps, preset=args.preset,
+                          methods=args.methods, dtype=args.dtype, repeats=args.repeats, warmup=args.warmup,
+                          device=args.device, threads=args.threads, width=args.width, depth=args.depth,
+                          heads=args.heads, encoder_depth=args.encoder_depth, size=args.size,
+                          guidance=args.guidance, seed=args.seed, keep_caches=args.keep_caches,
+                          crop_resolution=args.crop_resolution, fit_max_ratio=args.fit_max_ratio,
+                          followup=ns.followup, canvas_cache=ns.canvas_cache)
+    try:
+        summary, fit = run_runtime(opts)
+    except RuntimeError_ as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print_table(summary)
+    if fit.get("slope_ms_per_token") is not None:
+        print(f"\nper-step fit (lazy, ratio <= {fit['max_ratio']:g}): {fit['intercept_ms']:.4g} ms + "
+              f"{fit['slope_ms_per_token'] * 1e3:.4g} us x |H|, R^2 = {fit['r2']:.4f}")
+    print(f"wrote {opts.out}/runtime.csv, report.md and plots")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

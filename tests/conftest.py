@@ -57,6 +57,18 @@ def make_mask():
     return make
 
 
+@pytest.fixture(autouse=True)
+def _fresh_pipeline_caches(request):
+    """The module-scoped pipelines are shared between tests: empty their caches (prompt embeddings,
+    canvas latents, context) before each test so that no result depends on the order of tests."""
+    for name in ("lazy_pipe", "regen_pipe", "crop_pipe"):
+        if name in request.fixturenames:
+            pipe = request.getfixturevalue(name)
+            if hasattr(pipe, "clear_caches"):
+                pipe.clear_caches()
+    yield
+
+
 @pytest.fixture(scope="module")
 def lazy_pipe():
     from lazydiff.testing import tiny_lazy_pipeline

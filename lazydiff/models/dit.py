@@ -11,7 +11,8 @@ Token order everywhere is row-major over the (h, w) patch grid, and the flattene
 from __future__ import annotations
 
 import functools
-from typing import Dict, Optional, Tuple
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -121,12 +122,56 @@ class PixArtTrunk(nn.Module):
         self.caption_projection = PixArtAlphaTextProjection(in_features=caption_channels, hidden_size=inner)
         self.use_additional_conditions = use_additional_conditions
         self.gradient_checkpointing = False
+        self.fast_inference = True  # fused no-grad block path (see forward)
 
-    def forward(self, x: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
+    # -- per-edit constants (inference)
+    def prepare_text(self, encoder_hidden_states: torch.Tensor,
+                     encoder_attention_mask: Optional[torch.Tensor] = None) -> "TextConditioning":
+        """Everything the text contributes that does not change between denoising steps: the caption
+        projection, each block's cross-attention keys and values (head-split) and the additive
+        cross-attention bias. Compute it once per edit and pass it to :meth:`forward` as
+        ``text_conditioning``; the result equals recomputing it at every step."""
+        b = encoder_hidden_states.shape[0]
+        dtype = self.proj_out.weight.dtype
+        ctx = self.caption_projection(encoder_hidden_states.to(dtype)).view(b, -1, self.inner_dim)
+        bias = None
+        if encoder_attention_mask is not None:
+            bias = ((1 - encoder_attention_mask.to(ctx.dtype)) * -10000.0)[:, None, None, :]  # (B, 1, 1, L)
+        kv = []
+        for block in self.transformer_blocks:
+            a = block.attn2
+            hd = a.to_k.out_features // a.heads
+            k = a.to_k(ctx).view(b, -1, a.heads, hd).transpose(1, 2)
+            v = a.to_v(ctx).view(b, -1, a.heads, hd).transpose(1, 2)
+            kv.append((k, v))
+        return TextConditioning(context=ctx, bias=bias, keys_values=kv)
+
+    def _fast_ok(self) -> bool:
+        """The fused inference path replaces diffusers' default attention processor only."""
+        if not self.fast_inference or torch.is_grad_enabled() or self.training:
+            return False
+        for block in self.transformer_blocks:
+            for attn in (block.attn1, block.attn2):
+                if type(attn.processor).__name__ != "AttnProcessor2_0" or attn.norm_q is not None \
+                        or attn.residual_connection or attn.rescale_output_factor != 1.0:
+                    return False
+            if block._chunk_size is not None or block.pos_embed is not None:
+                return False
+        return True
+
+    def forward(self, x: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: Optional[torch.Tensor],
                 encoder_attention_mask: Optional[torch.Tensor] = None,
                 token_mask: Optional[torch.Tensor] = None,
-                added_cond_kwargs: Optional[Dict[str, torch.Tensor]] = None) -> torch.Tensor:
-        """x: (B, N, inner) embedded tokens -> (B, N, out_dim)."""
+                added_cond_kwargs: Optional[Dict[str, torch.Tensor]] = None,
+                text_conditioning: Optional["TextConditioning"] = None) -> torch.Tensor:
+        """x: (B, N, inner) embedded tokens -> (B, N, out_dim).
+
+        ``text_conditioning`` (from :meth:`prepare_text`) replaces ``encoder_hidden_states`` /
+        ``encoder_attention_mask``: the caption projection and cross-attention keys/values are then
+        not recomputed. Under ``torch.no_grad`` the blocks run a fused path (same operations as
+        diffusers' ``BasicTransformerBlock`` with ``AttnProcessor2_0``, fewer Python dispatches);
+        set ``fast_inference = False`` for the plain diffusers path.
+        """
         b = x.shape[0]
         if self.use_additional_conditions and added_cond_kwargs is None:
             raise ValueError("this decoder was configured with additional (resolution, aspect ratio) conditions; "
@@ -134,23 +179,79 @@ class PixArtTrunk(nn.Module):
         added_cond_kwargs = added_cond_kwargs or {"resolution": None, "aspect_ratio": None}
         timestep = timestep.to(x.device).expand(b) if timestep.ndim <= 1 else timestep
         t_mod, embedded_t = self.adaln_single(timestep, added_cond_kwargs, batch_size=b, hidden_dtype=x.dtype)
-        ctx = self.caption_projection(encoder_hidden_states).view(b, -1, x.shape[-1])
         # Additive biases, as PixArt builds them: 0 keeps a key, -10000 drops it.
         self_bias = None if token_mask is None else ((1 - token_mask.to(x.dtype)) * -10000.0).unsqueeze(1)
-        cross_bias = None
-        if encoder_attention_mask is not None:
-            cross_bias = ((1 - encoder_attention_mask.to(x.dtype)) * -10000.0).unsqueeze(1)
-        for block in self.transformer_blocks:
-            if self.gradient_checkpointing and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(block, x, self_bias, ctx, cross_bias, t_mod,
-                                                      None, None, use_reentrant=False)
+        fast = self._fast_ok()
+        if text_conditioning is None and fast:
+            text_conditioning = self.prepare_text(encoder_hidden_states, encoder_attention_mask)
+        if text_conditioning is not None:
+            if text_conditioning.batch != b:
+                raise ValueError(f"text_conditioning was prepared for batch {text_conditioning.batch}, got {b}")
+        if fast:
+            sbias = None if self_bias is None else self_bias[:, None]            # (B, 1, 1, N)
+            for block, (k, v) in zip(self.transformer_blocks, text_conditioning.keys_values):
+                x = _fast_block(block, x, sbias, k, v, text_conditioning.bias, t_mod)
+        else:
+            if text_conditioning is not None:
+                ctx, cross_bias = text_conditioning.context, text_conditioning.bias
+                cross_bias = None if cross_bias is None else cross_bias[:, 0]     # (B, 1, L), diffusers' layout
             else:
-                x = block(x, attention_mask=self_bias, encoder_hidden_states=ctx,
-                          encoder_attention_mask=cross_bias, timestep=t_mod)
+                ctx = self.caption_projection(encoder_hidden_states).view(b, -1, x.shape[-1])
+                cross_bias = None
+                if encoder_attention_mask is not None:
+                    cross_bias = ((1 - encoder_attention_mask.to(x.dtype)) * -10000.0).unsqueeze(1)
+            for block in self.transformer_blocks:
+                if self.gradient_checkpointing and torch.is_grad_enabled():
+                    x = torch.utils.checkpoint.checkpoint(block, x, self_bias, ctx, cross_bias, t_mod,
+                                                          None, None, use_reentrant=False)
+                else:
+                    x = block(x, attention_mask=self_bias, encoder_hidden_states=ctx,
+                              encoder_attention_mask=cross_bias, timestep=t_mod)
         shift, scale = (self.scale_shift_table[None] + embedded_t[:, None].to(self.scale_shift_table.device)).chunk(2, dim=1)
         x = self.norm_out(x)
         x = x * (1 + scale.to(x.device)) + shift.to(x.device)
         return self.proj_out(x)
+
+
+@dataclass
+class TextConditioning:
+    """Per-edit text constants of a :class:`PixArtTrunk` (see :meth:`PixArtTrunk.prepare_text`)."""
+
+    context: torch.Tensor                      # (B, L, inner) projected caption
+    bias: Optional[torch.Tensor]               # (B, 1, 1, L) additive cross-attention bias, or None
+    keys_values: List[Tuple[torch.Tensor, torch.Tensor]]  # per block: (B, heads, L, head_dim) each
+
+    @property
+    def batch(self) -> int:
+        return self.context.shape[0]
+
+
+def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    b, n, d = x.shape
+    return x.view(b, n, heads, d // heads).transpose(1, 2)
+
+
+def _merge(x: torch.Tensor) -> torch.Tensor:
+    b, h, n, hd = x.shape
+    return x.transpose(1, 2).reshape(b, n, h * hd)
+
+
+def _fast_block(block, x, self_bias, k2, v2, cross_bias, t_mod):
+    """``BasicTransformerBlock.forward`` for norm_type="ada_norm_single" with AttnProcessor2_0, inlined,
+    with the cross-attention keys/values given. Same operations in the same order."""
+    b = x.shape[0]
+    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
+        block.scale_shift_table[None] + t_mod.reshape(b, 6, -1)).chunk(6, dim=1)
+    a1 = block.attn1
+    h = block.norm1(x) * (1 + scale_msa) + shift_msa
+    o = F.scaled_dot_product_attention(_heads(a1.to_q(h), a1.heads), _heads(a1.to_k(h), a1.heads),
+                                       _heads(a1.to_v(h), a1.heads), attn_mask=self_bias)
+    x = gate_msa * a1.to_out[0](_merge(o).to(h.dtype)) + x
+    a2 = block.attn2
+    o = F.scaled_dot_product_attention(_heads(a2.to_q(x), a2.heads), k2, v2, attn_mask=cross_bias)
+    x = a2.to_out[0](_merge(o).to(x.dtype)) + x
+    h = block.norm2(x) * (1 + scale_mlp) + shift_mlp
+    return gate_mlp * block.ff(h) + x
 
 
 class PlainViTBlocks(nn.Module):
@@ -210,6 +311,6 @@ def count_params(module: nn.Module) -> int:
 
 __all__ = [
     "patchify", "unpatchify", "output_to_patch_layout", "gather_tokens", "scatter_tokens", "token_mask_from_pixels", "hole_indices",
-    "sincos_positions", "PixArtTrunk", "PlainViTBlocks", "default_interpolation_scale", "dit_init",
+    "sincos_positions", "PixArtTrunk", "TextConditioning", "PlainViTBlocks", "default_interpolation_scale", "dit_init",
     "init_linear_like_vit", "count_params",
 ]

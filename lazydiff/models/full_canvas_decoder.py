@@ -53,13 +53,19 @@ class FullCanvasDecoder(ModelMixin, ConfigMixin):
         nn.init.xavier_uniform_(self.proj_in.weight)
         nn.init.zeros_(self.proj_in.bias)
 
+    def prepare_text(self, encoder_hidden_states: torch.Tensor, encoder_attention_mask: Optional[torch.Tensor] = None):
+        """Per-edit text constants (caption projection, cross-attention keys/values); pass the result
+        to ``forward(..., text_conditioning=...)`` at every step. See :meth:`PixArtTrunk.prepare_text`."""
+        return self.trunk.prepare_text(encoder_hidden_states, encoder_attention_mask)
+
     def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None) -> None:
         self.trunk.gradient_checkpointing = enable
 
     def forward(self, latents: torch.Tensor, masked_latents: torch.Tensor, mask: torch.Tensor,
                 timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
                 encoder_attention_mask: Optional[torch.Tensor] = None,
-                added_cond_kwargs: Optional[Dict[str, torch.Tensor]] = None, return_dict: bool = True):
+                added_cond_kwargs: Optional[Dict[str, torch.Tensor]] = None, return_dict: bool = True,
+                text_conditioning=None):
         """
         Args:
             latents: (B, C, h, w) noisy latent of the whole canvas.
@@ -76,6 +82,7 @@ class FullCanvasDecoder(ModelMixin, ConfigMixin):
         x = x + sincos_positions(self.inner_dim, grid, cfg.sample_size // p,
                                  default_interpolation_scale(cfg.sample_size, cfg.interpolation_scale),
                                  x.device, x.dtype)
-        out = self.trunk(x, timestep, encoder_hidden_states, encoder_attention_mask, None, added_cond_kwargs)
+        out = self.trunk(x, timestep, encoder_hidden_states, encoder_attention_mask, None, added_cond_kwargs,
+                         text_conditioning=text_conditioning)
         out = unpatchify(output_to_patch_layout(out, p), grid, p)
         return FullCanvasDecoderOutput(sample=out) if return_dict else (out,)

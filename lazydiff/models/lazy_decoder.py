@@ -60,6 +60,11 @@ class LazyDecoder(ModelMixin, ConfigMixin):
         nn.init.zeros_(self.proj_in.weight[:, self.patch_dim:])
         nn.init.zeros_(self.proj_in.bias)
 
+    def prepare_text(self, encoder_hidden_states: torch.Tensor, encoder_attention_mask: Optional[torch.Tensor] = None):
+        """Per-edit text constants (caption projection, cross-attention keys/values); pass the result
+        to ``forward(..., text_conditioning=...)`` at every step. See :meth:`PixArtTrunk.prepare_text`."""
+        return self.trunk.prepare_text(encoder_hidden_states, encoder_attention_mask)
+
     def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None) -> None:
         self.trunk.gradient_checkpointing = enable
 
@@ -73,7 +78,8 @@ class LazyDecoder(ModelMixin, ConfigMixin):
     def forward(self, hole_latents: torch.Tensor, context: torch.Tensor, hole_index: torch.Tensor,
                 grid_size: Tuple[int, int], timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,
                 encoder_attention_mask: Optional[torch.Tensor] = None, token_mask: Optional[torch.Tensor] = None,
-                added_cond_kwargs: Optional[Dict[str, torch.Tensor]] = None, return_dict: bool = True):
+                added_cond_kwargs: Optional[Dict[str, torch.Tensor]] = None, return_dict: bool = True,
+                text_conditioning=None):
         """
         Args:
             hole_latents: (B, |H|, C*p*p) noisy latent patches at the hole (see ``dit.patchify``).
@@ -86,6 +92,7 @@ class LazyDecoder(ModelMixin, ConfigMixin):
         """
         x = self.proj_in(torch.cat([hole_latents, context.to(hole_latents.dtype)], dim=-1))
         x = x + self.positions(hole_index, grid_size, x.dtype)
-        out = self.trunk(x, timestep, encoder_hidden_states, encoder_attention_mask, token_mask, added_cond_kwargs)
+        out = self.trunk(x, timestep, encoder_hidden_states, encoder_attention_mask, token_mask, added_cond_kwargs,
+                         text_conditioning=text_conditioning)
         out = output_to_patch_layout(out, self.config.patch_size)
         return LazyDecoderOutput(sample=out) if return_dict else (out,)

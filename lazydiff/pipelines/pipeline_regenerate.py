@@ -44,10 +44,12 @@ class RegenerateImagePipeline(DiffusionPipeline, EditPipelineMixin):
         masked = enc["masked_latents"].expand(batch, -1, -1, -1)
         mask = enc["mask_latent"].expand(batch, -1, -1, -1)
         added = self.added_cond_kwargs(edit, batch, device)
+        with timer("text"):  # per-edit text constants count as text work
+            cond = self.text_conditioning(text, text_mask)
 
         def denoise(latents, t):
             out = self.decoder(latents, masked, mask, t.expand(latents.shape[0]), text, text_mask,
-                               added_cond_kwargs=added).sample
+                               added_cond_kwargs=added, text_conditioning=cond).sample
             return out[:, : latents.shape[1]]
 
         return (lambda full: full), denoise, (lambda x: self.hole_tokens_of(x, enc["hole_index"]))
