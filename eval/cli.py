@@ -75,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--seed", type=int, default=0)
     r.add_argument("--keep-caches", action="store_true", help="keep text/canvas caches between runs")
     r.add_argument("--crop-resolution", type=int, default=None, help="RegenerateCrop: crop side after resizing")
+    r.add_argument("--followup", default="none", choices=["none", "same-mask", "new-mask"],
+                   help="also time a follow-up edit on each result (canvas-latent / context caches at work)")
+    r.add_argument("--canvas-cache", default=None, choices=["off", "exact", "incremental"],
+                   help="override every pipeline's canvas-latent cache mode")
     r.add_argument("--fit-max-ratio", type=float, default=0.4, help="largest mask ratio in the per-step linear fit")
     return p
 
@@ -112,7 +116,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                                   device=args.device, threads=args.threads, width=args.width, depth=args.depth,
                                   heads=args.heads, encoder_depth=args.encoder_depth, size=args.size,
                                   guidance=args.guidance, seed=args.seed, keep_caches=args.keep_caches,
-                                  crop_resolution=args.crop_resolution, fit_max_ratio=args.fit_max_ratio)
+                                  crop_resolution=args.crop_resolution, fit_max_ratio=args.fit_max_ratio,
+                                  followup=args.followup, canvas_cache=args.canvas_cache)
             summary, fit = run_runtime(opts)
             print_table(summary)
             if fit.get("slope_ms_per_token") is not None:
