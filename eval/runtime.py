@@ -744,8 +744,6 @@ def main(argv=None) -> int:
     import argparse
     import sys
 
-    from .cli import build_parser
-
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--followup", default="none", choices=FOLLOWUPS)
     pre.add_argument("--canvas-cache", default=None, choices=["off", "exact", "incremental"])
@@ -769,25 +767,9 @@ def main(argv=None) -> int:
             torch.set_num_threads(a.threads)
         run_step_sweep(ns.step_sweep, size=a.size, width=a.width, depth=a.depth)
         return 0
-    args = build_parser().parse_args(["runtime"] + rest)
-    opts = RuntimeOptions(out=args.out, mask_ratios=args.mask_ratios, steps=args.steps, preset=args.preset,
-                          methods=args.methods, dtype=args.dtype, repeats=args.repeats, warmup=args.warmup,
-                          device=args.device, threads=args.threads, width=args.width, depth=args.depth,
-                          heads=args.heads, encoder_depth=args.encoder_depth, size=args.size,
-                          guidance=args.guidance, seed=args.seed, keep_caches=args.keep_caches,
-                          crop_resolution=args.crop_resolution, fit_max_ratio=args.fit_max_ratio,
-                          followup=ns.followup, canvas_cache=ns.canvas_cache)
-    try:
-        summary, fit = run_runtime(opts)
-    except RuntimeError_ as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print_table(summary)
-    if fit.get("slope_ms_per_token") is not None:
-        print(f"\nper-step fit (lazy, ratio <= {fit['max_ratio']:g}): {fit['intercept_ms']:.4g} ms + "
-              f"{fit['slope_ms_per_token'] * 1e3:.4g} us x |H|, R^2 = {fit['r2']:.4f}")
-    print(f"wrote {opts.out}/runtime.csv, report.md and plots")
-    return 0
+    from .cli import main as cli_main  # the plain runtime command (it has --followup / --canvas-cache too)
+
+    return cli_main(["runtime"] + list(sys.argv[1:] if argv is None else argv))
 
 
 if __name__ == "__main__":
