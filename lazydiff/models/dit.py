@@ -132,11 +132,8 @@ class PixArtTrunk(nn.Module):
         cross-attention bias. Compute it once per edit and pass it to :meth:`forward` as
         ``text_conditioning``; the result equals recomputing it at every step."""
         b = encoder_hidden_states.shape[0]
-        dtype = self.proj_out.weight.dtype
-        ctx = self.caption_projection(encoder_hidden_states.to(dtype)).view(b, -1, self.inner_dim)
-        bias = None
-        if encoder_attention_mask is not None:
-            bias = ((1 - encoder_attention_mask.to(ctx.dtype)) * -10000.0)[:, None, None, :]  # (B, 1, 1, L)
+        ctx, bias = self._project_text(encoder_hidden_states, encoder_attention_mask)
+        bias = None if bias is None else bias[:, None]  # (B, 1, 1, L): SDPA's layout
         kv = []
         for block in self.transformer_blocks:
             a = block.attn2
@@ -145,6 +142,15 @@ class PixArtTrunk(nn.Module):
             v = a.to_v(ctx).view(b, -1, a.heads, hd).transpose(1, 2)
             kv.append((k, v))
         return TextConditioning(context=ctx, bias=bias, keys_values=kv)
+
+    def _project_text(self, encoder_hidden_states, encoder_attention_mask):
+        """-> (projected caption (B, L, inner), additive cross-attention bias (B, 1, L) or None)."""
+        b = encoder_hidden_states.shape[0]
+        ctx = self.caption_projection(encoder_hidden_states.to(self.proj_out.weight.dtype)).view(b, -1, self.inner_dim)
+        if encoder_attention_mask is None:
+            return ctx, None
+        # Additive biases, as PixArt builds them: 0 keeps a key, -10000 drops it.
+        return ctx, ((1 - encoder_attention_mask.to(ctx.dtype)) * -10000.0).unsqueeze(1)
 
     def _fast_ok(self) -> bool:
         """The fused inference path replaces diffusers' default attention processor only."""
@@ -196,10 +202,7 @@ class PixArtTrunk(nn.Module):
                 ctx, cross_bias = text_conditioning.context, text_conditioning.bias
                 cross_bias = None if cross_bias is None else cross_bias[:, 0]     # (B, 1, L), diffusers' layout
             else:
-                ctx = self.caption_projection(encoder_hidden_states).view(b, -1, x.shape[-1])
-                cross_bias = None
-                if encoder_attention_mask is not None:
-                    cross_bias = ((1 - encoder_attention_mask.to(x.dtype)) * -10000.0).unsqueeze(1)
+                ctx, cross_bias = self._project_text(encoder_hidden_states, encoder_attention_mask)
             for block in self.transformer_blocks:
                 if self.gradient_checkpointing and torch.is_grad_enabled():
                     x = torch.utils.checkpoint.checkpoint(block, x, self_bias, ctx, cross_bias, t_mod,

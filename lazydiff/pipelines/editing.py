@@ -321,30 +321,25 @@ class EditPipelineMixin:
         def grow(b, m):
             return (max(b[0] - m, 0), min(b[1] + m, h), max(b[2] - m, 0), min(b[3] + m, w))
 
-        try:
-            from scipy import ndimage
+        from scipy import ndimage
 
-            labels, _ = ndimage.label(cells)
-            boxes = [(sl[0].start, sl[0].stop, sl[1].start, sl[1].stop) for sl in ndimage.find_objects(labels)]
-        except ImportError:  # pragma: no cover - scipy ships with the requirements
-            ys, xs = np.nonzero(cells)
-            boxes = [(int(ys.min()), int(ys.max()) + 1, int(xs.min()), int(xs.max()) + 1)]
-        boxes = [grow(b, pm) for b in boxes]
-        merged = True
-        while merged and len(boxes) > 1:
-            merged = False
-            for i in range(len(boxes)):
-                for j in range(i + 1, len(boxes)):
-                    a, b = grow(boxes[i], cm), grow(boxes[j], cm)
-                    if a[0] < b[1] and b[0] < a[1] and a[2] < b[3] and b[2] < a[3]:
-                        u = boxes[i]
-                        v = boxes[j]
-                        boxes[i] = (min(u[0], v[0]), max(u[1], v[1]), min(u[2], v[2]), max(u[3], v[3]))
-                        del boxes[j]
-                        merged = True
-                        break
-                if merged:
-                    break
+        labels, _ = ndimage.label(cells)
+        boxes = [grow((sl[0].start, sl[0].stop, sl[1].start, sl[1].stop), pm) for sl in ndimage.find_objects(labels)]
+
+        def overlap(a, b):
+            a, b = grow(a, cm), grow(b, cm)
+            return a[0] < b[1] and b[0] < a[1] and a[2] < b[3] and b[2] < a[3]
+
+        merged = []  # merge boxes whose crops overlap, until none do
+        while boxes:
+            box = boxes.pop()
+            hit = next((i for i, other in enumerate(merged) if overlap(box, other)), None)
+            if hit is None:
+                merged.append(box)
+            else:  # the union may now overlap others: put it back in the queue
+                other = merged.pop(hit)
+                boxes.append((min(box[0], other[0]), max(box[1], other[1]), min(box[2], other[2]), max(box[3], other[3])))
+        boxes = merged
         return [(b, grow(b, cm)) for b in boxes]
 
     def masked_canvas_latents(self, edit: PreparedEdit, pixels: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, Any]]:
@@ -394,7 +389,7 @@ class EditPipelineMixin:
                         lat[..., py0:py1, px0:px1] = z[..., py0 - cy0:py1 - cy0, px0 - cx0:px1 - cx0]
                     version = next(_CANVAS_VERSIONS)
                     self.__dict__["_canvas_state"] = dict(ident=ident, pixels=key, latents=lat, version=version,
-                                                          exact=False, record=rec)
+                                                          record=rec)
                     return lat, {"vae_encode": "partial", "encoded_fraction": area / (h * w), "canvas_version": version,
                                  "encoded_boxes": len(boxes)}
         s = self.vae_scale_factor
@@ -410,8 +405,7 @@ class EditPipelineMixin:
         else:
             lat = self.vae_encode(pixels)
         version = next(_CANVAS_VERSIONS)
-        self.__dict__["_canvas_state"] = dict(ident=ident, pixels=key, latents=lat, version=version, exact=True,
-                                              record=rec)
+        self.__dict__["_canvas_state"] = dict(ident=ident, pixels=key, latents=lat, version=version, record=rec)
         return lat, {"vae_encode": "full", "encoded_fraction": 1.0, "canvas_version": version}
 
     def encode_canvas(self, edit: PreparedEdit, device) -> Dict[str, torch.Tensor]:
