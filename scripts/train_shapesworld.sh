@@ -2,14 +2,21 @@
 # Train every shipped ShapesWorld model, in the order their dependencies need:
 #   stage 1: the autoencoder (ShapesCLIP, which needs nothing, starts beside it and runs on)
 #   stage 2: LazyDiffusion and RegenerateImage (both need the autoencoder; same data and steps)
+#   continue: LazyDiffusion, RegenerateImage and ShapesCLIP go on from their exports in $INIT_DIR
+#             (configs/train/*_continue.yaml: fresh data, constant LR), side by side; the autoencoder
+#             stays as it is, since the diffusion models are trained on its latent space
 # Each run resumes from its latest checkpoint if interrupted; run this script again to continue.
-# Usage: scripts/train_shapesworld.sh [stage1|stage2|all]
+# Usage: scripts/train_shapesworld.sh [stage1|stage2|all|continue]
 # Environment:
 #   EXTRA="--set key=value ..."          applies to every run (e.g. mixed_precision=bf16 on a CPU)
 #   RUNS, MODELS                          run folders (runs/train) and where exports are published (data/models)
 #   WORKERS_AE, WORKERS_CLIP, WORKERS_DIFFUSION   data-generation processes per run (default 2)
 #   MINUTES_AE, MINUTES_CLIP, MINUTES_DIFFUSION   time boxes: stop there, checkpoint and export anyway
 #                                                 (train_info.json records the step reached)
+#   INIT_DIR                              continue: where the exports to go on from are (default $RUNS/<run>/export;
+#                                         INIT_DIR=data/models continues the shipped models)
+#   TEXT_FEATURES                         precomputed text features for the diffusion runs (python -m
+#                                         lazydiff.train.text_features FILE): no text encoder on the training machine
 # On several GPUs, replace `python -m lazydiff.train` by `accelerate launch -m lazydiff.train`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,6 +35,10 @@ run() {  # run CONFIG NAME WORKERS MINUTES [more args]
   $PY -m lazydiff.train "configs/train/$cfg.yaml" --set "output_dir=$RUNS/$name" --set "num_workers=$workers" \
     $box "$@" $EXTRA
 }
+TEXT=""; [[ -n ${TEXT_FEATURES:-} ]] && TEXT="--set text_features=$TEXT_FEATURES"
+init() {  # init RUN SHIPPED-NAME: the export a continue run starts from
+  if [[ -n ${INIT_DIR:-} ]]; then echo "init_from=$INIT_DIR/$2"; else echo "init_from=$RUNS/$1/export"; fi
+}
 
 if [[ $STAGE == stage1 || $STAGE == all ]]; then
   run autoencoder autoencoder "${WORKERS_AE:-2}" "${MINUTES_AE:-}" &
@@ -37,13 +48,27 @@ if [[ $STAGE == stage1 || $STAGE == all ]]; then
   wait $A; publish "$RUNS/autoencoder" autoencoder
 fi
 if [[ $STAGE == stage2 || $STAGE == all ]]; then
-  run lazy lazy "${WORKERS_DIFFUSION:-2}" "${MINUTES_DIFFUSION:-}" --set "autoencoder=$MODELS/autoencoder" &
+  run lazy lazy "${WORKERS_DIFFUSION:-2}" "${MINUTES_DIFFUSION:-}" --set "autoencoder=$MODELS/autoencoder" $TEXT &
   L=$!
-  run regenerate_image regenerate_image "${WORKERS_DIFFUSION:-2}" "${MINUTES_DIFFUSION:-}" --set "autoencoder=$MODELS/autoencoder" &
+  run regenerate_image regenerate_image "${WORKERS_DIFFUSION:-2}" "${MINUTES_DIFFUSION:-}" --set "autoencoder=$MODELS/autoencoder" $TEXT &
   R=$!
   wait $L; publish "$RUNS/lazy" lazy
   wait $R; publish "$RUNS/regenerate_image" regenerate-image
 fi
 if [[ $STAGE == stage1 || $STAGE == all ]]; then
   wait $C; publish "$RUNS/shapes_clip" shapes-clip
+fi
+if [[ $STAGE == continue ]]; then
+  W=${WORKERS_DIFFUSION:-2}; M=${MINUTES_DIFFUSION:-}
+  run lazy_continue lazy_continue "$W" "$M" --set "$(init lazy lazy)" --set "autoencoder=$MODELS/autoencoder" $TEXT &
+  L=$!
+  run regenerate_image_continue regenerate_image_continue "$W" "$M" --set "$(init regenerate_image regenerate-image)" \
+    --set "autoencoder=$MODELS/autoencoder" $TEXT &
+  R=$!
+  run shapes_clip_continue shapes_clip_continue "${WORKERS_CLIP:-2}" "${MINUTES_CLIP:-}" --set "$(init shapes_clip shapes-clip)" &
+  C=$!
+  wait $L; wait $R; wait $C  # publish only when all three are done: the runs read the exports they replace
+  publish "$RUNS/lazy_continue" lazy
+  publish "$RUNS/regenerate_image_continue" regenerate-image
+  publish "$RUNS/shapes_clip_continue" shapes-clip
 fi

@@ -160,7 +160,8 @@ def test_config_latent_diffusion_needs_autoencoder(model):
 
 @pytest.mark.parametrize("key,value,match", [("mixed_precision", "fp8", "mixed_precision"),
                                              ("steps", 0, "steps and batch_size"),
-                                             ("batch_size", 0, "steps and batch_size")])
+                                             ("batch_size", 0, "steps and batch_size"),
+                                             ("lr_schedule", "linear", "'cosine' or 'constant'")])
 def test_config_rejects_bad_values(key, value, match):
     with pytest.raises(ValueError, match=match):
         TrainConfig.from_dict({"model": "autoencoder", "output_dir": "x", key: value})
@@ -539,3 +540,119 @@ def test_cli_set_mixed_precision_no_is_not_yaml_false(tmp_path):
     """`--set mixed_precision=no` parses as YAML false; it must still mean "no mixed precision"."""
     cfg = TrainConfig.from_dict(_raw("autoencoder", tmp_path, mixed_precision=yaml.safe_load("no")))
     assert cfg.mixed_precision == "no"
+
+
+# ----------------------------------------------------------------------------- continuing from an export
+@pytest.fixture(scope="module")
+def exports(autoencoder_export, lazy_export, regen_export, clip_export):
+    return {"autoencoder": autoencoder_export, "lazy": lazy_export, "regenerate_image": regen_export,
+            "shapes_clip": clip_export}
+
+
+@pytest.mark.parametrize("model", ["autoencoder", "lazy", "regenerate_image", "shapes_clip"])
+def test_init_from_export_starts_from_its_weights(model, exports, autoencoder_export, tmp_path):
+    export = exports[model]
+    cfg = _cfg(model, tmp_path / "run", autoencoder_export, init_from=str(export))
+    objective = OBJECTIVES[model](cfg, torch.device("cpu"))
+    before = {k: v.clone() for k, v in objective.trainable.state_dict().items()}
+    objective.init_from(cfg.init_from)
+    after = objective.trainable.state_dict()
+    shipped = {}
+    for name, rel in objective.export_files.items():
+        prefix = "" if name is None else name + "."
+        shipped.update({prefix + k: v for k, v in load_file(str(export / rel)).items()})
+    assert shipped.keys() == after.keys()
+    for k, v in shipped.items():
+        assert torch.equal(after[k], v.to(after[k].dtype)), k
+    assert any(not torch.equal(before[k], after[k]) for k in after)  # really replaced the random init
+    # and a run from it trains, and exports
+    assert (train(cfg) / "..").exists()
+
+
+def test_init_from_resume_takes_precedence(tmp_path, lazy_export, autoencoder_export, monkeypatch):
+    out = tmp_path / "run"
+    train(_cfg("lazy", out, autoencoder_export, steps=2), max_steps_this_run=1)
+    calls = []
+    monkeypatch.setattr(OBJECTIVES["lazy"], "init_from", lambda self, folder: calls.append(folder))
+    train(_cfg("lazy", out, autoencoder_export, steps=2, init_from=str(lazy_export)))
+    assert calls == []  # resumed from step-1, not re-initialised
+    assert _state(out, 2)["step"] == 2
+
+
+def test_init_from_mismatched_or_missing_export_is_reported(tmp_path, lazy_export, regen_export, autoencoder_export):
+    wider = dict(LAZY_ARCH, attention_head_dim=16)
+    cfg = _cfg("lazy", tmp_path / "a", autoencoder_export, arch=wider, init_from=str(lazy_export))
+    with pytest.raises(ValueError, match=r"decoder/diffusion_pytorch_model.safetensors.*same `arch:`"):
+        train(cfg)
+    cfg = _cfg("lazy", tmp_path / "b", autoencoder_export, init_from=str(regen_export))
+    with pytest.raises(FileNotFoundError, match="context_encoder/diffusion_pytorch_model.safetensors not found"):
+        train(cfg)
+
+
+# ----------------------------------------------------------------------------- precomputed text features
+def test_edit_prompts_cover_the_task_generator():
+    from lazydiff.shapesworld import edit_prompts, make_task
+
+    vocab = edit_prompts()
+    assert len(vocab) == len(set(vocab)) and "empty background" in vocab
+    seen = {make_task(s, size=(64, 64)).prompt for s in range(1_000_000_000, 1_000_000_300)}
+    assert seen <= set(vocab), sorted(seen - set(vocab))[:3]
+    assert len({p for p in seen if "background" in p}) > 5  # background captions are exercised too
+
+
+@pytest.fixture(scope="module")
+def text_table(tmp_path_factory):
+    from safetensors.torch import save_file
+
+    from lazydiff.train.text_features import build_table
+
+    prompts = ["a small green star", "empty background", "a navy and pink striped background", "a large red circle"]
+    tensors, meta = build_table(prompts)
+    path = tmp_path_factory.mktemp("text") / "features.safetensors"
+    save_file(tensors, str(path), metadata=meta)
+    return path, prompts
+
+
+def test_text_feature_table_matches_the_encoder(text_table):
+    from lazydiff.defaults import load_text_encoder
+    from lazydiff.train.text_features import TextFeatureTable
+
+    path, prompts = text_table
+    table = TextFeatureTable(str(path))
+    batch = [prompts[2], "", prompts[0], prompts[0]]
+    feats, mask = table(batch, "cpu")
+    encoder, tokenizer = load_text_encoder()
+    tok = tokenizer(batch, padding=True, truncation=True, max_length=120, return_tensors="pt")
+    with torch.no_grad():
+        live = encoder(tok["input_ids"], attention_mask=tok["attention_mask"])[0]
+    assert torch.equal(mask, tok["attention_mask"])
+    m = mask.bool()
+    torch.testing.assert_close(feats[m], live[m], atol=1e-4, rtol=1e-4)  # real tokens; padding is masked out
+    assert (feats[~m] == 0).all()
+
+
+def test_text_feature_table_trains_and_reports_unknown_prompts(text_table, autoencoder_export, tmp_path):
+    from lazydiff.train.text_features import TextFeatureTable
+
+    path, _ = text_table
+    with pytest.raises(KeyError, match="not in the text-feature table"):
+        TextFeatureTable(str(path))(["a purple heart"], "cpu")
+    # the real training stream's prompts are covered by a table of edit_prompts(): use a monkeypatched tiny one
+    cfg = _cfg("lazy", tmp_path / "run", autoencoder_export, text_features=str(path))
+    objective = OBJECTIVES["lazy"](cfg, torch.device("cpu"))
+    assert not hasattr(objective, "text_encoder") and objective.text_dim == 384
+    text, mask = objective.encode_text(["a small green star", ""])
+    assert text.shape[0] == 2 and mask[1].sum() == 2  # "" = [CLS] [SEP]
+
+
+def test_bad_text_feature_file_names_it(tmp_path, autoencoder_export):
+    bad = tmp_path / "features.safetensors"
+    bad.write_bytes(b"not a table")
+    with pytest.raises(ValueError, match=r"features.safetensors.*python -m lazydiff.train.text_features"):
+        OBJECTIVES["lazy"](_cfg("lazy", tmp_path / "run", autoencoder_export, text_features=str(bad)), "cpu")
+
+
+def test_constant_lr_schedule_holds_lr_after_warmup(tmp_path):
+    out = tmp_path / "run"
+    train(_cfg("autoencoder", out, steps=4, warmup_steps=2, lr=1e-3, lr_schedule="constant", log_every=1))
+    assert [round(r["lr"], 9) for r in _state(out, 4)["log"]] == [5e-4, 1e-3, 1e-3, 1e-3]

@@ -469,6 +469,17 @@ def _place_objects(rng: np.random.Generator, bg: _Background, bg_image: np.ndarr
     return objects, image
 
 
+def background_captions() -> list[str]:
+    """Every caption :func:`_sample_background` can produce (a finite set), in a fixed order."""
+    caps = [f"a plain {n} background" for n in _BG_NAMES]
+    for i, j in _BG_PAIRS:
+        n0, n1 = _BG_NAMES[i], _BG_NAMES[j]
+        caps += [f"{article(n0)} {n0} to {n1} gradient background", f"{article(n0)} {n0} to {n1} radial gradient background",
+                 f"{article(n0)} {n0} and {n1} striped background", f"{article(n0)} {n0} and {n1} checkered background",
+                 f"{article(n0)} {n0} background with {n1} dots"]
+    return caps
+
+
 def scene_caption(object_captions: Sequence[str], background_caption: str) -> str:
     if not object_captions:
         return background_caption

@@ -60,6 +60,15 @@ INTENTS: tuple[str, ...] = ("insert", "remove", "replace")
 MIN_RATIO, MAX_RATIO = 0.02, 0.60
 EMPTY_PROMPT = "empty background"
 
+def edit_prompts() -> list[str]:
+    """Every local prompt :func:`make_task` can produce (objects with sizes, the empty background and
+    each background caption): the vocabulary a precomputed text-feature table must cover."""
+    from .scenes import SIZES, all_classes, background_captions
+
+    objects = [object_caption(s, c, z) for z in SIZES for s, c in all_classes()]
+    return objects + [EMPTY_PROMPT] + background_captions()
+
+
 SPLITS: dict[str, range] = {
     "train": range(0, 10_000_000),
     "test": range(10_000_000, 10_000_500),

@@ -33,6 +33,7 @@ class TrainConfig:
     lr: float = 3e-4
     weight_decay: float = 0.0
     warmup_steps: int = 200
+    lr_schedule: str = "cosine"               # "cosine" (to 10% of lr at `steps`) | "constant" (after warmup)
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     mixed_precision: str = "no"               # "no" | "bf16" | "fp16" (accelerate)
@@ -50,6 +51,10 @@ class TrainConfig:
     pixart: Optional[str] = None              # optional local PixArt-α transformer folder to start from
     prompt_dropout: float = 0.1               # empty prompt this often, for classifier-free guidance
     num_train_timesteps: int = 1000
+    text_features: Optional[str] = None       # precomputed prompt features (python -m lazydiff.train.text_features)
+    # start from an exported model folder (e.g. data/models/lazy) instead of random weights; a checkpoint
+    # in output_dir still takes precedence (resume). The optimizer and LR schedule start fresh.
+    init_from: Optional[str] = None
     # autoencoder
     kl_weight: float = 1e-6
     # export
@@ -91,6 +96,8 @@ class TrainConfig:
             raise ValueError(f"{source}: mixed_precision must be 'no', 'bf16' or 'fp16'")
         if cfg.model in ("lazy", "regenerate_image") and not cfg.autoencoder:
             raise ValueError(f"{source}: model {cfg.model!r} needs `autoencoder:` (folder of the trained autoencoder)")
+        if cfg.lr_schedule not in ("cosine", "constant"):
+            raise ValueError(f"{source}: lr_schedule must be 'cosine' or 'constant', got {cfg.lr_schedule!r}")
         if cfg.steps < 1 or cfg.batch_size < 1:
             raise ValueError(f"{source}: steps and batch_size must be >= 1")
         return cfg

@@ -144,13 +144,19 @@ def train(cfg: TrainConfig, resume: bool = True, max_steps_this_run: Optional[in
     model = objective.trainable.to(device)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                                   weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
-    ema = EMA(model, cfg.ema_decay)
     start, log = 0, []
     ckpt = latest_checkpoint(out) if resume else None
+    if ckpt is None and cfg.init_from:
+        objective.init_from(cfg.init_from)
+        accelerator.print(f"initialised from {cfg.init_from}")
+    ema = EMA(model, cfg.ema_decay)
     if ckpt is not None:
         start, log = load_checkpoint(ckpt, model, ema, optimizer)
         accelerator.print(f"resumed from {ckpt} at step {start}")
-    lr_at = lambda s: cfg.lr * min(1.0, (s + 1) / max(cfg.warmup_steps, 1)) * (0.5 * (1 + math.cos(math.pi * min(s / cfg.steps, 1.0))) * 0.9 + 0.1)
+    def lr_at(s: int) -> float:  # linear warm-up, then cosine decay to 10% at cfg.steps (or constant)
+        decay = 1.0 if cfg.lr_schedule == "constant" else 0.5 * (1 + math.cos(math.pi * min(s / cfg.steps, 1.0))) * 0.9 + 0.1
+        return cfg.lr * min(1.0, (s + 1) / max(cfg.warmup_steps, 1)) * decay
+
     model, optimizer = accelerator.prepare(model, optimizer)
     objective.trainable = model  # the objective calls the (possibly DDP-wrapped) module
     stream = ShapesWorldStream(cfg.model, cfg.batch_size, cfg.image_size, cfg.seed, start,

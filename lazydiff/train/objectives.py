@@ -42,6 +42,26 @@ def step_generator(seed: int, step: int, rank: int, device) -> torch.Generator:
     return g
 
 
+def load_weights(module: nn.Module, file: Path, fix: str) -> None:
+    """Load a safetensors state dict into ``module`` (cast to its dtypes), strictly; errors name the file."""
+    from safetensors.torch import load_file
+
+    if not file.exists():
+        raise FileNotFoundError(f"{file} not found. {fix}")
+    try:
+        state = load_file(str(file), device="cpu")
+    except Exception as err:
+        raise ValueError(f"could not read {file}: {err}. {fix}") from err
+    own = module.state_dict()
+    problems = [f"missing {k}" for k in own if k not in state] + [f"unexpected {k}" for k in state if k not in own]
+    problems += [f"{k}: {tuple(v.shape)} in the file, {tuple(own[k].shape)} here" for k, v in state.items()
+                 if k in own and v.shape != own[k].shape]
+    if problems:
+        raise ValueError(f"{file} does not fit the {type(module).__name__} of this config ({len(problems)} tensors, e.g. "
+                         f"{'; '.join(problems[:2])}). {fix}")
+    module.load_state_dict({k: v.to(own[k].dtype) for k, v in state.items()}, strict=True)
+
+
 class Trainable(nn.ModuleDict):
     """The modules being trained, with the objective's loss as ``forward``: DDP (``accelerate launch``)
     syncs gradients only through ``forward``, so the loss must be computed inside the wrapped call."""
@@ -66,6 +86,16 @@ class Objective:
     def export(self, module: nn.Module, folder: Path) -> None:
         raise NotImplementedError
 
+    #: exported weight files, relative to the export folder, of each trained module (None: the whole trainable)
+    export_files: Dict[Optional[str], str] = {}
+
+    def init_from(self, folder: str) -> None:
+        """Start from an exported model (what :meth:`export` wrote, e.g. data/models/lazy)."""
+        fix = (f"`init_from:` must be an export folder of a {self.cfg.model!r} model with the same `arch:` "
+               "(e.g. data/models/<name>, or runs/train/<name>/export)")
+        for name, rel in self.export_files.items():
+            load_weights(self.trainable if name is None else self.trainable[name], Path(folder) / rel, fix)
+
 
 # ----------------------------------------------------------------------------- autoencoder
 class AutoencoderObjective(Objective):
@@ -77,6 +107,8 @@ class AutoencoderObjective(Objective):
         arch = dict(DEFAULT_AUTOENCODER, **cfg.arch)
         arch["sample_size"] = cfg.image_size
         self.trainable = Trainable({"vae": AutoencoderKL(**arch)}, self.forward)
+
+    export_files = {"vae": "diffusion_pytorch_model.safetensors"}
 
     def loss(self, batch, step, rank):
         x = batch["image"].to(self.device)
@@ -124,6 +156,8 @@ class ShapesClipObjective(Objective):
         self.tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=self.model_cfg["text_cfg"]["context_length"])
         self.clip_loss = open_clip.ClipLoss()
 
+    export_files = {None: "open_clip_model.safetensors"}
+
     def loss(self, batch, step, rank):
         images = batch["image"].to(self.device)  # already in [-1, 1] = (x - 0.5) / 0.5
         texts = self.tokenizer(batch["caption"]).to(self.device)
@@ -157,12 +191,19 @@ class LatentDiffusionObjective(Objective):
         except (OSError, EnvironmentError) as err:
             raise OSError(f"could not load the autoencoder from {cfg.autoencoder!r}: {err}. Train it first "
                           "(configs/train/autoencoder.yaml) or point `autoencoder:` at data/models/autoencoder") from err
-        self.text_encoder, self.tokenizer = load_text_encoder(cfg.text_encoder, device)
-        self.text_encoder.requires_grad_(False)
+        if cfg.text_features:  # precomputed: no text encoder needed on this machine
+            from .text_features import TextFeatureTable
+
+            self.text_table = TextFeatureTable(cfg.text_features)
+            self.text_dim = self.text_table.hidden_size
+        else:
+            self.text_table = None
+            self.text_encoder, self.tokenizer = load_text_encoder(cfg.text_encoder, device)
+            self.text_encoder.requires_grad_(False)
+            self.text_dim = self.text_encoder.config.hidden_size
         self.noise_scheduler = DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps)
         self.scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.latent_size = cfg.image_size // self.scale
-        self.text_dim = self.text_encoder.config.hidden_size
         torch.manual_seed(cfg.seed)
         self.trainable = self.build()
         dec = self.trainable["decoder"].config
@@ -204,8 +245,7 @@ class LatentDiffusionObjective(Objective):
         prompts = list(batch["prompt"])
         drop = np.random.default_rng([self.cfg.seed, step, rank]).random(len(prompts)) < self.cfg.prompt_dropout
         prompts = ["" if d else p for p, d in zip(prompts, drop)]
-        tok = self.tokenizer(prompts, padding=True, truncation=True, max_length=120, return_tensors="pt").to(self.device)
-        text = self.text_encoder(tok["input_ids"], attention_mask=tok["attention_mask"])[0]
+        text, text_mask = self.encode_text(prompts)
         token_mask = token_mask_from_pixels(mask, self.scale * self.patch)          # (B, gh, gw)
         # Hole indices padded to the largest hole of the batch; `valid` marks the real ones.
         flat = token_mask.flatten(1)
@@ -219,8 +259,15 @@ class LatentDiffusionObjective(Objective):
         t = torch.randint(0, self.cfg.num_train_timesteps, (x0.shape[0],), generator=g, device=self.device)
         xt = self.noise_scheduler.add_noise(x0, noise, t)
         return dict(xt=xt, noise=noise, t=t, masked=masked, mask_latent=token_mask_from_pixels(mask, self.scale)[:, None].float(),
-                    text=text, text_mask=tok["attention_mask"], index=index, valid=valid,
+                    text=text, text_mask=text_mask, index=index, valid=valid,
                     grid=tuple(token_mask.shape[-2:]), added=self.added_cond_kwargs(x0.shape[0]))
+
+    def encode_text(self, prompts):
+        """-> (hidden states, attention mask) of the frozen text encoder, or of the precomputed table."""
+        if self.text_table is not None:
+            return self.text_table(prompts, self.device)
+        tok = self.tokenizer(prompts, padding=True, truncation=True, max_length=120, return_tensors="pt").to(self.device)
+        return self.text_encoder(tok["input_ids"], attention_mask=tok["attention_mask"])[0], tok["attention_mask"]
 
     def loss(self, batch, step, rank):
         return self.trainable(self.encode(batch, step, rank))  # frozen encoders outside, trained modules inside
@@ -238,6 +285,9 @@ class LatentDiffusionObjective(Objective):
 
 
 class LazyObjective(LatentDiffusionObjective):
+    export_files = {"context_encoder": "context_encoder/diffusion_pytorch_model.safetensors",
+                    "decoder": "decoder/diffusion_pytorch_model.safetensors"}
+
     def build(self):
         from ..models import ContextEncoder, LazyDecoder
         from ..models.pixart_init import lazy_decoder_from_pixart
@@ -272,6 +322,8 @@ class LazyObjective(LatentDiffusionObjective):
 
 
 class RegenerateImageObjective(LatentDiffusionObjective):
+    export_files = {"decoder": "decoder/diffusion_pytorch_model.safetensors"}
+
     def build(self):
         from ..models import FullCanvasDecoder
         from ..models.pixart_init import full_canvas_decoder_from_pixart

