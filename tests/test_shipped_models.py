@@ -25,6 +25,18 @@ def test_shipped_models_fit_the_size_budget_and_are_safetensors():
         assert sched["clip_sample"] is False  # clipping x0 to [-1, 1] destroys unit-variance latents
 
 
+@pytest.mark.parametrize("folder", ["autoencoder", "lazy", "regenerate-image", "shapes-clip"])
+def test_every_shipped_model_has_a_model_card(folder):
+    card = (MODELS / folder / "README.md").read_text()
+    assert len(card) > 500, f"{folder}/README.md is (almost) empty"
+    for what in ("python -m lazydiff.train", "steps", "wall time", "H200"):
+        assert what in card, f"{folder}/README.md does not state {what!r}"
+    logs = list((MODELS / folder / "training").rglob("train_info.json"))
+    assert logs, f"{folder}/training/ has no train_info.json"
+    for info in logs:  # the card states each stage's steps as recorded by the run
+        assert f"{json.loads(info.read_text())['steps']}" in card, info
+
+
 @pytest.mark.parametrize("kind", ["lazy", "regenerate-image", "regenerate-crop"])
 def test_load_default_edits_a_held_out_task(kind):
     pipe = load_default(kind)
