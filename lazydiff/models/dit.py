@@ -124,6 +124,7 @@ class PixArtTrunk(nn.Module):
         self.use_additional_conditions = use_additional_conditions
         self.gradient_checkpointing = False
         self.fast_inference = True  # fused no-grad block path (see forward)
+        self.max_memoised_timesteps = 64  # timestep constants kept (see _step_constants)
 
     # -- per-edit constants (inference)
     def prepare_text(self, encoder_hidden_states: torch.Tensor,
@@ -168,12 +169,10 @@ class PixArtTrunk(nn.Module):
 
     # -- inference constants derived from the weights (memoised, keyed on the weights' versions)
     def clear_inference_cache(self) -> None:
-        """Forget the memoised timestep constants and fused projection weights. Not needed after
-        ``load_state_dict``, an optimizer step or ``.to()`` (the caches are keyed on each parameter's
-        storage and version counter); needed only after writing weights through ``param.data``."""
+        """Forget the memoised timestep constants. Not needed after ``load_state_dict``, an optimizer
+        step or ``.to()`` (the memo is keyed on each parameter's storage and version counter); needed
+        only after writing weights through ``param.data``, which bypasses the version counter."""
         self.__dict__.pop("_step_memo", None)
-        for block in self.transformer_blocks:
-            block.attn1.__dict__.pop("_fused_qkv", None)
 
     def _step_constants(self, timestep: torch.Tensor, added_cond_kwargs, b: int, dtype) -> "_StepConstants":
         """adaLN-single for ``timestep`` and everything derived from it alone: each block's six
@@ -213,7 +212,6 @@ class PixArtTrunk(nn.Module):
                 memo.popitem(last=False)
         return out
 
-    max_memoised_timesteps = 64
 
     def forward(self, x: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: Optional[torch.Tensor],
                 encoder_attention_mask: Optional[torch.Tensor] = None,
@@ -225,9 +223,9 @@ class PixArtTrunk(nn.Module):
         ``text_conditioning`` (from :meth:`prepare_text`) replaces ``encoder_hidden_states`` /
         ``encoder_attention_mask``: the caption projection and cross-attention keys/values are then
         not recomputed. Under ``torch.no_grad`` the blocks run a fused path (same arithmetic as
-        diffusers' ``BasicTransformerBlock`` with ``AttnProcessor2_0``, bit-identical, far fewer
-        dispatches: timestep constants memoised per timestep value, one fused QKV projection,
-        in-place modulation and residuals); set ``fast_inference = False`` for the plain diffusers path.
+        diffusers' ``BasicTransformerBlock`` with ``AttnProcessor2_0``, bit-identical, fewer
+        dispatches: timestep constants memoised per timestep value, in-place modulation and
+        residuals); set ``fast_inference = False`` for the plain diffusers path.
         """
         b = x.shape[0]
         if self.use_additional_conditions and added_cond_kwargs is None:
@@ -304,27 +302,6 @@ def _plain_ff(ff) -> bool:
     return all(isinstance(m, nn.Dropout) for m in list(net)[1::2])
 
 
-def _fused_qkv(attn) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """The self-attention's q, k, v projections as one (3D, D) weight and bias, built once and
-    rebuilt when any of them changes (see :func:`_param_key`). Each output column of one matmul
-    with the stacked weight equals the separate projection's (checked bit-identical in the tests)."""
-    lins = (attn.to_q, attn.to_k, attn.to_v)
-    params = [p for lin in lins for p in (lin.weight, lin.bias) if p is not None]
-    key = _param_key(params)
-    hit = attn.__dict__.get("_fused_qkv")
-    if hit is not None and hit[0] == key:
-        return hit[1], hit[2]
-    with torch.no_grad():
-        w = torch.cat([lin.weight for lin in lins])
-        has_bias = [lin.bias is not None for lin in lins]
-        bias = None
-        if any(has_bias):
-            bias = torch.cat([lin.bias if lin.bias is not None else lin.weight.new_zeros(lin.out_features)
-                              for lin in lins])
-    attn.__dict__["_fused_qkv"] = (key, w, bias)
-    return w, bias
-
-
 def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     b, n, d = x.shape
     return x.view(b, n, heads, d // heads).transpose(1, 2)
@@ -341,16 +318,13 @@ def _fast_block(block, x, self_bias, k2, v2, cross_bias, mod):
 
     The same arithmetic in the same order, so the result is bit-identical: ``norm(x) * (1 + scale)
     + shift`` and ``gate * out + x`` become in-place ``mul_`` / ``add_`` on fresh tensors (IEEE
-    products and sums commute exactly; ``addcmul`` would fuse them and round differently), and q, k,
-    v come from one matmul with the stacked weights (:func:`_fused_qkv`)."""
-    b, n, _ = x.shape
+    products and sums commute exactly; ``addcmul`` would fuse them and round differently). A fused
+    QKV matmul was measured too: no faster here, and not bit-identical for every dtype / shape."""
     shift_msa, scale_msa1, gate_msa, shift_mlp, scale_mlp1, gate_mlp = mod
     a1 = block.attn1
     h = block.norm1(x).mul_(scale_msa1).add_(shift_msa)
-    w, bias = _fused_qkv(a1)
-    d = w.shape[0] // 3
-    qkv = F.linear(h, w, bias).view(b, n, 3, a1.heads, d // a1.heads).permute(2, 0, 3, 1, 4)
-    o = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=self_bias)
+    o = F.scaled_dot_product_attention(_heads(a1.to_q(h), a1.heads), _heads(a1.to_k(h), a1.heads),
+                                       _heads(a1.to_v(h), a1.heads), attn_mask=self_bias)
     x = a1.to_out[0](_merge(o).to(h.dtype)).mul_(gate_msa).add_(x)
     a2 = block.attn2
     o = F.scaled_dot_product_attention(_heads(a2.to_q(x), a2.heads), k2, v2, attn_mask=cross_bias)
