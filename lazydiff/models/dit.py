@@ -186,7 +186,7 @@ class PixArtTrunk(nn.Module):
         if timestep.device.type == "cpu" and (not self.use_additional_conditions or added_cond_kwargs is None
                                               or all(v is None or v.device.type == "cpu" for v in added_cond_kwargs.values())):
             extra = () if not self.use_additional_conditions or added_cond_kwargs is None else tuple(
-                None if v is None else tuple(v.flatten().tolist()) for v in added_cond_kwargs.values())
+                None if v is None else (v.dtype, tuple(v.flatten().tolist())) for v in added_cond_kwargs.values())
             params = [*self.adaln_single.parameters(), self.scale_shift_table,
                       *(blk.scale_shift_table for blk in self.transformer_blocks)]
             memo_key = (tuple(timestep.tolist()), b, dtype, extra, _param_key(params))
@@ -211,7 +211,6 @@ class PixArtTrunk(nn.Module):
             while len(memo) > self.max_memoised_timesteps:
                 memo.popitem(last=False)
         return out
-
 
     def forward(self, x: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: Optional[torch.Tensor],
                 encoder_attention_mask: Optional[torch.Tensor] = None,

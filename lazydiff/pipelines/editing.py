@@ -296,7 +296,9 @@ class EditPipelineMixin:
     # -- canvas caches
     def clear_caches(self) -> None:
         """Forget cached prompt embeddings, canvas latents and (lazy pipeline) context tokens. Call it
-        after changing weights in place; every cache is keyed on inputs, not on parameters."""
+        after changing weights in place; every cache is keyed on inputs, not on parameters. (The
+        decoder trunk's memoised timestep constants are keyed on the parameters themselves and stay;
+        after writing weights through ``param.data`` call ``decoder.trunk.clear_inference_cache()``.)"""
         for k in ("_prompt_cache", "_canvas_state", "_context_cache"):
             self.__dict__.pop(k, None)
 
