@@ -11,6 +11,7 @@ Token order everywhere is row-major over the (h, w) patch grid, and the flattene
 from __future__ import annotations
 
 import functools
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
@@ -123,6 +124,7 @@ class PixArtTrunk(nn.Module):
         self.use_additional_conditions = use_additional_conditions
         self.gradient_checkpointing = False
         self.fast_inference = True  # fused no-grad block path (see forward)
+        self.max_memoised_timesteps = 64  # timestep constants kept (see _step_constants)
 
     # -- per-edit constants (inference)
     def prepare_text(self, encoder_hidden_states: torch.Tensor,
@@ -161,9 +163,54 @@ class PixArtTrunk(nn.Module):
                 if type(attn.processor).__name__ != "AttnProcessor2_0" or attn.norm_q is not None \
                         or attn.residual_connection or attn.rescale_output_factor != 1.0:
                     return False
-            if block._chunk_size is not None or block.pos_embed is not None:
+            if block._chunk_size is not None or block.pos_embed is not None or not _plain_ff(block.ff):
                 return False
         return True
+
+    # -- inference constants derived from the weights (memoised, keyed on the weights' versions)
+    def clear_inference_cache(self) -> None:
+        """Forget the memoised timestep constants. Not needed after ``load_state_dict``, an optimizer
+        step or ``.to()`` (the memo is keyed on each parameter's storage and version counter); needed
+        only after writing weights through ``param.data``, which bypasses the version counter."""
+        self.__dict__.pop("_step_memo", None)
+
+    def _step_constants(self, timestep: torch.Tensor, added_cond_kwargs, b: int, dtype) -> "_StepConstants":
+        """adaLN-single for ``timestep`` and everything derived from it alone: each block's six
+        modulation vectors (scale as ``1 + scale``) and the final layer's shift / ``1 + scale``.
+
+        Computed with the same operations as the per-step path (bit-identical), and memoised per
+        timestep value on CPU: every edit with the same schedule reuses them (a 20-step edit
+        evaluates 20 timesteps, the same ones each time). The memo is keyed on the weights it
+        depends on (storage and version counter of each parameter), so it follows weight updates."""
+        memo_key = None
+        if timestep.device.type == "cpu" and (not self.use_additional_conditions or added_cond_kwargs is None
+                                              or all(v is None or v.device.type == "cpu" for v in added_cond_kwargs.values())):
+            extra = () if not self.use_additional_conditions or added_cond_kwargs is None else tuple(
+                None if v is None else (v.dtype, tuple(v.flatten().tolist())) for v in added_cond_kwargs.values())
+            params = [*self.adaln_single.parameters(), self.scale_shift_table,
+                      *(blk.scale_shift_table for blk in self.transformer_blocks)]
+            memo_key = (tuple(timestep.tolist()), b, dtype, extra, _param_key(params))
+            memo = self.__dict__.setdefault("_step_memo", OrderedDict())
+            hit = memo.get(memo_key)
+            if hit is not None:
+                memo.move_to_end(memo_key)
+                return hit
+        added = added_cond_kwargs or {"resolution": None, "aspect_ratio": None}
+        t_mod, embedded_t = self.adaln_single(timestep, added, batch_size=b, hidden_dtype=dtype)
+        tables = torch.stack([blk.scale_shift_table for blk in self.transformer_blocks])   # (L, 6, D)
+        # Per block, as BasicTransformerBlock computes it: table[None] + t_mod.reshape(b, 6, D), then
+        # chunk into (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp) and 1 + scale.
+        mod = tables[None] + t_mod.reshape(b, 1, 6, -1)                                    # (b, L, 6, D)
+        mod[:, :, 1::3] += 1
+        mod = mod.unsqueeze(3)                                                             # (b, L, 6, 1, D)
+        blocks = [tuple(mod[:, i].unbind(1)) for i in range(len(self.transformer_blocks))]
+        shift, scale = (self.scale_shift_table[None] + embedded_t[:, None].to(self.scale_shift_table.device)).chunk(2, dim=1)
+        out = _StepConstants(blocks=blocks, final_shift=shift, final_scale1=1 + scale)
+        if memo_key is not None:
+            memo[memo_key] = out
+            while len(memo) > self.max_memoised_timesteps:
+                memo.popitem(last=False)
+        return out
 
     def forward(self, x: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: Optional[torch.Tensor],
                 encoder_attention_mask: Optional[torch.Tensor] = None,
@@ -174,42 +221,43 @@ class PixArtTrunk(nn.Module):
 
         ``text_conditioning`` (from :meth:`prepare_text`) replaces ``encoder_hidden_states`` /
         ``encoder_attention_mask``: the caption projection and cross-attention keys/values are then
-        not recomputed. Under ``torch.no_grad`` the blocks run a fused path (same operations as
-        diffusers' ``BasicTransformerBlock`` with ``AttnProcessor2_0``, fewer Python dispatches);
-        set ``fast_inference = False`` for the plain diffusers path.
+        not recomputed. Under ``torch.no_grad`` the blocks run a fused path (same arithmetic as
+        diffusers' ``BasicTransformerBlock`` with ``AttnProcessor2_0``, bit-identical, fewer
+        dispatches: timestep constants memoised per timestep value, in-place modulation and
+        residuals); set ``fast_inference = False`` for the plain diffusers path.
         """
         b = x.shape[0]
         if self.use_additional_conditions and added_cond_kwargs is None:
             raise ValueError("this decoder was configured with additional (resolution, aspect ratio) conditions; "
                              "pass added_cond_kwargs={'resolution': ..., 'aspect_ratio': ...}")
-        added_cond_kwargs = added_cond_kwargs or {"resolution": None, "aspect_ratio": None}
         timestep = timestep.to(x.device).expand(b) if timestep.ndim <= 1 else timestep
-        t_mod, embedded_t = self.adaln_single(timestep, added_cond_kwargs, batch_size=b, hidden_dtype=x.dtype)
         # Additive biases, as PixArt builds them: 0 keeps a key, -10000 drops it.
         self_bias = None if token_mask is None else ((1 - token_mask.to(x.dtype)) * -10000.0).unsqueeze(1)
-        fast = self._fast_ok()
-        if text_conditioning is None and fast:
-            text_conditioning = self.prepare_text(encoder_hidden_states, encoder_attention_mask)
-        if text_conditioning is not None:
-            if text_conditioning.batch != b:
-                raise ValueError(f"text_conditioning was prepared for batch {text_conditioning.batch}, got {b}")
-        if fast:
+        if text_conditioning is not None and text_conditioning.batch != b:
+            raise ValueError(f"text_conditioning was prepared for batch {text_conditioning.batch}, got {b}")
+        if self._fast_ok():
+            if text_conditioning is None:
+                text_conditioning = self.prepare_text(encoder_hidden_states, encoder_attention_mask)
+            consts = self._step_constants(timestep, added_cond_kwargs, b, x.dtype)
             sbias = None if self_bias is None else self_bias[:, None]            # (B, 1, 1, N)
-            for block, (k, v) in zip(self.transformer_blocks, text_conditioning.keys_values):
-                x = _fast_block(block, x, sbias, k, v, text_conditioning.bias, t_mod)
+            for block, (k, v), mod in zip(self.transformer_blocks, text_conditioning.keys_values, consts.blocks):
+                x = _fast_block(block, x, sbias, k, v, text_conditioning.bias, mod)
+            x = self.norm_out(x).mul_(consts.final_scale1.to(x.device)).add_(consts.final_shift.to(x.device))
+            return self.proj_out(x)
+        added_cond_kwargs = added_cond_kwargs or {"resolution": None, "aspect_ratio": None}
+        t_mod, embedded_t = self.adaln_single(timestep, added_cond_kwargs, batch_size=b, hidden_dtype=x.dtype)
+        if text_conditioning is not None:
+            ctx, cross_bias = text_conditioning.context, text_conditioning.bias
+            cross_bias = None if cross_bias is None else cross_bias[:, 0]     # (B, 1, L), diffusers' layout
         else:
-            if text_conditioning is not None:
-                ctx, cross_bias = text_conditioning.context, text_conditioning.bias
-                cross_bias = None if cross_bias is None else cross_bias[:, 0]     # (B, 1, L), diffusers' layout
+            ctx, cross_bias = self._project_text(encoder_hidden_states, encoder_attention_mask)
+        for block in self.transformer_blocks:
+            if self.gradient_checkpointing and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(block, x, self_bias, ctx, cross_bias, t_mod,
+                                                      None, None, use_reentrant=False)
             else:
-                ctx, cross_bias = self._project_text(encoder_hidden_states, encoder_attention_mask)
-            for block in self.transformer_blocks:
-                if self.gradient_checkpointing and torch.is_grad_enabled():
-                    x = torch.utils.checkpoint.checkpoint(block, x, self_bias, ctx, cross_bias, t_mod,
-                                                          None, None, use_reentrant=False)
-                else:
-                    x = block(x, attention_mask=self_bias, encoder_hidden_states=ctx,
-                              encoder_attention_mask=cross_bias, timestep=t_mod)
+                x = block(x, attention_mask=self_bias, encoder_hidden_states=ctx,
+                          encoder_attention_mask=cross_bias, timestep=t_mod)
         shift, scale = (self.scale_shift_table[None] + embedded_t[:, None].to(self.scale_shift_table.device)).chunk(2, dim=1)
         x = self.norm_out(x)
         x = x * (1 + scale.to(x.device)) + shift.to(x.device)
@@ -229,6 +277,30 @@ class TextConditioning:
         return self.context.shape[0]
 
 
+@dataclass
+class _StepConstants:
+    """What one timestep contributes to a forward (see :meth:`PixArtTrunk._step_constants`)."""
+
+    blocks: List[Tuple[torch.Tensor, ...]]   # per block: shift_msa, 1+scale_msa, gate_msa, shift_mlp, 1+scale_mlp, gate_mlp
+    final_shift: torch.Tensor
+    final_scale1: torch.Tensor
+
+
+def _param_key(params) -> tuple:
+    """Identifies the current values of ``params``: storage, dtype and in-place version of each
+    (``load_state_dict``, optimizer steps and ``.to()`` all change one of them)."""
+    return tuple((p.data_ptr(), p._version, p.dtype) for p in params)
+
+
+def _plain_ff(ff) -> bool:
+    """diffusers' FeedForward as BasicTransformerBlock builds it for activation "gelu-approximate":
+    GELU(proj) -> Dropout -> Linear [-> Dropout]."""
+    net = getattr(ff, "net", None)
+    if net is None or len(net) not in (3, 4) or type(net[0]).__name__ != "GELU" or not isinstance(net[2], nn.Linear):
+        return False
+    return all(isinstance(m, nn.Dropout) for m in list(net)[1::2])
+
+
 def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
     b, n, d = x.shape
     return x.view(b, n, heads, d // heads).transpose(1, 2)
@@ -239,22 +311,27 @@ def _merge(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(b, n, h * hd)
 
 
-def _fast_block(block, x, self_bias, k2, v2, cross_bias, t_mod):
+def _fast_block(block, x, self_bias, k2, v2, cross_bias, mod):
     """``BasicTransformerBlock.forward`` for norm_type="ada_norm_single" with AttnProcessor2_0, inlined,
-    with the cross-attention keys/values given. Same operations in the same order."""
-    b = x.shape[0]
-    shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
-        block.scale_shift_table[None] + t_mod.reshape(b, 6, -1)).chunk(6, dim=1)
+    with the cross-attention keys/values and the timestep's modulation vectors given.
+
+    The same arithmetic in the same order, so the result is bit-identical: ``norm(x) * (1 + scale)
+    + shift`` and ``gate * out + x`` become in-place ``mul_`` / ``add_`` on fresh tensors (IEEE
+    products and sums commute exactly; ``addcmul`` would fuse them and round differently). A fused
+    QKV matmul was measured too: no faster here, and not bit-identical for every dtype / shape."""
+    shift_msa, scale_msa1, gate_msa, shift_mlp, scale_mlp1, gate_mlp = mod
     a1 = block.attn1
-    h = block.norm1(x) * (1 + scale_msa) + shift_msa
+    h = block.norm1(x).mul_(scale_msa1).add_(shift_msa)
     o = F.scaled_dot_product_attention(_heads(a1.to_q(h), a1.heads), _heads(a1.to_k(h), a1.heads),
                                        _heads(a1.to_v(h), a1.heads), attn_mask=self_bias)
-    x = gate_msa * a1.to_out[0](_merge(o).to(h.dtype)) + x
+    x = a1.to_out[0](_merge(o).to(h.dtype)).mul_(gate_msa).add_(x)
     a2 = block.attn2
     o = F.scaled_dot_product_attention(_heads(a2.to_q(x), a2.heads), k2, v2, attn_mask=cross_bias)
-    x = a2.to_out[0](_merge(o).to(x.dtype)) + x
-    h = block.norm2(x) * (1 + scale_mlp) + shift_mlp
-    return gate_mlp * block.ff(h) + x
+    x = a2.to_out[0](_merge(o).to(x.dtype)).add_(x)
+    h = block.norm2(x).mul_(scale_mlp1).add_(shift_mlp)
+    net = block.ff.net
+    h = F.gelu(net[0].proj(h), approximate=net[0].approximate)
+    return net[2](h).mul_(gate_mlp).add_(x)
 
 
 class PlainViTBlocks(nn.Module):

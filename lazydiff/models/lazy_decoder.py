@@ -69,11 +69,20 @@ class LazyDecoder(ModelMixin, ConfigMixin):
         self.trunk.gradient_checkpointing = enable
 
     def positions(self, hole_index: torch.Tensor, grid: Tuple[int, int], dtype) -> torch.Tensor:
+        """Sin-cos positions of the hole tokens (B, |H|, inner). The last result is kept for the same
+        ``hole_index`` tensor (a pipeline passes one per edit, at every step) while it is unchanged."""
+        key = (tuple(grid), dtype, hole_index.device, hole_index._version)
+        hit = self.__dict__.get("_positions_memo")
+        if hit is not None and hit[0] is hole_index and hit[1] == key:
+            return hit[2]
         cfg = self.config
         table = sincos_positions(self.inner_dim, grid, cfg.sample_size // cfg.patch_size,
                                  default_interpolation_scale(cfg.sample_size, cfg.interpolation_scale),
                                  hole_index.device, dtype)
-        return gather_tokens(table.unsqueeze(0).expand(hole_index.shape[0], -1, -1), hole_index)
+        pos = gather_tokens(table.unsqueeze(0).expand(hole_index.shape[0], -1, -1), hole_index)
+        if not torch.is_grad_enabled():
+            self.__dict__["_positions_memo"] = (hole_index, key, pos)
+        return pos
 
     def forward(self, hole_latents: torch.Tensor, context: torch.Tensor, hole_index: torch.Tensor,
                 grid_size: Tuple[int, int], timestep: torch.Tensor, encoder_hidden_states: torch.Tensor,

@@ -1,0 +1,216 @@
+"""The fused no-grad inference path of the shared DiT trunk (both decoders) and the inlined DDIM step.
+
+Tolerance: none. Every fast path here is the same arithmetic in the same order as the reference
+(diffusers' BasicTransformerBlock + AttnProcessor2_0, ``DDIMScheduler.step``), so outputs are
+asserted bit-identical (``torch.equal``), on the tiny random models and on the shipped ones.
+The caches behind it (memoised timestep constants, lazy positions) must follow weight changes:
+load_state_dict, in-place updates, dtype moves.
+"""
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from lazydiff.testing import tiny_components, tiny_lazy_pipeline, tiny_regenerate_pipeline
+
+MODELS = Path(__file__).resolve().parent.parent / "data" / "models"
+
+
+def decoder_and_args(which, seed=0, b=2, k=13, **kw):
+    c = tiny_components(seed=seed, **kw)
+    dec = c["decoder"] if which == "lazy" else c["full_decoder"]
+    g = torch.Generator().manual_seed(seed)
+    text, tmask = torch.randn(b, 7, 32, generator=g), torch.ones(b, 7)
+    tmask[0, 4:] = 0
+    if which == "lazy":
+        args = (torch.randn(b, k, 16, generator=g), torch.randn(b, k, 24, generator=g),
+                torch.randperm(64, generator=g)[:k].sort().values[None].repeat(b, 1), (8, 8))
+    else:
+        args = (torch.randn(b, 4, 16, 16, generator=g), torch.randn(b, 4, 16, 16, generator=g),
+                torch.rand(b, 1, 16, 16, generator=g).round())
+    return dec, args, text, tmask
+
+
+def run(dec, args, t, text, tmask, fast=True, prepared=True, **kw):
+    dec.trunk.fast_inference = fast
+    try:
+        with torch.no_grad():
+            cond = dec.prepare_text(text, tmask) if prepared else None
+            return dec(*args, torch.tensor([t] * text.shape[0]), text, tmask, text_conditioning=cond, **kw).sample
+    finally:
+        dec.trunk.fast_inference = True
+
+
+@pytest.mark.parametrize("which", ["lazy", "full"])
+def test_fast_path_is_bit_identical_to_diffusers_blocks(which):
+    dec, args, text, tmask = decoder_and_args(which)
+    for t in (999, 500, 17, 500, 999):          # repeated timesteps come from the memo
+        ref = run(dec, args, t, text, tmask, fast=False, prepared=False)
+        assert torch.equal(run(dec, args, t, text, tmask), ref)
+        assert torch.equal(run(dec, args, t, text, tmask, prepared=False), ref)
+    memo = dec.trunk.__dict__["_step_memo"]
+    assert len(memo) == 3                       # one entry per timestep value
+
+
+@pytest.mark.parametrize("which", ["lazy", "full"])
+def test_additional_conditions_are_part_of_the_memo_key(which):
+    dec, args, text, tmask = decoder_and_args(which, width_heads=3)   # width 24: size embeddings of 24 / 3
+    cfg = dict(dec.config)
+    cfg = {k: v for k, v in cfg.items() if not k.startswith("_")}
+    cfg["use_additional_conditions"] = True
+    torch.manual_seed(1)
+    dec2 = type(dec)(**cfg).eval()
+    with torch.no_grad():
+        dec2.trunk.proj_out.weight.normal_(0, 0.05)
+    outs = []
+    for res in ((128, 128), (96, 160), (128, 128)):
+        added = {"resolution": torch.tensor([res] * 2, dtype=torch.float32),
+                 "aspect_ratio": torch.tensor([[res[0] / res[1]]] * 2)}
+        ref = run(dec2, args, 400, text, tmask, fast=False, prepared=False, added_cond_kwargs=added)
+        fast = run(dec2, args, 400, text, tmask, added_cond_kwargs=added)
+        assert torch.equal(fast, ref)
+        outs.append(fast)
+    assert not torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+
+@pytest.mark.parametrize("which", ["lazy", "full"])
+def test_caches_follow_load_state_dict(which):
+    dec, args, text, tmask = decoder_and_args(which, seed=0)
+    other, *_ = decoder_and_args(which, seed=1)
+    before = run(dec, args, 700, text, tmask)   # fills the memo
+    dec.load_state_dict(other.state_dict())
+    after = run(dec, args, 700, text, tmask)
+    assert not torch.equal(after, before)
+    assert torch.equal(after, run(dec, args, 700, text, tmask, fast=False, prepared=False))
+    assert torch.equal(after, run(other, args, 700, text, tmask, fast=False, prepared=False))
+
+
+@pytest.mark.parametrize("param", ["qkv", "adaln", "block_table", "final_table"])
+def test_caches_follow_in_place_weight_updates(param):
+    dec, args, text, tmask = decoder_and_args("lazy")
+    trunk = dec.trunk
+    before = run(dec, args, 300, text, tmask)
+    p = {"qkv": trunk.transformer_blocks[0].attn1.to_v.weight, "adaln": trunk.adaln_single.linear.bias,
+         "block_table": trunk.transformer_blocks[1].scale_shift_table, "final_table": trunk.scale_shift_table}[param]
+    with torch.no_grad():
+        p.add_(0.05)                            # what an optimizer or EMA update does
+    after = run(dec, args, 300, text, tmask)
+    assert not torch.equal(after, before)
+    assert torch.equal(after, run(dec, args, 300, text, tmask, fast=False, prepared=False))
+
+
+def test_data_writes_need_clear_inference_cache():
+    dec, args, text, tmask = decoder_and_args("full")
+    run(dec, args, 300, text, tmask)
+    dec.trunk.adaln_single.linear.weight.data.mul_(1.5)   # bypasses the version counter
+    dec.trunk.clear_inference_cache()
+    assert torch.equal(run(dec, args, 300, text, tmask), run(dec, args, 300, text, tmask, fast=False, prepared=False))
+
+
+def test_dtype_move_rebuilds_caches():
+    dec, args, text, tmask = decoder_and_args("lazy")
+    run(dec, args, 300, text, tmask)
+    dec.to(torch.float64)
+    args64 = tuple(a.double() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+    out = run(dec, args64, 300, text.double(), tmask)
+    assert out.dtype == torch.float64
+    assert torch.equal(out, run(dec, args64, 300, text.double(), tmask, fast=False, prepared=False))
+
+
+def test_training_and_grad_use_the_diffusers_path():
+    dec, args, text, tmask = decoder_and_args("lazy")
+    t = torch.tensor([100, 100])
+    out = dec(*args, t, text, tmask).sample          # grad enabled: no memo
+    out.sum().backward()
+    assert "_step_memo" not in dec.trunk.__dict__
+    assert dec.trunk.transformer_blocks[0].attn1.to_q.weight.grad is not None
+
+
+def test_lazy_positions_memo_follows_the_index():
+    dec, args, text, tmask = decoder_and_args("lazy")
+    idx = args[2].clone()
+    with torch.no_grad():
+        a = dec.positions(idx, (8, 8), torch.float32)
+        assert dec.positions(idx, (8, 8), torch.float32) is a
+        idx[:, 0] = 63                           # in place: recomputed
+        b = dec.positions(idx, (8, 8), torch.float32)
+        assert not torch.equal(a, b)
+        assert torch.equal(b, dec.positions(idx.clone(), (8, 8), torch.float32))
+
+
+def test_inlined_ddim_step_matches_the_scheduler():
+    pipe = tiny_lazy_pipeline(seed=0)
+    s = pipe.scheduler
+    s.set_timesteps(20)
+    step = pipe._ddim_step_fn()
+    assert step is not None
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 9, 16, generator=g)
+    for t in s.timesteps:
+        eps = torch.randn(1, 9, 16, generator=g)
+        ref = s.step(eps, t, x, return_dict=True)
+        new, x0 = step(eps, t, x)
+        assert torch.equal(new, ref.prev_sample) and torch.equal(x0, ref.pred_original_sample)
+        x = new
+
+
+def test_inlined_ddim_step_only_for_plain_ddim():
+    pipe = tiny_lazy_pipeline(seed=0, scheduler="dpm")
+    pipe.scheduler.set_timesteps(4)
+    assert pipe._ddim_step_fn() is None
+    pipe = tiny_lazy_pipeline(seed=0)
+    pipe.scheduler.set_timesteps(4)
+    pipe.scheduler.register_to_config(prediction_type="v_prediction")
+    assert pipe._ddim_step_fn() is None
+
+
+def _edit(pipe, img, mask, seed=3):
+    lat = []
+    out = pipe("a small red star", img, mask, num_inference_steps=6, guidance_scale=4.5,
+               generator=torch.Generator().manual_seed(seed),
+               callback_on_step_end=lambda p, i, t, kw: lat.append(kw["latents"].clone()))
+    return np.asarray(out.images[0]), torch.stack(lat)
+
+
+def _reference_mode(pipe, on: bool):
+    pipe.decoder.trunk.fast_inference = not on
+    pipe.fast_scheduler_step = not on
+    pipe.precompute_text = not on
+
+
+@pytest.mark.parametrize("kind", ["lazy", "regenerate-image"])
+def test_pipeline_fast_paths_bit_identical_tiny(kind, make_canvas, make_mask):
+    pipe = tiny_lazy_pipeline(seed=0) if kind == "lazy" else tiny_regenerate_pipeline(seed=0)
+    img, mask = make_canvas(64, 64), make_mask(64, 64, (20, 16, 44, 40))
+    fast = _edit(pipe, img, mask)
+    again = _edit(pipe, img, mask)               # memo hits this time
+    _reference_mode(pipe, True)
+    try:
+        ref = _edit(pipe, img, mask)
+    finally:
+        _reference_mode(pipe, False)
+    for a in (fast, again):
+        assert np.array_equal(a[0], ref[0]) and torch.equal(a[1], ref[1])
+
+
+@pytest.mark.skipif(not (MODELS / "lazy").exists(), reason="data/models not present")
+@pytest.mark.parametrize("kind", ["lazy", "regenerate-image"])
+def test_pipeline_fast_paths_bit_identical_shipped(kind):
+    from lazydiff import load_default
+    from lazydiff.shapesworld import render_scene
+
+    pipe = load_default(kind)
+    pipe.set_progress_bar_config(disable=True)
+    img = PIL.Image.fromarray(render_scene(0, (128, 128)).image)
+    m = np.zeros((128, 128), np.uint8)
+    m[44:84, 48:88] = 255
+    mask = PIL.Image.fromarray(m)
+    fast = _edit(pipe, img, mask)
+    _reference_mode(pipe, True)
+    try:
+        ref = _edit(pipe, img, mask)
+    finally:
+        _reference_mode(pipe, False)
+    assert np.array_equal(fast[0], ref[0]) and torch.equal(fast[1], ref[1])
