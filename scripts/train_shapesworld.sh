@@ -10,6 +10,7 @@
 # Environment:
 #   EXTRA="--set key=value ..."          applies to every run (e.g. mixed_precision=bf16 on a CPU)
 #   RUNS, MODELS                          run folders (runs/train) and where exports are published (data/models)
+#   CONFIGS                               config folder (configs/train; configs/train/cpu: the ~2 h-per-model CPU recipe)
 #   WORKERS_AE, WORKERS_CLIP, WORKERS_DIFFUSION   data-generation processes per run (default 2)
 #   MINUTES_AE, MINUTES_CLIP, MINUTES_DIFFUSION   time boxes: stop there, checkpoint and export anyway
 #                                                 (train_info.json records the step reached)
@@ -32,7 +33,7 @@ publish() {  # copy a finished export into $MODELS
 run() {  # run CONFIG NAME WORKERS MINUTES [more args]
   local cfg=$1 name=$2 workers=$3 minutes=$4; shift 4
   local box=""; [[ -n $minutes ]] && box="--max-minutes $minutes --export-at-stop"
-  $PY -m lazydiff.train "configs/train/$cfg.yaml" --set "output_dir=$RUNS/$name" --set "num_workers=$workers" \
+  $PY -m lazydiff.train "${CONFIGS:-configs/train}/$cfg.yaml" --set "output_dir=$RUNS/$name" --set "num_workers=$workers" \
     $box "$@" $EXTRA
 }
 TEXT=""; [[ -n ${TEXT_FEATURES:-} ]] && TEXT="--set text_features=$TEXT_FEATURES"

@@ -180,6 +180,18 @@ def test_shipped_configs_validate_and_overrides_win(name):
     assert isinstance(cfg.lr, float) and cfg.lr > 0
 
 
+@pytest.mark.parametrize("path", sorted((REPO / "configs" / "train").rglob("*.yaml")), ids=lambda p: p.stem
+                         if p.parent.name == "train" else f"{p.parent.name}/{p.stem}")
+def test_every_config_in_the_repo_validates(path):
+    cfg = TrainConfig.load(str(path))
+    stem = path.stem.removesuffix("_continue")
+    assert cfg.model == stem
+    base = TrainConfig.load(str(REPO / "configs" / "train" / f"{stem}.yaml"))
+    assert cfg.arch == base.arch  # variants (CPU recipe, stage 2) train the shipped architecture
+    if path.stem.endswith("_continue"):
+        assert cfg.init_from and cfg.seed != base.seed  # fresh data, from the stage-1 export
+
+
 def _tiny_yaml(tmp_path) -> Path:
     """A tiny autoencoder run, so that a CLI test that fails to reject its input trains for one tiny step
     (the CLI tests all pass --max-steps-this-run 1) instead of a full-size run."""
