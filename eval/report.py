@@ -42,6 +42,24 @@ def _plt():
     return plt
 
 
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _plt().close(fig)
+    return path
+
+
+def _log_axes(ax, ylabel: str, title: str, legend_size: int) -> None:
+    """Log-log axes over the mask ratio, as every runtime plot draws them."""
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("mask ratio")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=legend_size)
+
+
 def fmt(v, digits: int = 4) -> str:
     if v is None:
         return "–"
@@ -103,9 +121,7 @@ def bar_charts(summary, metrics: Sequence[tuple], path: Path, title: str = "") -
         axes[k // cols][k % cols].axis("off")
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
     return path
 
 
@@ -131,9 +147,7 @@ def example_grid(rows: List[Dict], methods: Sequence[str], path: Path, reference
             if r == 0:
                 ax.set_title(name, fontsize=7)
         axes[r][0].text(0, -0.06, row["prompt"][:40], transform=axes[r][0].transAxes, fontsize=6, va="top")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    _save(fig, path)
     return path
 
 
@@ -155,17 +169,8 @@ def runtime_plots(df, out: Path, fit: Optional[Dict] = None) -> Dict[str, Path]:
                          yerr=[d.denoise_ms_per_step - d.denoise_ms_per_step_q1, d.denoise_ms_per_step_q3 - d.denoise_ms_per_step],
                          marker="o", color=c, label=m, capsize=2)
     for ax, t in zip(axes, ("end-to-end edit latency (median, IQR)", "denoiser time per step (median, IQR)")):
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("mask ratio")
-        ax.set_ylabel("ms")
-        ax.set_title(t, fontsize=9)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    paths["latency"] = out / "latency_vs_mask_ratio.png"
-    fig.savefig(paths["latency"], dpi=110)
-    plt.close(fig)
+        _log_axes(ax, "ms", t, 7)
+    paths["latency"] = _save(fig, out / "latency_vs_mask_ratio.png")
 
     fig, ax = plt.subplots(figsize=(6, 3.8))
     for i, m in enumerate(methods):
@@ -178,17 +183,8 @@ def runtime_plots(df, out: Path, fit: Optional[Dict] = None) -> Dict[str, Path]:
         if "flops_ratio_vs_full" in d:
             ax.plot(d.mask_ratio, d.flops_ratio_vs_full, ls=":", color=c, alpha=0.7, label=f"{m}: FLOP ratio (end-to-end)")
     ax.axhline(1.0, color="k", lw=0.8)
-    ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.set_xlabel("mask ratio")
-    ax.set_ylabel("speed-up over RegenerateImage (x)")
-    ax.set_title("speed-up vs mask ratio (same backbone, dtype, threads)", fontsize=9)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=6)
-    fig.tight_layout()
-    paths["speedup"] = out / "speedup_vs_mask_ratio.png"
-    fig.savefig(paths["speedup"], dpi=110)
-    plt.close(fig)
+    _log_axes(ax, "speed-up over RegenerateImage (x)", "speed-up vs mask ratio (same backbone, dtype, threads)", 6)
+    paths["speedup"] = _save(fig, out / "speedup_vs_mask_ratio.png")
 
     lazy = [m for m in methods if m.endswith("lazy")]
     if lazy:
@@ -212,10 +208,7 @@ def runtime_plots(df, out: Path, fit: Optional[Dict] = None) -> Dict[str, Path]:
         ax.set_title("per-step denoiser time vs hole tokens", fontsize=9)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=6)
-        fig.tight_layout()
-        paths["per_step"] = out / "per_step_vs_hole_tokens.png"
-        fig.savefig(paths["per_step"], dpi=110)
-        plt.close(fig)
+        paths["per_step"] = _save(fig, out / "per_step_vs_hole_tokens.png")
 
     stages = [c for c in ("stage_text_ms", "stage_vae_encode_ms", "stage_context_encoder_ms", "stage_denoise_ms",
                           "stage_vae_decode_ms", "stage_blend_ms", "stage_other_ms") if c in df.columns]
@@ -232,8 +225,5 @@ def runtime_plots(df, out: Path, fit: Optional[Dict] = None) -> Dict[str, Path]:
     ax.set_ylabel("ms (median per stage)")
     ax.set_title("per-stage breakdown (method / mask ratio)", fontsize=9)
     ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.0, 1.0))
-    fig.tight_layout()
-    paths["stages"] = out / "stage_breakdown.png"
-    fig.savefig(paths["stages"], dpi=110)
-    plt.close(fig)
+    paths["stages"] = _save(fig, out / "stage_breakdown.png")
     return paths
