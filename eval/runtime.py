@@ -584,17 +584,18 @@ def run_runtime(opts: RuntimeOptions):
 
 
 # ----------------------------------------------------------------------------- lever ablation
-LEVER_CONFIGS = [  # label, method, threads, fused blocks, text constants once, canvas/context caches, follow-up edit
-    ("before: diffusers blocks, no caches", "lazy", 2, False, False, "off", False),
-    ("+ fused no-grad blocks", "lazy", 2, True, False, "off", False),
-    ("+ text constants once per edit", "lazy", 2, True, True, "off", False),
-    ("all levers, fresh edit (caches emptied)", "lazy", 2, True, True, "incremental", False),
-    ("all levers, follow-up edit, same mask", "lazy", 2, True, True, "incremental", True),
-    ("all levers, fresh edit, 1 thread", "lazy", 1, True, True, "incremental", False),
-    ("all levers, follow-up edit, 1 thread", "lazy", 1, True, True, "incremental", True),
-    ("RegenerateImage before", "regenerate-image", 2, False, False, "off", False),
-    ("RegenerateImage all levers, fresh edit", "regenerate-image", 2, True, True, "incremental", False),
-    ("RegenerateImage all levers, follow-up edit", "regenerate-image", 2, True, True, "incremental", True),
+LEVER_CONFIGS = [  # label, method, threads, fused blocks, text constants once, inlined DDIM step, canvas/context caches, follow-up
+    ("before: diffusers blocks, no caches", "lazy", 2, False, False, False, "off", False),
+    ("+ fused no-grad blocks (+ timestep memo)", "lazy", 2, True, False, False, "off", False),
+    ("+ text constants once per edit", "lazy", 2, True, True, False, "off", False),
+    ("+ inlined DDIM step", "lazy", 2, True, True, True, "off", False),
+    ("all levers, fresh edit (caches emptied)", "lazy", 2, True, True, True, "incremental", False),
+    ("all levers, follow-up edit, same mask", "lazy", 2, True, True, True, "incremental", True),
+    ("all levers, fresh edit, 1 thread", "lazy", 1, True, True, True, "incremental", False),
+    ("all levers, follow-up edit, 1 thread", "lazy", 1, True, True, True, "incremental", True),
+    ("RegenerateImage before", "regenerate-image", 2, False, False, False, "off", False),
+    ("RegenerateImage all levers, fresh edit", "regenerate-image", 2, True, True, True, "incremental", False),
+    ("RegenerateImage all levers, follow-up edit", "regenerate-image", 2, True, True, True, "incremental", True),
 ]
 
 
@@ -616,10 +617,11 @@ def run_levers(out: str, repeats: int = 5, ratio: float = 0.1, steps: int = 20, 
     before = torch.get_num_threads()
     try:
         for r in range(repeats + 1):
-            for label, meth, threads, fused, text_once, cache, follow in LEVER_CONFIGS:
+            for label, meth, threads, fused, text_once, fast_step, cache, follow in LEVER_CONFIGS:
                 p = pipes[meth]
                 torch.set_num_threads(threads)
                 p.decoder.trunk.fast_inference, p.precompute_text, p.canvas_cache = fused, text_once, cache
+                p.fast_scheduler_step = fast_step
                 if hasattr(p, "context_cache"):
                     p.context_cache = cache != "off"
                 clear_caches(p)
