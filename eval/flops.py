@@ -9,7 +9,8 @@
 
   plus patch embedding / output projections, the caption projection and the timestep (adaLN-single)
   embedding. When the pipelines precompute the text constants once per edit (``prepare_text``: the
-  caption projection and the 4·L·d² keys/values), those are counted once, not per step. :func:`count_with_torch` checks these against ``FlopCounterMode`` in the tests.
+  caption projection and the 4·L·d² keys/values), those are counted once, not per step.
+  :func:`count_with_torch` checks these against ``FlopCounterMode`` in the tests.
 * Anything else (VAE encode/decode, text encoder): ``FlopCounterMode`` on the real call, or on a
   meta-device copy of the module so counting costs no compute.
 

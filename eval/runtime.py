@@ -57,6 +57,7 @@ METHODS = ("lazy", "regenerate-image", "regenerate-crop")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 STAGES = ("text", "vae_encode", "context_encoder", "denoise", "vae_decode", "blend")
 FOLLOWUPS = ("none", "same-mask", "new-mask")
+CANVAS_CACHE_MODES = ("off", "exact", "incremental")  # EditPipelineMixin.canvas_cache
 PROMPT = "a small red star"
 
 
@@ -491,7 +492,7 @@ def validate(opts: RuntimeOptions) -> None:
             raise RuntimeError_(f"mask ratios must be in (0, 1], got {r}")
     if opts.followup not in FOLLOWUPS:
         raise RuntimeError_(f"--followup must be one of {list(FOLLOWUPS)}, got {opts.followup!r}")
-    if opts.canvas_cache is not None and opts.canvas_cache not in ("off", "exact", "incremental"):
+    if opts.canvas_cache is not None and opts.canvas_cache not in CANVAS_CACHE_MODES:
         raise RuntimeError_(f"--canvas-cache must be off, exact or incremental, got {opts.canvas_cache!r}")
     if opts.steps < 1 or opts.repeats < 1 or opts.warmup < 0:
         raise RuntimeError_("--steps and --repeats must be >= 1 and --warmup >= 0")
@@ -748,7 +749,7 @@ def main(argv=None) -> int:
 
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--followup", default="none", choices=FOLLOWUPS)
-    pre.add_argument("--canvas-cache", default=None, choices=["off", "exact", "incremental"])
+    pre.add_argument("--canvas-cache", default=None, choices=CANVAS_CACHE_MODES)
     pre.add_argument("--levers", default=None, metavar="OUT",
                      help="instead: the per-lever ablation on the shipped models, written to OUT")
     pre.add_argument("--levers-repeats", type=int, default=5)

@@ -10,6 +10,7 @@ a browser; install ``chromium`` with apt and ``pip install playwright`` instead.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import re
@@ -120,71 +121,78 @@ def _wait_history(page, step: int, timeout=90_000):
                            timeout=timeout)
 
 
-def test_paint_prompt_generate_in_chromium(sync_playwright, app_url, tmp_path):
+@contextlib.contextmanager
+def _page(sync_playwright, url: str, ready: str):
+    """A headless Chromium page on ``url`` once ``ready`` (a selector) is there; closed afterwards."""
     SHOTS.mkdir(parents=True, exist_ok=True)
-    img = _canvas(tmp_path / "canvas.png")
-    h, w = img.shape[:2]
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
         try:
             page = browser.new_page(viewport={"width": 1440, "height": 1150})
-            page.goto(app_url)
-            page.wait_for_selector("#text-editor", timeout=60_000)
-            assert "random-weight test model" in page.locator("#ld-banner").inner_text()
-
-            page.locator("#text-editor input[type=file]").first.set_input_files(str(tmp_path / "canvas.png"))
-            page.wait_for_function("document.querySelector('#text-editor').innerText.match(/\\d+%/) && "
-                                   "!document.querySelector('#text-editor').innerText.includes('Upload an image')",
-                                   timeout=30_000)
-            page.wait_for_timeout(1500)
-            stage = page.locator("#text-editor .pixi-target").first
-            zoom = _zoom(page)
-            half = 40  # screen pixels either side of the stage's centre
-            _stroke(page, stage, -half, 0, half, 0)
-            page.wait_for_timeout(500)
-            page.locator("#text-prompt textarea").fill("a small red circle")
-            page.locator("#text-compare input[type=checkbox]").check()
-            page.locator("#text-generate").click()
-            _wait_history(page, 2)
-            page.wait_for_selector("#text-cmp-stats .ld-kpi", timeout=30_000)
-            page.wait_for_timeout(1500)
-            page.screenshot(path=str(SHOTS / "demo_text_edit.png"), full_page=True)
-
-            res = _result(page)
-            assert res.shape == img.shape
-            changed = (res != img).any(axis=2)
-            assert changed.any(), "the edit changed nothing"
-            ys, xs = np.nonzero(changed)
-            # Everything that changed lies in a band around the stroke (its half-length, the brush
-            # radius and a margin for the stroke's round caps and the token grid).
-            brush, margin = 10, 6
-            rx = half / zoom + brush / 2 + margin
-            ry = brush / 2 + margin
-            assert np.abs(xs - w / 2).max() <= rx and np.abs(ys - h / 2).max() <= ry, (
-                f"changes outside the painted area: x {xs.min()}..{xs.max()}, y {ys.min()}..{ys.max()}, "
-                f"zoom {zoom}")
-            assert changed.mean() < 0.25
-            stats = page.locator("#text-stats").inner_text()
-            assert "tokens denoised" in stats and "Denoising" in stats
-            assert "speedup" in page.locator("#text-cmp-stats").inner_text()
-
-            # The result became the canvas; a new stroke on it gives a second edit.
-            page.wait_for_timeout(3000)
-            _stroke(page, stage, 0, -half, 0, half)
-            page.wait_for_timeout(500)
-            page.locator("#text-compare input[type=checkbox]").uncheck()
-            page.locator("#text-generate").click()
-            _wait_history(page, 3)
-            res2 = _result(page)
-            changed2 = (res2 != res).any(axis=2)
-            ys, xs = np.nonzero(changed2)
-            assert changed2.any() and np.abs(xs - w / 2).max() <= ry + 2 and np.abs(ys - h / 2).max() <= rx + 2
-            page.locator("#text-undo").click()
-            page.wait_for_function("document.querySelector('#text-history').innerText.includes('step 2 of 3')",
-                                   timeout=30_000)
-            page.screenshot(path=str(SHOTS / "demo_after_undo.png"), full_page=True)
+            page.goto(url)
+            page.wait_for_selector(ready, timeout=60_000)
+            yield page
         finally:
             browser.close()
+
+
+def test_paint_prompt_generate_in_chromium(sync_playwright, app_url, tmp_path):
+    img = _canvas(tmp_path / "canvas.png")
+    h, w = img.shape[:2]
+    with _page(sync_playwright, app_url, "#text-editor") as page:
+        assert "random-weight test model" in page.locator("#ld-banner").inner_text()
+
+        page.locator("#text-editor input[type=file]").first.set_input_files(str(tmp_path / "canvas.png"))
+        page.wait_for_function("document.querySelector('#text-editor').innerText.match(/\\d+%/) && "
+                               "!document.querySelector('#text-editor').innerText.includes('Upload an image')",
+                               timeout=30_000)
+        page.wait_for_timeout(1500)
+        stage = page.locator("#text-editor .pixi-target").first
+        zoom = _zoom(page)
+        half = 40  # screen pixels either side of the stage's centre
+        _stroke(page, stage, -half, 0, half, 0)
+        page.wait_for_timeout(500)
+        page.locator("#text-prompt textarea").fill("a small red circle")
+        page.locator("#text-compare input[type=checkbox]").check()
+        page.locator("#text-generate").click()
+        _wait_history(page, 2)
+        page.wait_for_selector("#text-cmp-stats .ld-kpi", timeout=30_000)
+        page.wait_for_timeout(1500)
+        page.screenshot(path=str(SHOTS / "demo_text_edit.png"), full_page=True)
+
+        res = _result(page)
+        assert res.shape == img.shape
+        changed = (res != img).any(axis=2)
+        assert changed.any(), "the edit changed nothing"
+        ys, xs = np.nonzero(changed)
+        # Everything that changed lies in a band around the stroke (its half-length, the brush
+        # radius and a margin for the stroke's round caps and the token grid).
+        brush, margin = 10, 6
+        rx = half / zoom + brush / 2 + margin
+        ry = brush / 2 + margin
+        assert np.abs(xs - w / 2).max() <= rx and np.abs(ys - h / 2).max() <= ry, (
+            f"changes outside the painted area: x {xs.min()}..{xs.max()}, y {ys.min()}..{ys.max()}, "
+            f"zoom {zoom}")
+        assert changed.mean() < 0.25
+        stats = page.locator("#text-stats").inner_text()
+        assert "tokens denoised" in stats and "Denoising" in stats
+        assert "speedup" in page.locator("#text-cmp-stats").inner_text()
+
+        # The result became the canvas; a new stroke on it gives a second edit.
+        page.wait_for_timeout(3000)
+        _stroke(page, stage, 0, -half, 0, half)
+        page.wait_for_timeout(500)
+        page.locator("#text-compare input[type=checkbox]").uncheck()
+        page.locator("#text-generate").click()
+        _wait_history(page, 3)
+        res2 = _result(page)
+        changed2 = (res2 != res).any(axis=2)
+        ys, xs = np.nonzero(changed2)
+        assert changed2.any() and np.abs(xs - w / 2).max() <= ry + 2 and np.abs(ys - h / 2).max() <= rx + 2
+        page.locator("#text-undo").click()
+        page.wait_for_function("document.querySelector('#text-history').innerText.includes('step 2 of 3')",
+                               timeout=30_000)
+        page.screenshot(path=str(SHOTS / "demo_after_undo.png"), full_page=True)
 
 
 @pytest.fixture(scope="module")
@@ -200,25 +208,17 @@ def shipped_app_url(sync_playwright, tmp_path_factory):
 def test_shipped_model_example_edit_in_chromium(sync_playwright, shipped_app_url):
     """One click on a ShapesWorld example, Generate with the baseline comparison: the shipped models
     edit inside the example's mask, and the speed panel shows both times."""
-    SHOTS.mkdir(parents=True, exist_ok=True)
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
-        try:
-            page = browser.new_page(viewport={"width": 1440, "height": 1150})
-            page.goto(shipped_app_url)
-            page.wait_for_selector("#text-examples", timeout=60_000)
-            assert page.locator("#ld-banner").count() == 0  # the banner only warns about random test models
-            page.locator("#text-examples img").first.click()  # (the first button is "Download All")
-            page.wait_for_function("document.querySelector('#text-prompt textarea').value.length > 0", timeout=30_000)
-            page.wait_for_timeout(1500)
-            page.locator("#text-compare input[type=checkbox]").check()
-            page.locator("#text-generate").click()
-            _wait_history(page, 2, timeout=180_000)
-            page.wait_for_selector("#text-cmp-stats .ld-kpi", timeout=60_000)
-            page.wait_for_timeout(1500)
-            page.screenshot(path=str(SHOTS / "demo_shipped_example.png"), full_page=True)
-            stats = page.locator("#text-stats").inner_text()
-            assert "tokens denoised" in stats
-            assert "speedup" in page.locator("#text-cmp-stats").inner_text()
-        finally:
-            browser.close()
+    with _page(sync_playwright, shipped_app_url, "#text-examples") as page:
+        assert page.locator("#ld-banner").count() == 0  # the banner only warns about random test models
+        page.locator("#text-examples img").first.click()  # (the first button is "Download All")
+        page.wait_for_function("document.querySelector('#text-prompt textarea').value.length > 0", timeout=30_000)
+        page.wait_for_timeout(1500)
+        page.locator("#text-compare input[type=checkbox]").check()
+        page.locator("#text-generate").click()
+        _wait_history(page, 2, timeout=180_000)
+        page.wait_for_selector("#text-cmp-stats .ld-kpi", timeout=60_000)
+        page.wait_for_timeout(1500)
+        page.screenshot(path=str(SHOTS / "demo_shipped_example.png"), full_page=True)
+        stats = page.locator("#text-stats").inner_text()
+        assert "tokens denoised" in stats
+        assert "speedup" in page.locator("#text-cmp-stats").inner_text()

@@ -302,11 +302,10 @@ class EditPipelineMixin:
         for k in ("_prompt_cache", "_canvas_state", "_context_cache"):
             self.__dict__.pop(k, None)
 
-    def _masked_canvas_key(self, edit: PreparedEdit) -> np.ndarray:
-        """(Hp, Wp, 4) uint8: the padded canvas with the hole zeroed, and the hole as the 4th channel.
-        Two edits with equal keys have bit-identical VAE inputs ``I * (1 - M)`` and masks."""
-        mask = _pad(edit.mask, edit.padded_size)
-        rgb = _pad(edit.rgb, edit.padded_size)
+    @staticmethod
+    def _masked_canvas_key(rgb: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """(Hp, Wp, 4) uint8 from the padded canvas and hole: the canvas with the hole zeroed, and the
+        hole as the 4th channel. Two edits with equal keys have bit-identical VAE inputs ``I * (1 - M)``."""
         return np.concatenate([rgb * ~mask[..., None], mask[..., None].astype(np.uint8) * 255], axis=-1)
 
     def _refresh_boxes(self, changed: np.ndarray) -> List[Tuple[Tuple[int, int, int, int], Tuple[int, int, int, int]]]:
@@ -345,8 +344,10 @@ class EditPipelineMixin:
         boxes = merged
         return [(b, grow(b, cm)) for b in boxes]
 
-    def masked_canvas_latents(self, edit: PreparedEdit, pixels: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, Any]]:
-        """``E(I * (1 - M))`` for the padded masked canvas ``pixels`` (1, 3, Hp, Wp), using the canvas cache.
+    def masked_canvas_latents(self, rgb: np.ndarray, mask: np.ndarray,
+                              pixels: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, Any]]:
+        """``E(I * (1 - M))`` for the padded masked canvas ``pixels`` (1, 3, Hp, Wp), made from the padded
+        canvas ``rgb`` (Hp, Wp, 3) uint8 and hole ``mask`` (Hp, Wp) bool, using the canvas cache.
 
         ``canvas_cache``:
           * ``"off"``: always encode the whole canvas (no state kept).
@@ -369,7 +370,7 @@ class EditPipelineMixin:
             raise ValueError(f"canvas_cache must be 'off', 'exact' or 'incremental', got {mode!r}")
         if mode == "off":
             return self.vae_encode(pixels), {"vae_encode": "full", "encoded_fraction": 1.0}
-        key = self._masked_canvas_key(edit)
+        key = self._masked_canvas_key(rgb, mask)
         ident = (key.shape, str(pixels.device), self.vae.dtype, self.model_dtype, id(self.vae))
         state = self.__dict__.get("_canvas_state")
         if state is not None and state["ident"] == ident:
@@ -414,11 +415,11 @@ class EditPipelineMixin:
     def encode_canvas(self, edit: PreparedEdit, device) -> Dict[str, torch.Tensor]:
         """VAE latents of the masked canvas ``E(I * (1 - M))`` (and of the sketch), plus the masks.
         The masked-canvas latents go through the canvas cache (:meth:`masked_canvas_latents`)."""
-        rgb = _pad(edit.rgb, edit.padded_size)
-        mask_px = torch.from_numpy(_pad(edit.mask, edit.padded_size)).to(device)[None, None]
+        rgb, mask = _pad(edit.rgb, edit.padded_size), _pad(edit.mask, edit.padded_size)
+        mask_px = torch.from_numpy(mask).to(device)[None, None]
         pixels = to_tensor(rgb, device, torch.float32)
         masked = pixels * (~mask_px)          # hole -> 0, i.e. mid-grey in [-1, 1]
-        latents, info = self.masked_canvas_latents(edit, masked)
+        latents, info = self.masked_canvas_latents(rgb, mask, masked)
         edit.notes.update(info)
         out = {"mask_px": mask_px, "masked_latents": latents}
         if "canvas_version" in info:

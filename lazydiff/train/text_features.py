@@ -53,15 +53,13 @@ class TextFeatureTable:
 
     def __init__(self, path: str):
         from safetensors import safe_open
-        from safetensors.torch import load_file
 
         self.path = str(path)
         try:
             with safe_open(self.path, "pt") as f:
                 meta = f.metadata() or {}
-            tensors = load_file(self.path)
+                feats, lengths = f.get_tensor("features").float(), f.get_tensor("lengths")
             prompts: List[str] = json.loads(meta["prompts"])
-            feats, lengths = tensors["features"].float(), tensors["lengths"]
         except Exception as err:
             raise ValueError(f"could not read the text-feature table {self.path}: {err}. Rebuild it with "
                              "`python -m lazydiff.train.text_features OUT.safetensors`.") from err
