@@ -161,7 +161,9 @@ def test_config_latent_diffusion_needs_autoencoder(model):
 @pytest.mark.parametrize("key,value,match", [("mixed_precision", "fp8", "mixed_precision"),
                                              ("steps", 0, "steps and batch_size"),
                                              ("batch_size", 0, "steps and batch_size"),
-                                             ("lr_schedule", "linear", "'cosine' or 'constant'")])
+                                             ("lr_schedule", "linear", "'cosine' or 'constant'"),
+                                             ("hole_crops", 1.5, "between 0 and 1"),
+                                             ("hole_crops", 0.5, "applies to model")])
 def test_config_rejects_bad_values(key, value, match):
     with pytest.raises(ValueError, match=match):
         TrainConfig.from_dict({"model": "autoencoder", "output_dir": "x", key: value})
@@ -184,12 +186,14 @@ def test_shipped_configs_validate_and_overrides_win(name):
                          if p.parent.name == "train" else f"{p.parent.name}/{p.stem}")
 def test_every_config_in_the_repo_validates(path):
     cfg = TrainConfig.load(str(path))
-    stem = path.stem.removesuffix("_continue")
+    stem = path.stem.removesuffix("_continue").removesuffix("_holes")
     assert cfg.model == stem
     base = TrainConfig.load(str(REPO / "configs" / "train" / f"{stem}.yaml"))
     assert cfg.arch == base.arch  # variants (CPU recipe, stage 2) train the shipped architecture
     if path.stem.endswith("_continue"):
         assert cfg.init_from and cfg.seed != base.seed  # fresh data, from the stage-1 export
+    if path.stem.endswith("_holes"):
+        assert cfg.init_from and cfg.hole_crops > 0 and cfg.seed != base.seed
 
 
 def _tiny_yaml(tmp_path) -> Path:
@@ -668,3 +672,30 @@ def test_constant_lr_schedule_holds_lr_after_warmup(tmp_path):
     out = tmp_path / "run"
     train(_cfg("autoencoder", out, steps=4, warmup_steps=2, lr=1e-3, lr_schedule="constant", log_every=1))
     assert [round(r["lr"], 9) for r in _state(out, 4)["log"]] == [5e-4, 1e-3, 1e-3, 1e-3]
+
+
+def test_shapes_clip_hole_crops_are_the_evaluations_crops():
+    """hole_crops = 1: every sample is an edit task's ground truth cropped the way eval/quality.py
+    crops it (crop_box around the hole), captioned with the edit prompt; 0 keeps the old stream."""
+    from lazydiff.pipelines.pipeline_regenerate import crop_box
+    from lazydiff.shapesworld.tasks import make_task
+    from lazydiff.train.data import TRAIN_SEED_BASE, ShapesWorldStream, caption_batch, hole_crop_pair
+
+    seeds = np.arange(TRAIN_SEED_BASE, TRAIN_SEED_BASE + 6)
+    batch = caption_batch(seeds, 64, hole_crops=1.0)
+    tasks = [make_task(int(s), size=(64, 64)) for s in seeds]
+    assert batch["caption"] == [t.prompt for t in tasks]
+    for s, t, img in zip(seeds, tasks, batch["image"]):
+        crop, _ = hole_crop_pair(int(s), 64)
+        assert torch.equal(img, torch.from_numpy(crop).permute(2, 0, 1).float() / 127.5 - 1.0)
+        y0, y1, x0, x1 = crop_box(t.mask, 0.4, min_side=8)  # the widest margin drawn
+        if (y1 - y0, x1 - x0) != (64, 64):  # a crop, not the canvas: the image is not the full target
+            full = torch.from_numpy(t.target).permute(2, 0, 1).float() / 127.5 - 1.0
+            assert not torch.equal(img, full)
+    plain = caption_batch(seeds, 64)
+    assert torch.equal(plain["image"], caption_batch(seeds, 64, hole_crops=0.0)["image"])
+    mixed = ShapesWorldStream("shapes_clip", 32, 64, 0, 0, hole_crops=0.5)
+    captions = next(iter(mixed))["caption"]
+    prompts = set(caption_batch(mixed.seeds(0), 64, hole_crops=1.0)["caption"])
+    n_task = sum(c in prompts for c in captions)
+    assert 8 <= n_task <= 32  # about half are task prompts (scene/object captions can coincide)

@@ -55,6 +55,9 @@ class TrainConfig:
     # start from an exported model folder (e.g. data/models/lazy) instead of random weights; a checkpoint
     # in output_dir still takes precedence (resume). The optimizer and LR schedule start fresh.
     init_from: Optional[str] = None
+    # shapes_clip: fraction of samples that are edit tasks' ground truths cropped around the hole, with
+    # the edit prompt (the inputs of the evaluation's zero-shot accuracy); 0 = scenes and object crops only
+    hole_crops: float = 0.0
     # autoencoder
     kl_weight: float = 1e-6
     # export
@@ -98,6 +101,10 @@ class TrainConfig:
             raise ValueError(f"{source}: model {cfg.model!r} needs `autoencoder:` (folder of the trained autoencoder)")
         if cfg.lr_schedule not in ("cosine", "constant"):
             raise ValueError(f"{source}: lr_schedule must be 'cosine' or 'constant', got {cfg.lr_schedule!r}")
+        if not 0.0 <= cfg.hole_crops <= 1.0:
+            raise ValueError(f"{source}: hole_crops is a fraction of the samples, between 0 and 1; got {cfg.hole_crops}")
+        if cfg.hole_crops and cfg.model != "shapes_clip":
+            raise ValueError(f"{source}: hole_crops applies to model 'shapes_clip' only; remove it for {cfg.model!r}")
         if cfg.steps < 1 or cfg.batch_size < 1:
             raise ValueError(f"{source}: steps and batch_size must be >= 1")
         return cfg

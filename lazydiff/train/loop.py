@@ -160,7 +160,7 @@ def train(cfg: TrainConfig, resume: bool = True, max_steps_this_run: Optional[in
     model, optimizer = accelerator.prepare(model, optimizer)
     objective.trainable = model  # the objective calls the (possibly DDP-wrapped) module
     stream = ShapesWorldStream(cfg.model, cfg.batch_size, cfg.image_size, cfg.seed, start,
-                               accelerator.process_index, accelerator.num_processes)
+                               accelerator.process_index, accelerator.num_processes, cfg.hole_crops)
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=cfg.num_workers,
                                          prefetch_factor=4 if cfg.num_workers else None,
                                          persistent_workers=False)
