@@ -1,8 +1,9 @@
-"""Command line: ``python -m eval {quality,gate,runtime} ...`` (see ``eval/README.md``)."""
+"""Command line: ``python -m eval {quality,gate,ceiling,runtime} ...`` (see ``eval/README.md``)."""
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import List, Optional
 
 
@@ -52,6 +53,16 @@ def build_parser() -> argparse.ArgumentParser:
                                    "RegenerateImage, background MAE <= 1.25x). Exit code 1 if a target is missed.")
     g.add_argument("run", help="output folder of a quality run")
 
+    c = sub.add_parser("ceiling", help="ShapesCLIP's zero-shot accuracy on the ground truth, real and autoencoded",
+                       description="The prompt-accuracy ceiling of a ShapesWorld suite: ShapesCLIP on the object edits' "
+                                   "ground truth (hole crops, as `quality` scores them), as rendered and after the "
+                                   "autoencoder, by object size and mask kind, with the shape confusion matrix.")
+    c.add_argument("--suite", required=True, help="ShapesWorld suite YAML (e.g. data/suites/shapes.yaml)")
+    c.add_argument("--out", required=True, help="output folder (ceiling.md, ceiling.csv, shape_confusion.png)")
+    c.add_argument("--shapes-clip", default=None, help="ShapesCLIP folder (default data/models/shapes-clip)")
+    c.add_argument("--autoencoder", default=None, help="autoencoder folder (default data/models/autoencoder)")
+    c.add_argument("--limit", type=int, default=None, help="only the first N edits of the suite")
+
     r = sub.add_parser("runtime", help="latency and FLOPs vs mask ratio against the full-canvas baselines",
                        description="End-to-end and per-step latency of LazyDiffusion vs RegenerateImage (and "
                                    "RegenerateCrop): warm-up, interleaved repeats, medians and IQR, per-stage "
@@ -94,6 +105,13 @@ def main(argv: Optional[List[str]] = None) -> int:
             from .gate import main as gate_main
 
             return gate_main(args.run)
+        if args.command == "ceiling":
+            from .ceiling import measure, write_report
+
+            report = write_report(measure(args.suite, args.shapes_clip, args.autoencoder, args.limit), Path(args.out),
+                                  args.suite)
+            print(report.read_text())
+            return 0
         if args.command == "quality":
             from .quality import QualityOptions, print_summary, run_quality
 
