@@ -5,8 +5,12 @@
 #   continue: LazyDiffusion, RegenerateImage and ShapesCLIP go on from their exports in $INIT_DIR
 #             (configs/train/*_continue.yaml: fresh data, constant LR), side by side; the autoencoder
 #             stays as it is, since the diffusion models are trained on its latent space
+#   diffusion: LazyDiffusion and RegenerateImage only go on from $INIT_DIR, as in `continue`; the
+#             classifier that scores them stays fixed, so accuracies of successive stages compare
+#   clip:     ShapesCLIP stage 3 from its stage-2 export (configs/train/shapes_clip_holes.yaml: half
+#             the samples are hole crops of edit tasks, the inputs of the prompt-accuracy metric)
 # Each run resumes from its latest checkpoint if interrupted; run this script again to continue.
-# Usage: scripts/train_shapesworld.sh [stage1|stage2|all|continue]
+# Usage: scripts/train_shapesworld.sh [stage1|stage2|all|continue|diffusion|clip]
 # Environment:
 #   EXTRA="--set key=value ..."          applies to every run (e.g. mixed_precision=bf16 on a CPU)
 #   RUNS, MODELS                          run folders (runs/train) and where exports are published (data/models)
@@ -23,6 +27,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 STAGE=${1:-all}
+case $STAGE in
+  stage1|stage2|all|continue|diffusion|clip) ;;
+  *) echo "unknown stage '$STAGE'; usage: $0 [stage1|stage2|all|continue|diffusion|clip]" >&2; exit 2 ;;
+esac
 EXTRA=${EXTRA:-}
 RUNS=${RUNS:-runs/train}; MODELS=${MODELS:-data/models}
 
@@ -59,17 +67,24 @@ fi
 if [[ $STAGE == stage1 || $STAGE == all ]]; then
   wait $C; publish "$RUNS/shapes_clip" shapes-clip
 fi
-if [[ $STAGE == continue ]]; then
+if [[ $STAGE == continue || $STAGE == diffusion ]]; then
   W=${WORKERS_DIFFUSION:-2}; M=${MINUTES_DIFFUSION:-}
   run lazy_continue lazy_continue "$W" "$M" --set "$(init lazy lazy)" --set "autoencoder=$MODELS/autoencoder" $TEXT &
   L=$!
   run regenerate_image_continue regenerate_image_continue "$W" "$M" --set "$(init regenerate_image regenerate-image)" \
     --set "autoencoder=$MODELS/autoencoder" $TEXT &
   R=$!
-  run shapes_clip_continue shapes_clip_continue "${WORKERS_CLIP:-2}" "${MINUTES_CLIP:-}" --set "$(init shapes_clip shapes-clip)" &
-  C=$!
-  wait $L; wait $R; wait $C  # publish only when all three are done: the runs read the exports they replace
+  C=""
+  if [[ $STAGE == continue ]]; then
+    run shapes_clip_continue shapes_clip_continue "${WORKERS_CLIP:-2}" "${MINUTES_CLIP:-}" --set "$(init shapes_clip shapes-clip)" &
+    C=$!
+  fi
+  wait $L; wait $R; [[ -z $C ]] || wait $C  # publish only when all are done: the runs read the exports they replace
   publish "$RUNS/lazy_continue" lazy
   publish "$RUNS/regenerate_image_continue" regenerate-image
-  publish "$RUNS/shapes_clip_continue" shapes-clip
+  [[ -z $C ]] || publish "$RUNS/shapes_clip_continue" shapes-clip
+fi
+if [[ $STAGE == clip ]]; then
+  run shapes_clip_holes shapes_clip_holes "${WORKERS_CLIP:-2}" "${MINUTES_CLIP:-}" --set "$(init shapes_clip_continue shapes-clip)"
+  publish "$RUNS/shapes_clip_holes" shapes-clip
 fi

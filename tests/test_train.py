@@ -699,3 +699,46 @@ def test_shapes_clip_hole_crops_are_the_evaluations_crops():
     prompts = set(caption_batch(mixed.seeds(0), 64, hole_crops=1.0)["caption"])
     n_task = sum(c in prompts for c in captions)
     assert 8 <= n_task <= 32  # about half are task prompts (scene/object captions can coincide)
+
+
+def _fake_python(tmp_path) -> Path:
+    """Stands in for `python` in scripts/train_shapesworld.sh: logs its arguments and writes what a
+    finished run leaves (export folder and logs) in the output_dir it was given."""
+    fake = tmp_path / "fake_python"
+    fake.write_text("#!/usr/bin/env bash\n"
+                    "echo \"$@\" >> \"$FAKE_LOG\"\n"
+                    "out=$(printf '%s\\n' \"$@\" | sed -n 's/^output_dir=//p')\n"
+                    "mkdir -p \"$out/export\" && echo w > \"$out/export/weights\"\n"
+                    "for f in train_info.json loss.csv loss.png config.json; do echo x > \"$out/$f\"; done\n")
+    fake.chmod(0o755)
+    return fake
+
+
+@pytest.mark.parametrize("stage,configs,published", [
+    ("clip", ["shapes_clip_holes.yaml"], ["shapes-clip"]),
+    ("diffusion", ["lazy_continue.yaml", "regenerate_image_continue.yaml"], ["lazy", "regenerate-image"]),
+    ("continue", ["lazy_continue.yaml", "regenerate_image_continue.yaml", "shapes_clip_continue.yaml"],
+     ["lazy", "regenerate-image", "shapes-clip"])])
+def test_training_script_stages_run_their_configs_and_publish(tmp_path, stage, configs, published):
+    import os
+    import subprocess
+
+    log = tmp_path / "log"
+    env = dict(os.environ, PYTHON=str(_fake_python(tmp_path)), FAKE_LOG=str(log), RUNS=str(tmp_path / "runs"),
+               MODELS=str(tmp_path / "models"), INIT_DIR="data/models")
+    subprocess.run(["bash", str(REPO / "scripts" / "train_shapesworld.sh"), stage], env=env, check=True, cwd=REPO)
+    calls = log.read_text().splitlines()
+    assert sorted(c.split()[2].rsplit("/", 1)[1] for c in calls) == sorted(configs)
+    for c in calls:  # every continued run starts from the shipped export of its own model
+        assert "init_from=data/models/" in c
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == sorted(published)
+    for name in published:
+        assert (tmp_path / "models" / name / "weights").exists() and (tmp_path / "models" / name / "training" / "loss.csv").exists()
+
+
+def test_training_script_rejects_an_unknown_stage(tmp_path):
+    import subprocess
+
+    res = subprocess.run(["bash", str(REPO / "scripts" / "train_shapesworld.sh"), "stage3"], cwd=REPO,
+                         capture_output=True, text=True)
+    assert res.returncode == 2 and "unknown stage 'stage3'" in res.stderr
