@@ -186,12 +186,14 @@ def test_shipped_configs_validate_and_overrides_win(name):
                          if p.parent.name == "train" else f"{p.parent.name}/{p.stem}")
 def test_every_config_in_the_repo_validates(path):
     cfg = TrainConfig.load(str(path))
-    stem = path.stem.removesuffix("_continue").removesuffix("_holes")
+    stem = path.stem.removesuffix("_continue").removesuffix("_holes").removesuffix("_decoder")
     assert cfg.model == stem
     base = TrainConfig.load(str(REPO / "configs" / "train" / f"{stem}.yaml"))
     assert cfg.arch == base.arch  # variants (CPU recipe, stage 2) train the shipped architecture
     if path.stem.endswith("_continue"):
         assert cfg.init_from and cfg.seed != base.seed  # fresh data, from the stage-1 export
+    if path.stem.endswith("_decoder"):
+        assert cfg.train_decoder_only and cfg.init_from and cfg.seed != base.seed
     if path.stem.endswith("_holes"):
         assert cfg.init_from and cfg.hole_crops > 0 and cfg.seed != base.seed
 
@@ -742,3 +744,32 @@ def test_training_script_rejects_an_unknown_stage(tmp_path):
     res = subprocess.run(["bash", str(REPO / "scripts" / "train_shapesworld.sh"), "stage3"], cwd=REPO,
                          capture_output=True, text=True)
     assert res.returncode == 2 and "unknown stage 'stage3'" in res.stderr
+
+
+def test_decoder_only_autoencoder_keeps_the_latent_space(autoencoder_export, tmp_path):
+    """train_decoder_only: the decoder changes; encoder, quant_conv and scaling factor stay bit-identical
+    (including through the EMA and a resume), so diffusion models trained on the latents stay valid."""
+    before = load_file(str(autoencoder_export / "diffusion_pytorch_model.safetensors"))
+    cfg = _cfg("autoencoder", tmp_path / "dec", init_from=str(autoencoder_export), train_decoder_only=True,
+               steps=3, checkpoint_every=2, lr=1e-2, export_dtype="float32")
+    train(cfg, max_steps_this_run=2)
+    export = train(cfg)  # resumes from the step-2 checkpoint
+    after = load_file(str(export / "diffusion_pytorch_model.safetensors"))
+    frozen = [k for k in before if k.startswith(("encoder.", "quant_conv."))]
+    assert frozen and all(torch.equal(before[k], after[k]) for k in frozen)
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.startswith("decoder."))
+    old, new = (json.loads((p / "config.json").read_text())["scaling_factor"] for p in (autoencoder_export, export))
+    assert new == old
+
+
+@pytest.mark.parametrize("raw,match", [
+    (dict(model="autoencoder", train_decoder_only=True), "needs model: autoencoder and init_from"),
+    (dict(model="shapes_clip", train_decoder_only=True, init_from="x"), "needs model: autoencoder and init_from")])
+def test_decoder_only_config_errors(raw, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig.from_dict(dict(raw, output_dir="x"))
+
+
+def test_decoder_only_from_a_folder_without_config_is_reported(tmp_path):
+    with pytest.raises(ValueError, match="could not read the scaling_factor"):
+        train(_cfg("autoencoder", tmp_path / "o", init_from=str(tmp_path), train_decoder_only=True))

@@ -60,6 +60,9 @@ class TrainConfig:
     hole_crops: float = 0.0
     # autoencoder
     kl_weight: float = 1e-6
+    # autoencoder: train the decoder only, from `init_from`, keeping the encoder, the latent space and the
+    # scaling factor bit-identical, so diffusion models trained on those latents stay valid
+    train_decoder_only: bool = False
     # export
     export_dtype: str = "float16"             # dtype of the shipped safetensors
 
@@ -105,6 +108,9 @@ class TrainConfig:
             raise ValueError(f"{source}: hole_crops is a fraction of the samples, between 0 and 1; got {cfg.hole_crops}")
         if cfg.hole_crops and cfg.model != "shapes_clip":
             raise ValueError(f"{source}: hole_crops applies to model 'shapes_clip' only; remove it for {cfg.model!r}")
+        if cfg.train_decoder_only and (cfg.model != "autoencoder" or not cfg.init_from):
+            raise ValueError(f"{source}: train_decoder_only fine-tunes a trained autoencoder's decoder: it needs "
+                             "model: autoencoder and init_from: the autoencoder folder (e.g. data/models/autoencoder)")
         if cfg.steps < 1 or cfg.batch_size < 1:
             raise ValueError(f"{source}: steps and batch_size must be >= 1")
         return cfg

@@ -30,12 +30,14 @@ class EMA:
     def __init__(self, module: torch.nn.Module, decay: float):
         self.decay = decay
         self.shadow = {k: v.detach().clone().float() for k, v in module.state_dict().items()}
+        # Frozen parameters are copied, not averaged: d*v + (1-d)*v can round away from v.
+        self.frozen = {k for k, p in module.named_parameters() if not p.requires_grad}
 
     @torch.no_grad()
     def update(self, module: torch.nn.Module, step: int):
         d = min(self.decay, (1 + step) / (10 + step))
         for k, v in module.state_dict().items():
-            if v.dtype.is_floating_point:
+            if v.dtype.is_floating_point and k not in self.frozen:
                 self.shadow[k].mul_(d).add_(v.detach().float(), alpha=1 - d)
             else:
                 self.shadow[k].copy_(v)

@@ -106,7 +106,18 @@ class AutoencoderObjective(Objective):
         torch.manual_seed(cfg.seed)
         arch = dict(DEFAULT_AUTOENCODER, **cfg.arch)
         arch["sample_size"] = cfg.image_size
-        self.trainable = Trainable({"vae": AutoencoderKL(**arch)}, self.forward)
+        vae = AutoencoderKL(**arch)
+        if cfg.train_decoder_only:  # the latent space stays the init_from model's, scaling factor included
+            config = Path(cfg.init_from) / "config.json"
+            try:
+                self.scaling_factor = float(json.loads(config.read_text())["scaling_factor"])
+            except (OSError, ValueError, KeyError, TypeError) as err:
+                raise ValueError(f"train_decoder_only: could not read the scaling_factor of {config} ({err}); "
+                                 "init_from must be an exported autoencoder folder (e.g. data/models/autoencoder)") from err
+            vae.encoder.requires_grad_(False)
+            if vae.quant_conv is not None:
+                vae.quant_conv.requires_grad_(False)
+        self.trainable = Trainable({"vae": vae}, self.forward)
 
     export_files = {"vae": "diffusion_pytorch_model.safetensors"}
 
@@ -117,7 +128,8 @@ class AutoencoderObjective(Objective):
 
     def forward(self, m, inputs):
         x, vae = inputs["x"], m["vae"]
-        post = vae.encode(x).latent_dist
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.cfg.train_decoder_only):
+            post = vae.encode(x).latent_dist
         z = post.mean + post.std * torch.randn(post.mean.shape, generator=inputs["generator"], device=x.device,
                                                dtype=post.mean.dtype)
         rec = vae.decode(z).sample
@@ -129,10 +141,13 @@ class AutoencoderObjective(Objective):
         from .data import image_batch
 
         vae = module["vae"].eval()
-        x = image_batch(np.arange(10_000, 10_256), self.cfg.image_size)["image"].to(next(vae.parameters()).device)
-        z = vae.encode(x).latent_dist.mode()
-        # As for SD's VAE: scale latents to unit variance, so diffusion noise levels mean the same.
-        vae.register_to_config(scaling_factor=float(1.0 / z.float().std()))
+        if self.cfg.train_decoder_only:  # same encoder, same latents: keep the factor the diffusion models know
+            vae.register_to_config(scaling_factor=self.scaling_factor)
+        else:
+            x = image_batch(np.arange(10_000, 10_256), self.cfg.image_size)["image"].to(next(vae.parameters()).device)
+            z = vae.encode(x).latent_dist.mode()
+            # As for SD's VAE: scale latents to unit variance, so diffusion noise levels mean the same.
+            vae.register_to_config(scaling_factor=float(1.0 / z.float().std()))
         vae.to(torch.float32).save_pretrained(folder, safe_serialization=True)
 
 
