@@ -689,7 +689,7 @@ def test_shapes_clip_hole_crops_are_the_evaluations_crops():
     assert batch["caption"] == [t.prompt for t in tasks]
     for s, t, img in zip(seeds, tasks, batch["image"]):
         crop, _ = hole_crop_pair(int(s), 64)
-        assert torch.equal(img, torch.from_numpy(crop).permute(2, 0, 1).float() / 127.5 - 1.0)
+        assert torch.equal(img, torch.from_numpy(np.array(crop)).permute(2, 0, 1).float() / 127.5 - 1.0)
         y0, y1, x0, x1 = crop_box(t.mask, 0.4, min_side=8)  # the widest margin drawn
         if (y1 - y0, x1 - x0) != (64, 64):  # a crop, not the canvas: the image is not the full target
             full = torch.from_numpy(t.target).permute(2, 0, 1).float() / 127.5 - 1.0
