@@ -391,7 +391,13 @@ def write_report(out: Path, summary, per, extras: Dict[str, Any], methods: List[
 
     plots = out / "plots"
     plots.mkdir(parents=True, exist_ok=True)
-    bars = bar_charts(summary, SUMMARY_METRICS, plots / "metrics.png", title=f"{suite.name}: {len(samples)} edits")
+    refs = {}  # what the bars should be read against: the classifier's ceiling, doing nothing
+    if "prompt_acc_ceiling" in summary:
+        refs["prompt_acc"] = (float(summary.prompt_acc_ceiling.iloc[0]), "real renders")
+    if "bg_mae_input" in summary:
+        refs["bg_mae"] = (float(summary.bg_mae_input.iloc[0]), "input, unedited")
+    bars = bar_charts(summary, SUMMARY_METRICS, plots / "metrics.png", title=f"{suite.name}: {len(samples)} edits",
+                      references=refs)
     rows = []
     for s in samples[: suite.examples]:
         outputs = {}

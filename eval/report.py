@@ -96,8 +96,10 @@ def df_table(df, columns: Sequence[str], headers: Optional[Sequence[str]] = None
 
 
 # ----------------------------------------------------------------------------- quality plots
-def bar_charts(summary, metrics: Sequence[tuple], path: Path, title: str = "") -> Optional[Path]:
-    """One bar chart per (column, label, lower_is_better) for every method in ``summary``."""
+def bar_charts(summary, metrics: Sequence[tuple], path: Path, title: str = "",
+               references: Optional[Dict[str, tuple]] = None) -> Optional[Path]:
+    """One bar chart per (column, label, lower_is_better) for every method in ``summary``;
+    ``references`` maps a column to (value, label), drawn as a dashed line (e.g. the ceiling)."""
     metrics = [m for m in metrics if m[0] in summary.columns and summary[m[0]].notna().any()]
     if not metrics:
         return None
@@ -116,6 +118,12 @@ def bar_charts(summary, metrics: Sequence[tuple], path: Path, title: str = "") -
         ax.set_xticks(range(len(labels)))
         ax.set_xticklabels(labels, rotation=25, ha="right", fontsize=7)
         ax.set_title(f"{label} ({'lower' if lower else 'higher'} is better)", fontsize=8)
+        ref = (references or {}).get(col)
+        if ref is not None and np.isfinite(ref[0]):
+            ax.axhline(ref[0], color="0.35", linestyle="--", linewidth=1)
+            ax.text(len(labels) - 0.5, ref[0], f"{ref[1]}: {fmt(ref[0], 3)}", ha="right", va="bottom", fontsize=7,
+                    color="0.25")
+            ax.set_ylim(top=max(ax.get_ylim()[1], ref[0] * 1.12))
         ax.tick_params(axis="y", labelsize=7)
     for k in range(n, rows * cols):
         axes[k // cols][k % cols].axis("off")

@@ -31,3 +31,4 @@ def test_ceiling_needs_shapesworld_and_an_autoencoder(tmp_path, capsys):
                  "--out", str(tmp_path / "b")]) == 2
     assert "pass --autoencoder FOLDER" in capsys.readouterr().err
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+

@@ -143,3 +143,17 @@ def test_missing_shapes_clip_and_cli_errors(tmp_path, suite_file, counting_metho
     assert rc == 2 and "did you mean 'tiny-lazy'" in capsys.readouterr().err
     rc = main(["quality", "--suite", str(tmp_path / "missing.yaml"), "--out", str(tmp_path / "o")])
     assert rc == 2 and "not found" in capsys.readouterr().err
+
+
+def test_bar_charts_draw_reference_lines(tmp_path, monkeypatch):
+    """The quality plot draws the ceiling beside the prompt accuracy bars (and skips a NaN reference)."""
+    from eval import report
+
+    figs = []
+    monkeypatch.setattr(report, "_save", lambda fig, path: figs.append(fig) or path)
+    summary = pd.DataFrame({"method": ["lazy", "regenerate-image"], "prompt_acc": [0.27, 0.25], "bg_mae": [18.0, 16.0]})
+    report.bar_charts(summary, [("prompt_acc", "prompt accuracy", False), ("bg_mae", "bg MAE", True)],
+                      tmp_path / "m.png", references={"prompt_acc": (0.835, "real renders"), "bg_mae": (float("nan"), "x")})
+    acc_ax, bg_ax = figs[0].axes[:2]
+    assert [tuple(line.get_ydata()) for line in acc_ax.lines] == [(0.835, 0.835)]
+    assert acc_ax.get_ylim()[1] >= 0.835 and not bg_ax.lines
