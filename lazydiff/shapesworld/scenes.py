@@ -59,6 +59,11 @@ BACKGROUND_COLORS: dict[str, tuple[int, int, int]] = {
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross", "heart")
 SIZES: tuple[str, ...] = ("small", "large")
 BACKGROUND_KINDS: tuple[str, ...] = ("solid", "linear", "radial", "stripes", "checker", "dots")
+#: Caption of each background kind; {a} is the article of colour {c0}, {c1} the second colour.
+_BG_CAPTIONS: dict[str, str] = {
+    "solid": "a plain {c0} background", "linear": "{a} {c0} to {c1} gradient background",
+    "radial": "{a} {c0} to {c1} radial gradient background", "stripes": "{a} {c0} and {c1} striped background",
+    "checker": "{a} {c0} and {c1} checkered background", "dots": "{a} {c0} background with {c1} dots"}
 
 #: Object diameter as a fraction of the canvas' geometric-mean side; the two ranges have a
 #: clear gap so "small" and "large" are never ambiguous (at 128x128: 17-24 px vs 35-46 px).
@@ -322,6 +327,10 @@ def _quantise(t: np.ndarray) -> np.ndarray:
     return (t * (_GRADIENT_LEVELS - 1) + 0.5).astype(np.intp)
 
 
+def _bg_caption(kind: str, c0: str, c1: str) -> str:
+    return _BG_CAPTIONS[kind].format(a=article(c0), c0=c0, c1=c1)
+
+
 def _sample_background(rng: np.random.Generator, h: int, w: int) -> _Background:
     """Sample a background (kind, two palette colours, geometry) and build its index map."""
     _, _, X, Y = _grids(h, w)
@@ -333,34 +342,32 @@ def _sample_background(rng: np.random.Generator, h: int, w: int) -> _Background:
     pal = np.stack([c0, c1]).astype(np.uint8)
 
     if kind == "solid":
-        return _Background(np.zeros((h, w), np.intp), pal[:1], kind, (n0, n0), f"a plain {n0} background")
+        return _Background(np.zeros((h, w), np.intp), pal[:1], kind, (n0, n0), _bg_caption(kind, n0, n0))
     if kind == "linear":
         a = rng.uniform(0, 2 * math.pi)
         ca, sa = math.cos(a), math.sin(a)
         corners = [x * ca + y * sa for x in (0, w) for y in (0, h)]
         lo, span = min(corners), max(corners) - min(corners)
         t = (X * (ca / span) + Y * (sa / span)) - lo / span
-        caption = f"{article(n0)} {n0} to {n1} gradient background"
-        return _Background(_quantise(t), _gradient_lut(c0, c1), kind, (n0, n1), caption)
+        return _Background(_quantise(t), _gradient_lut(c0, c1), kind, (n0, n1), _bg_caption(kind, n0, n1))
     if kind == "radial":
         cx, cy = rng.uniform(0.15, 0.85) * w, rng.uniform(0.15, 0.85) * h
         reach = max(math.hypot(x - cx, y - cy) for x in (0, w) for y in (0, h))
         radius = reach * rng.uniform(0.6, 1.0)
         t = np.minimum(np.sqrt((X - cx) ** 2 + (Y - cy) ** 2) * (1 / radius), 1.0)
-        caption = f"{article(n0)} {n0} to {n1} radial gradient background"
-        return _Background(_quantise(t), _gradient_lut(c0, c1), kind, (n0, n1), caption)
+        return _Background(_quantise(t), _gradient_lut(c0, c1), kind, (n0, n1), _bg_caption(kind, n0, n1))
     if kind == "stripes":
         a = rng.uniform(0, math.pi)
         half = rng.uniform(0.04, 0.15) * m  # half the period: one band
         phase = rng.uniform(0, 2 * half)
         p = X * (math.cos(a) / half) + (Y * (math.sin(a) / half) + phase / half)
         band = np.floor(p).astype(np.intp) & 1
-        return _Background(band, pal, kind, (n0, n1), f"{article(n0)} {n0} and {n1} striped background")
+        return _Background(band, pal, kind, (n0, n1), _bg_caption(kind, n0, n1))
     if kind == "checker":
         cell = rng.uniform(0.06, 0.2) * m
         ox, oy = rng.uniform(0, 2 * cell, size=2)
         par = (np.floor((X + ox) / cell).astype(np.intp) + np.floor((Y + oy) / cell).astype(np.intp)) & 1
-        return _Background(par, pal, kind, (n0, n1), f"{article(n0)} {n0} and {n1} checkered background")
+        return _Background(par, pal, kind, (n0, n1), _bg_caption(kind, n0, n1))
     # dots: a (possibly staggered) grid of round dots of colour 1 on colour 0
     spacing = rng.uniform(0.08, 0.2) * m
     radius = rng.uniform(0.18, 0.32) * spacing
@@ -371,7 +378,7 @@ def _sample_background(rng: np.random.Generator, h: int, w: int) -> _Background:
     dx = np.mod(gx, spacing) - spacing / 2
     dy = np.mod(gy, spacing) - spacing / 2
     dot = (dx * dx + dy * dy <= radius * radius).astype(np.intp)
-    return _Background(dot, pal, kind, (n0, n1), f"{article(n0)} {n0} background with {n1} dots")
+    return _Background(dot, pal, kind, (n0, n1), _bg_caption(kind, n0, n1))
 
 
 # --------------------------------------------------------------------------------------------
@@ -471,12 +478,9 @@ def _place_objects(rng: np.random.Generator, bg: _Background, bg_image: np.ndarr
 
 def background_captions() -> list[str]:
     """Every caption :func:`_sample_background` can produce (a finite set), in a fixed order."""
-    caps = [f"a plain {n} background" for n in _BG_NAMES]
+    caps = [_bg_caption("solid", n, n) for n in _BG_NAMES]
     for i, j in _BG_PAIRS:
-        n0, n1 = _BG_NAMES[i], _BG_NAMES[j]
-        caps += [f"{article(n0)} {n0} to {n1} gradient background", f"{article(n0)} {n0} to {n1} radial gradient background",
-                 f"{article(n0)} {n0} and {n1} striped background", f"{article(n0)} {n0} and {n1} checkered background",
-                 f"{article(n0)} {n0} background with {n1} dots"]
+        caps += [_bg_caption(kind, _BG_NAMES[i], _BG_NAMES[j]) for kind in BACKGROUND_KINDS if kind != "solid"]
     return caps
 
 

@@ -60,6 +60,7 @@ INTENTS: tuple[str, ...] = ("insert", "remove", "replace")
 MIN_RATIO, MAX_RATIO = 0.02, 0.60
 EMPTY_PROMPT = "empty background"
 
+
 def edit_prompts() -> list[str]:
     """Every local prompt :func:`make_task` can produce (objects with sizes, the empty background and
     each background caption): the vocabulary a precomputed text-feature table must cover."""
