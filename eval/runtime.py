@@ -49,6 +49,8 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
+from lazydiff.pipelines.editing import CANVAS_CACHE_MODES
+
 from .flops import CallRecorder
 from .suites import atomic_write_text
 
@@ -57,7 +59,6 @@ METHODS = ("lazy", "regenerate-image", "regenerate-crop")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 STAGES = ("text", "vae_encode", "context_encoder", "denoise", "vae_decode", "blend")
 FOLLOWUPS = ("none", "same-mask", "new-mask")
-CANVAS_CACHE_MODES = ("off", "exact", "incremental")  # EditPipelineMixin.canvas_cache
 PROMPT = "a small red star"
 
 

@@ -208,6 +208,9 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- the shared pipeline part
+CANVAS_CACHE_MODES = ("off", "exact", "incremental")  # EditPipelineMixin.canvas_cache
+
+
 class EditPipelineMixin:
     """Stages common to the lazy pipeline and the full-canvas baselines.
 
@@ -366,7 +369,7 @@ class EditPipelineMixin:
             ``max_partial_encode`` of the canvas.
         """
         mode = self.canvas_cache
-        if mode not in ("off", "exact", "incremental"):
+        if mode not in CANVAS_CACHE_MODES:
             raise ValueError(f"canvas_cache must be 'off', 'exact' or 'incremental', got {mode!r}")
         if mode == "off":
             return self.vae_encode(pixels), {"vae_encode": "full", "encoded_fraction": 1.0}
