@@ -92,6 +92,8 @@ def confusion_plot(df, path: Path) -> Path:
 
 
 def write_report(df, out: Path, suite_path: str) -> Path:
+    import pandas as pd
+
     out.mkdir(parents=True, exist_ok=True)
     df.to_csv(out / "ceiling.csv", index=False)
     groups = [("all", df)] + [(f"{size}", d) for size, d in df.groupby("size")] + \
@@ -100,8 +102,6 @@ def write_report(df, out: Path, suite_path: str) -> Path:
               "autoencoder": f"{100 * d.autoencoder_correct.mean():.1f}%",
               "real shape": f"{100 * (d.real_shape == d['shape']).mean():.1f}%",
               "real colour": f"{100 * (d.real_color == d['color']).mean():.1f}%"} for name, d in groups]
-    import pandas as pd
-
     plot = confusion_plot(df, out / "shape_confusion.png")
     text = ["# ShapesCLIP zero-shot ceiling", "",
             f"`python -m eval ceiling --suite {suite_path}`: the object edits' ground truth, cropped around the hole as "

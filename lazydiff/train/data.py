@@ -92,7 +92,8 @@ class ShapesWorldStream(IterableDataset):
 
     def __init__(self, model: str, batch_size: int, size: int, seed: int, start_step: int,
                  process_index: int = 0, num_processes: int = 1, hole_crops: float = 0.0):
-        self.make = partial(caption_batch, hole_crops=hole_crops) if model == "shapes_clip" else MAKERS[model]
+        # hole_crops is a caption_batch option (TrainConfig allows it for shapes_clip only)
+        self.make = partial(MAKERS[model], hole_crops=hole_crops) if hole_crops else MAKERS[model]
         self.batch_size, self.size = batch_size, size
         self.base = TRAIN_SEED_BASE + seed * 100_000_000
         self.start_step, self.rank, self.world = start_step, process_index, num_processes

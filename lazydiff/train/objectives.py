@@ -281,8 +281,9 @@ class LatentDiffusionObjective(Objective):
         """-> (hidden states, attention mask) of the frozen text encoder, or of the precomputed table."""
         if self.text_table is not None:
             return self.text_table(prompts, self.device)
-        tok = self.tokenizer(prompts, padding=True, truncation=True, max_length=120, return_tensors="pt").to(self.device)
-        return self.text_encoder(tok["input_ids"], attention_mask=tok["attention_mask"])[0], tok["attention_mask"]
+        from .text_features import encode_prompts
+
+        return encode_prompts(self.text_encoder, self.tokenizer, prompts, self.device)
 
     def loss(self, batch, step, rank):
         return self.trainable(self.encode(batch, step, rank))  # frozen encoders outside, trained modules inside

@@ -23,6 +23,15 @@ import torch
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 
+def encode_prompts(encoder, tokenizer, prompts: Sequence[str], device=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The frozen text encoder on a batch of prompts, as training calls it -> (hidden states, attention mask).
+    The table below stores exactly these outputs, so the two paths cannot drift apart."""
+    tok = tokenizer(list(prompts), padding=True, truncation=True, max_length=120, return_tensors="pt")
+    if device is not None:
+        tok = tok.to(device)
+    return encoder(tok["input_ids"], attention_mask=tok["attention_mask"])[0], tok["attention_mask"]
+
+
 @torch.no_grad()
 def build_table(prompts: Sequence[str], text_encoder: Optional[str] = None, batch_size: int = 64,
                 dtype: str = "float32") -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
@@ -36,9 +45,8 @@ def build_table(prompts: Sequence[str], text_encoder: Optional[str] = None, batc
     feats, lengths = [], []
     for i in tqdm(range(0, len(prompts), batch_size), desc="text features", unit="batch"):
         chunk = prompts[i:i + batch_size]
-        tok = tokenizer(chunk, padding=True, truncation=True, max_length=120, return_tensors="pt")
-        hidden = encoder(tok["input_ids"], attention_mask=tok["attention_mask"])[0]
-        for h, n in zip(hidden, tok["attention_mask"].sum(1).tolist()):
+        hidden, attention = encode_prompts(encoder, tokenizer, chunk)
+        for h, n in zip(hidden, attention.sum(1).tolist()):
             feats.append(h[:n])
             lengths.append(n)
     tensors = {"features": torch.cat(feats).to(DTYPES[dtype]).contiguous(),
