@@ -90,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also time a follow-up edit on each result (canvas-latent / context caches at work)")
     r.add_argument("--canvas-cache", default=None, choices=["off", "exact", "incremental"],
                    help="override every pipeline's canvas-latent cache mode")
+    r.add_argument("--cuda-graphs", action="store_true",
+                   help="replay every method's denoiser from a CUDA graph (GPU only; for launch-bound steps)")
     r.add_argument("--fit-max-ratio", type=float, default=0.4, help="largest mask ratio in the per-step linear fit")
     return p
 
@@ -135,7 +137,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                                   heads=args.heads, encoder_depth=args.encoder_depth, size=args.size,
                                   guidance=args.guidance, seed=args.seed, keep_caches=args.keep_caches,
                                   crop_resolution=args.crop_resolution, fit_max_ratio=args.fit_max_ratio,
-                                  followup=args.followup, canvas_cache=args.canvas_cache)
+                                  followup=args.followup, canvas_cache=args.canvas_cache,
+                                  cuda_graphs=args.cuda_graphs)
             summary, fit = run_runtime(opts)
             print_table(summary)
             if fit.get("slope_ms_per_token") is not None:

@@ -87,6 +87,7 @@ class RuntimeOptions:
     prompt: str = PROMPT
     followup: str = "none"
     canvas_cache: Optional[str] = None   # override every pipeline's canvas_cache ("off" | "exact" | "incremental")
+    cuda_graphs: bool = False            # every pipeline replays its denoiser from a CUDA graph (GPU only)
 
 
 class RuntimeError_(ValueError):
@@ -213,6 +214,8 @@ def build_pipelines(opts: RuntimeOptions, device: str, dtype: torch.dtype):
         p.set_progress_bar_config(disable=True)
         if opts.canvas_cache is not None and hasattr(p, "canvas_cache"):
             p.canvas_cache = opts.canvas_cache
+        if hasattr(p, "cuda_graphs"):  # a lever for every method alike
+            p.cuda_graphs = opts.cuda_graphs
     return pipes, info, size
 
 
@@ -421,6 +424,7 @@ def write_report(out: Path, summary, fit: Dict, plots: Dict[str, Path], opts: Ru
              if opts.followup == "none" else
              f"cleared, then an untimed 1-step priming edit ({opts.followup}); the timed run is the follow-up edit "
              "on the primed result (canvas-latent, context and prompt caches as an editor would have them)"),
+          f"- CUDA graphs: {'on (every method)' if opts.cuda_graphs else 'off'}",
           f"- canvas-latent cache: {opts.canvas_cache or 'pipeline default'}; VAE encode per timed run: "
           + ", ".join(f"{m} {v}" for m, v in summary.drop_duplicates("method")[["method", "vae_encode_mode"]]
                       .itertuples(index=False)) if "vae_encode_mode" in summary else "",
@@ -499,6 +503,8 @@ def validate(opts: RuntimeOptions) -> None:
         raise RuntimeError_("--steps and --repeats must be >= 1 and --warmup >= 0")
     if opts.device and opts.device.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError_("--device cuda requested but no CUDA device is available")
+    if opts.cuda_graphs and not (opts.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda"):
+        raise RuntimeError_("--cuda-graphs needs a CUDA device (--device cuda); drop it on the CPU")
 
 
 def run_runtime(opts: RuntimeOptions):

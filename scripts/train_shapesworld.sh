@@ -5,7 +5,8 @@
 #   continue: LazyDiffusion, RegenerateImage and ShapesCLIP go on from their exports in $INIT_DIR
 #             (configs/train/*_continue.yaml: fresh data, constant LR), side by side; the autoencoder
 #             stays as it is, since the diffusion models are trained on its latent space
-#   diffusion: LazyDiffusion and RegenerateImage only go on from $INIT_DIR, as in `continue`; the
+#   diffusion: stage 3 of LazyDiffusion and RegenerateImage only (configs/train/*_stage3.yaml: batch 256,
+#             data_echo 4, Min-SNR-5), from the stage-2 exports ($INIT_DIR, or $RUNS/*_continue/export); the
 #             classifier that scores them stays fixed, so accuracies of successive stages compare
 #   clip:     ShapesCLIP stage 3 from its stage-2 export (configs/train/shapes_clip_holes.yaml: half
 #             the samples are hole crops of edit tasks, the inputs of the prompt-accuracy metric)
@@ -69,9 +70,11 @@ if [[ $STAGE == stage1 || $STAGE == all ]]; then
 fi
 if [[ $STAGE == continue || $STAGE == diffusion ]]; then
   W=${WORKERS_DIFFUSION:-2}; M=${MINUTES_DIFFUSION:-}
-  run lazy_continue lazy_continue "$W" "$M" --set "$(init lazy lazy)" --set "autoencoder=$MODELS/autoencoder" $TEXT &
+  if [[ $STAGE == continue ]]; then L_RUN=lazy_continue; R_RUN=regenerate_image_continue; FROM=""
+  else L_RUN=lazy_stage3; R_RUN=regenerate_image_stage3; FROM=_continue; fi
+  run $L_RUN $L_RUN "$W" "$M" --set "$(init lazy$FROM lazy)" --set "autoencoder=$MODELS/autoencoder" $TEXT &
   L=$!
-  run regenerate_image_continue regenerate_image_continue "$W" "$M" --set "$(init regenerate_image regenerate-image)" \
+  run $R_RUN $R_RUN "$W" "$M" --set "$(init regenerate_image$FROM regenerate-image)" \
     --set "autoencoder=$MODELS/autoencoder" $TEXT &
   R=$!
   C=""
@@ -80,8 +83,8 @@ if [[ $STAGE == continue || $STAGE == diffusion ]]; then
     C=$!
   fi
   wait $L; wait $R; [[ -z $C ]] || wait $C  # publish only when all are done: the runs read the exports they replace
-  publish "$RUNS/lazy_continue" lazy
-  publish "$RUNS/regenerate_image_continue" regenerate-image
+  publish "$RUNS/$L_RUN" lazy
+  publish "$RUNS/$R_RUN" regenerate-image
   [[ -z $C ]] || publish "$RUNS/shapes_clip_continue" shapes-clip
 fi
 if [[ $STAGE == clip ]]; then

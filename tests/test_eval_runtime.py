@@ -45,6 +45,8 @@ def test_runtime_validation():
         validate(RuntimeOptions(out="x", methods=["lazzy"]))
     with pytest.raises(RuntimeError_, match="mask ratios"):
         validate(RuntimeOptions(out="x", mask_ratios=[0.0]))
+    with pytest.raises(RuntimeError_, match="--cuda-graphs needs a CUDA device"):
+        validate(RuntimeOptions(out="x", device="cpu", cuda_graphs=True))
 
 
 @pytest.mark.parametrize("ratio", [0.01, 0.1, 0.37, 0.8, 1.0])

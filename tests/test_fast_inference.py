@@ -214,3 +214,92 @@ def test_pipeline_fast_paths_bit_identical_shipped(kind):
     finally:
         _reference_mode(pipe, False)
     assert np.array_equal(fast[0], ref[0]) and torch.equal(fast[1], ref[1])
+
+
+class _FakeCuda:
+    """Stands in for torch.cuda in CUDAGraphDenoiser: while "capturing", the denoiser registers the
+    tensors it read and wrote; replay() recomputes into the same output from the same inputs, as a
+    recorded graph does (it knows addresses, not values)."""
+
+    def __init__(self, fail=False):
+        self.fail, self.capturing, self.graphs = fail, None, []
+
+    def CUDAGraph(self):
+        fake = self
+
+        class Graph:
+            recorded = None
+
+            def replay(self):
+                fn, x, t, out = self.recorded
+                out.copy_(fn(x, t))
+
+        g = Graph()
+        fake.graphs.append(g)
+        return g
+
+    def graph(self, g):
+        import contextlib
+
+        @contextlib.contextmanager
+        def ctx():
+            if self.fail:
+                raise RuntimeError("operation not permitted when stream is capturing")
+            self.capturing = g
+            try:
+                yield
+            finally:
+                self.capturing = None
+        return ctx()
+
+
+def test_cuda_graph_denoiser_replays_on_static_inputs():
+    from lazydiff.pipelines.editing import CUDAGraphDenoiser
+
+    fake, calls = _FakeCuda(), []
+
+    def f(x, t):
+        return x * 2 + t
+
+    def denoise(x, t):
+        calls.append("capture" if fake.capturing else "eager")
+        out = f(x, t)
+        if fake.capturing is not None:
+            fake.capturing.recorded = (f, x, t, out)
+            out = torch.full_like(out, float("nan"))  # captured kernels do not run: the output is garbage until replay
+            fake.capturing.recorded = (f, x, t, out)
+        return out
+
+    g = CUDAGraphDenoiser(denoise, cuda=fake)
+    xs = [torch.randn(2, 5, 3) for _ in range(4)]
+    ts = [torch.tensor(t) for t in (999.0, 749.0, 499.0, 249.0)]
+    outs = [g(x, t) for x, t in zip(xs, ts)]
+    assert calls == ["eager", "capture"] and len(fake.graphs) == 1  # one recording, then replays only
+    for x, t, o in zip(xs, ts, outs):
+        assert torch.equal(o, f(x, t))
+    assert outs[2].data_ptr() != outs[3].data_ptr()  # results are copies: the next replay cannot overwrite them
+    assert g.static_x.data_ptr() not in {x.data_ptr() for x in xs}  # the caller's tensors are never recorded
+
+
+def test_cuda_graph_denoiser_falls_back_to_eager_when_capture_fails():
+    from lazydiff.pipelines.editing import CUDAGraphDenoiser
+
+    g = CUDAGraphDenoiser(lambda x, t: x + t, cuda=_FakeCuda(fail=True))
+    x = torch.ones(3)
+    assert torch.equal(g(x, torch.tensor(1.0)), x + 1)
+    with pytest.warns(UserWarning, match="running it eagerly"):
+        assert torch.equal(g(x, torch.tensor(2.0)), x + 2)
+    assert torch.equal(g(x, torch.tensor(3.0)), x + 3) and g.failed
+
+
+def test_cuda_graphs_flag_leaves_cpu_edits_unchanged(make_canvas, make_mask):
+    """cuda_graphs only applies to CUDA latents: on the CPU the edit is bit-identical with it on."""
+    pipe = tiny_lazy_pipeline(seed=0)
+    img, mask = make_canvas(64, 64), make_mask(64, 64, (20, 16, 44, 40))
+    ref = _edit(pipe, img, mask)
+    pipe.cuda_graphs = True
+    try:
+        on = _edit(pipe, img, mask)
+    finally:
+        pipe.cuda_graphs = False
+    assert np.array_equal(on[0], ref[0]) and torch.equal(on[1], ref[1])

@@ -163,7 +163,9 @@ def test_config_latent_diffusion_needs_autoencoder(model):
                                              ("batch_size", 0, "steps and batch_size"),
                                              ("lr_schedule", "linear", "'cosine' or 'constant'"),
                                              ("hole_crops", 1.5, "between 0 and 1"),
-                                             ("hole_crops", 0.5, "applies to model")])
+                                             ("hole_crops", 0.5, "applies to model"),
+                                             ("data_echo", 0, "data_echo is how many steps"),
+                                             ("snr_gamma", 5, "snr_gamma weights the diffusion loss")])
 def test_config_rejects_bad_values(key, value, match):
     with pytest.raises(ValueError, match=match):
         TrainConfig.from_dict({"model": "autoencoder", "output_dir": "x", key: value})
@@ -186,12 +188,15 @@ def test_shipped_configs_validate_and_overrides_win(name):
                          if p.parent.name == "train" else f"{p.parent.name}/{p.stem}")
 def test_every_config_in_the_repo_validates(path):
     cfg = TrainConfig.load(str(path))
-    stem = path.stem.removesuffix("_continue").removesuffix("_holes").removesuffix("_decoder")
+    stem = path.stem.removesuffix("_continue").removesuffix("_stage3").removesuffix("_holes").removesuffix("_decoder")
     assert cfg.model == stem
     base = TrainConfig.load(str(REPO / "configs" / "train" / f"{stem}.yaml"))
     assert cfg.arch == base.arch  # variants (CPU recipe, stage 2) train the shipped architecture
     if path.stem.endswith("_continue"):
         assert cfg.init_from and cfg.seed != base.seed  # fresh data, from the stage-1 export
+    if path.stem.endswith("_stage3"):  # from the stage-2 export, on data neither earlier stage saw
+        cont = TrainConfig.load(str(REPO / "configs" / "train" / f"{stem}_continue.yaml"))
+        assert cfg.init_from == cont.output_dir + "/export" and cfg.seed not in (base.seed, cont.seed)
     if path.stem.endswith("_decoder"):
         assert cfg.train_decoder_only and cfg.init_from and cfg.seed != base.seed
     if path.stem.endswith("_holes"):
@@ -689,11 +694,10 @@ def test_shapes_clip_hole_crops_are_the_evaluations_crops():
     assert batch["caption"] == [t.prompt for t in tasks]
     for s, t, img in zip(seeds, tasks, batch["image"]):
         crop, _ = hole_crop_pair(int(s), 64)
-        assert torch.equal(img, torch.from_numpy(np.array(crop)).permute(2, 0, 1).float() / 127.5 - 1.0)
+        assert img.dtype == torch.uint8 and torch.equal(img, torch.from_numpy(np.array(crop)).permute(2, 0, 1))
         y0, y1, x0, x1 = crop_box(t.mask, 0.4, min_side=8)  # the widest margin drawn
         if (y1 - y0, x1 - x0) != (64, 64):  # a crop, not the canvas: the image is not the full target
-            full = torch.from_numpy(t.target).permute(2, 0, 1).float() / 127.5 - 1.0
-            assert not torch.equal(img, full)
+            assert not torch.equal(img, torch.from_numpy(t.target).permute(2, 0, 1))
     plain = caption_batch(seeds, 64)
     assert torch.equal(plain["image"], caption_batch(seeds, 64, hole_crops=0.0)["image"])
     mixed = ShapesWorldStream("shapes_clip", 32, 64, 0, 0, hole_crops=0.5)
@@ -718,7 +722,7 @@ def _fake_python(tmp_path) -> Path:
 
 @pytest.mark.parametrize("stage,configs,published", [
     ("clip", ["shapes_clip_holes.yaml"], ["shapes-clip"]),
-    ("diffusion", ["lazy_continue.yaml", "regenerate_image_continue.yaml"], ["lazy", "regenerate-image"]),
+    ("diffusion", ["lazy_stage3.yaml", "regenerate_image_stage3.yaml"], ["lazy", "regenerate-image"]),
     ("continue", ["lazy_continue.yaml", "regenerate_image_continue.yaml", "shapes_clip_continue.yaml"],
      ["lazy", "regenerate-image", "shapes-clip"])])
 def test_training_script_stages_run_their_configs_and_publish(tmp_path, stage, configs, published):
@@ -773,3 +777,72 @@ def test_decoder_only_config_errors(raw, match):
 def test_decoder_only_from_a_folder_without_config_is_reported(tmp_path):
     with pytest.raises(ValueError, match="could not read the scaling_factor"):
         train(_cfg("autoencoder", tmp_path / "o", init_from=str(tmp_path), train_decoder_only=True))
+
+
+def test_batches_travel_as_uint8_and_become_the_training_floats():
+    """Workers send uint8 images and a bool mask (a quarter of the bytes); to_unit gives [-1, 1]."""
+    from lazydiff.shapesworld.tasks import make_task
+    from lazydiff.train.data import edit_batch, to_unit
+
+    batch = edit_batch([5, 6], 32)
+    assert batch["canvas"].dtype == batch["target"].dtype == torch.uint8 and batch["mask"].dtype == torch.bool
+    assert batch["canvas"].shape == (2, 3, 32, 32) and batch["canvas"].is_contiguous()
+    task = make_task(6, size=(32, 32))
+    unit = to_unit(batch["target"], "cpu")
+    assert unit.dtype == torch.float32 and torch.equal(unit[1], torch.from_numpy(task.target).permute(2, 0, 1).float() / 127.5 - 1.0)
+    assert torch.equal(batch["mask"][1, 0], torch.from_numpy(task.mask))
+
+
+def test_data_echo_reuses_each_batch_and_its_latents_and_resumes_exactly(tmp_path, autoencoder_export, monkeypatch):
+    """data_echo 2: steps 2d and 2d+1 train on data batch d (VAE run once for it) with fresh noise;
+    5 steps in one go == 3 steps, stop mid-echo, resume for 2 more."""
+    import diffusers
+
+    from lazydiff.train import data as data_mod
+
+    made, encodes = [], []
+    maker = data_mod.MAKERS["lazy"]
+    monkeypatch.setitem(data_mod.MAKERS, "lazy", lambda seeds, size: made.append(int(seeds[0])) or maker(seeds, size))
+    encode = diffusers.AutoencoderKL.encode
+    monkeypatch.setattr(diffusers.AutoencoderKL, "encode", lambda self, x, **kw: encodes.append(1) or encode(self, x, **kw))
+    kw = dict(steps=5, warmup_steps=1, data_echo=2)
+    one, split = tmp_path / "one", tmp_path / "split"
+    train(_cfg("lazy", one, autoencoder_export, **kw))
+    base = data_mod.TRAIN_SEED_BASE
+    assert made == [base, base + 2, base + 4]  # data steps 0, 1, 2 (batch size 2) for steps 0-4
+    assert len(encodes) == 2 * 3  # target and masked canvas, once per data batch
+    losses = [r["loss"] for r in _state(one, 5)["log"]]
+    assert losses[0] != losses[1]  # same batch, fresh noise and timesteps
+
+    made.clear()
+    train(_cfg("lazy", split, autoencoder_export, **kw), max_steps_this_run=3)
+    train(_cfg("lazy", split, autoencoder_export, **kw))
+    assert made == [base, base + 2, base + 2, base + 4]  # the resume at step 3 remakes batch 1
+    _assert_same_tensors(load_file(str(_ckpt(one, 5) / "model.safetensors")),
+                         load_file(str(_ckpt(split, 5) / "model.safetensors")), "model")
+    assert _log_values(_state(one, 5)["log"]) == _log_values(_state(split, 5)["log"])
+
+
+def test_min_snr_weighting(tmp_path, autoencoder_export):
+    """snr_gamma weights sample i by min(SNR, gamma) / SNR; a gamma above every SNR is the plain loss."""
+    from lazydiff.train.data import edit_batch
+    from lazydiff.train.objectives import OBJECTIVES
+
+    def objective(gamma):
+        return OBJECTIVES["lazy"](_cfg("lazy", tmp_path, autoencoder_export, snr_gamma=gamma), torch.device("cpu"))
+
+    obj = objective(5.0)
+    t = torch.tensor([0, 100, 500, 999])
+    ab = obj.noise_scheduler.alphas_cumprod[t]
+    snr = ab / (1 - ab)
+    w = obj.min_snr_weights(t)
+    assert torch.allclose(w, torch.where(snr > 5, 5 / snr, torch.ones_like(snr)))
+    assert w[0] < 0.01 and w[-1] == 1.0  # low noise down-weighted, high noise untouched
+
+    batch = edit_batch([1, 2], 32)
+    losses = {}
+    for gamma in (None, 1e12, 1e-3):
+        o = objective(gamma)
+        with torch.no_grad():
+            losses[gamma] = float(o.loss(batch, 0, 0))
+    assert losses[1e12] == losses[None] and losses[1e-3] < losses[None]

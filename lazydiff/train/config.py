@@ -40,6 +40,10 @@ class TrainConfig:
     seed: int = 0
     image_size: int = 128
     num_workers: int = 2                      # data-generation worker processes per training process
+    # use each generated batch for this many consecutive steps (fresh noise, timesteps and prompt dropout
+    # each time; the diffusion models also reuse its frozen-VAE latents): for when making the data, not
+    # training on it, is the bottleneck (many GPU steps per second, few CPU cores)
+    data_echo: int = 1
     checkpoint_every: int = 500
     log_every: int = 25
     keep_checkpoints: int = 2
@@ -52,6 +56,10 @@ class TrainConfig:
     prompt_dropout: float = 0.1               # empty prompt this often, for classifier-free guidance
     num_train_timesteps: int = 1000
     text_features: Optional[str] = None       # precomputed prompt features (python -m lazydiff.train.text_features)
+    # Min-SNR-gamma loss weighting (Hang et al. 2023): each sample's epsilon error is weighted by
+    # min(SNR_t, gamma) / SNR_t, which stops the easy low-noise steps dominating the gradient; e.g. 5.
+    # None = the plain epsilon MSE the shipped models were trained with
+    snr_gamma: Optional[float] = None
     # start from an exported model folder (e.g. data/models/lazy) instead of random weights; a checkpoint
     # in output_dir still takes precedence (resume). The optimizer and LR schedule start fresh.
     init_from: Optional[str] = None
@@ -111,6 +119,13 @@ class TrainConfig:
         if cfg.train_decoder_only and (cfg.model != "autoencoder" or not cfg.init_from):
             raise ValueError(f"{source}: train_decoder_only fine-tunes a trained autoencoder's decoder: it needs "
                              "model: autoencoder and init_from: the autoencoder folder (e.g. data/models/autoencoder)")
+        if cfg.data_echo < 1:
+            raise ValueError(f"{source}: data_echo is how many steps use each batch: a whole number >= 1, got {cfg.data_echo}")
+        if cfg.snr_gamma is not None:
+            cfg.snr_gamma = _number(cfg.snr_gamma, "float", f"{source}: snr_gamma")
+            if cfg.snr_gamma <= 0 or cfg.model not in ("lazy", "regenerate_image"):
+                raise ValueError(f"{source}: snr_gamma weights the diffusion loss (models 'lazy', 'regenerate_image') "
+                                 f"and must be > 0 (e.g. 5); got {cfg.snr_gamma} for model {cfg.model!r}")
         if cfg.steps < 1 or cfg.batch_size < 1:
             raise ValueError(f"{source}: steps and batch_size must be >= 1")
         return cfg

@@ -2,6 +2,8 @@
 
 Sample ``i`` of the stream is generated from seed ``base + i``; process ``r`` of ``n`` takes the
 samples ``i = (step * n + r) * batch + j``. Worker processes of a DataLoader split each batch.
+Images travel as uint8 (a quarter of float32's bytes between processes) and become floats on the
+training device (:func:`to_unit`).
 """
 from __future__ import annotations
 
@@ -16,7 +18,13 @@ TRAIN_SEED_BASE = 1_000_000_000  # far from the held-out test split's seeds
 
 
 def _images(arr: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+    """(B, H, W, 3) uint8 -> (B, 3, H, W) uint8, contiguous."""
+    return torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2).contiguous()
+
+
+def to_unit(images: torch.Tensor, device) -> torch.Tensor:
+    """uint8 images of a batch -> float32 in [-1, 1] on ``device`` (the values the models train on)."""
+    return images.to(device).float() / 127.5 - 1.0
 
 
 def edit_batch(seeds, size: int) -> Dict[str, object]:
@@ -25,7 +33,7 @@ def edit_batch(seeds, size: int) -> Dict[str, object]:
     tasks = [make_task(int(s), size=(size, size)) for s in seeds]
     return {"canvas": _images(np.stack([t.canvas for t in tasks])),
             "target": _images(np.stack([t.target for t in tasks])),
-            "mask": torch.from_numpy(np.stack([t.mask for t in tasks]))[:, None].float(),
+            "mask": torch.from_numpy(np.stack([t.mask for t in tasks]))[:, None],  # bool
             "prompt": [t.prompt for t in tasks]}
 
 

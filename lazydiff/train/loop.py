@@ -161,7 +161,9 @@ def train(cfg: TrainConfig, resume: bool = True, max_steps_this_run: Optional[in
 
     model, optimizer = accelerator.prepare(model, optimizer)
     objective.trainable = model  # the objective calls the (possibly DDP-wrapped) module
-    stream = ShapesWorldStream(cfg.model, cfg.batch_size, cfg.image_size, cfg.seed, start,
+    # Data step d feeds training steps d * echo ... d * echo + echo - 1 (a resume mid-echo restarts at its d).
+    echo = cfg.data_echo
+    stream = ShapesWorldStream(cfg.model, cfg.batch_size, cfg.image_size, cfg.seed, start // echo,
                                accelerator.process_index, accelerator.num_processes, cfg.hole_crops)
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=cfg.num_workers,
                                          prefetch_factor=4 if cfg.num_workers else None,
@@ -191,8 +193,10 @@ def train(cfg: TrainConfig, resume: bool = True, max_steps_this_run: Optional[in
             with open(out / "loss.csv", "w") as f:
                 f.write("step,loss,lr,wall_s\n" + "".join(f"{r['step']},{r['loss']:.6f},{r['lr']:.3g},{r['wall_s']:.1f}\n" for r in log))
 
+    batch = None
     while step < end and not time_is_up():
-        batch = next(data)
+        if batch is None or step % echo == 0:
+            batch = next(data)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
         model.train()

@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..models.dit import gather_tokens, patchify, token_mask_from_pixels
+from .data import to_unit
 
 SHAPES_CLIP_CONFIG = {
     "embed_dim": 128,
@@ -122,7 +123,7 @@ class AutoencoderObjective(Objective):
     export_files = {"vae": "diffusion_pytorch_model.safetensors"}
 
     def loss(self, batch, step, rank):
-        x = batch["image"].to(self.device)
+        x = to_unit(batch["image"], self.device)
         g = step_generator(self.cfg.seed, step, rank, x.device)
         return self.trainable({"x": x, "generator": g})
 
@@ -144,7 +145,7 @@ class AutoencoderObjective(Objective):
         if self.cfg.train_decoder_only:  # same encoder, same latents: keep the factor the diffusion models know
             vae.register_to_config(scaling_factor=self.scaling_factor)
         else:
-            x = image_batch(np.arange(10_000, 10_256), self.cfg.image_size)["image"].to(next(vae.parameters()).device)
+            x = to_unit(image_batch(np.arange(10_000, 10_256), self.cfg.image_size)["image"], next(vae.parameters()).device)
             z = vae.encode(x).latent_dist.mode()
             # As for SD's VAE: scale latents to unit variance, so diffusion noise levels mean the same.
             vae.register_to_config(scaling_factor=float(1.0 / z.float().std()))
@@ -174,7 +175,7 @@ class ShapesClipObjective(Objective):
     export_files = {None: "open_clip_model.safetensors"}
 
     def loss(self, batch, step, rank):
-        images = batch["image"].to(self.device)  # already in [-1, 1] = (x - 0.5) / 0.5
+        images = to_unit(batch["image"], self.device)  # [-1, 1] = (x - 0.5) / 0.5, ShapesCLIP's normalisation
         texts = self.tokenizer(batch["caption"]).to(self.device)
         out = self.trainable(images, texts)
         return self.clip_loss(out["image_features"], out["text_features"], out["logit_scale"])
@@ -217,6 +218,7 @@ class LatentDiffusionObjective(Objective):
             self.text_encoder.requires_grad_(False)
             self.text_dim = self.text_encoder.config.hidden_size
         self.noise_scheduler = DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps)
+        self._latents = None  # (batch, its latents): see latents()
         self.scale = 2 ** (len(self.vae.config.block_out_channels) - 1)
         self.latent_size = cfg.image_size // self.scale
         torch.manual_seed(cfg.seed)
@@ -250,13 +252,22 @@ class LatentDiffusionObjective(Objective):
                 "aspect_ratio": torch.ones(batch, 1, device=self.device)}
 
     @torch.no_grad()
-    def encode(self, batch, step, rank):
+    def latents(self, batch):
+        """The frozen VAE's latents of a batch, kept while the same batch comes back (``data_echo``)."""
+        if self._latents is not None and self._latents[0] is batch:
+            return self._latents[1]
         vae = self.vae
-        canvas, target = batch["canvas"].to(self.device), batch["target"].to(self.device)
-        mask = batch["mask"].to(self.device)
+        canvas, target = to_unit(batch["canvas"], self.device), to_unit(batch["target"], self.device)
+        mask = batch["mask"].to(self.device).float()
         sf = vae.config.scaling_factor
         x0 = vae.encode(target).latent_dist.mode() * sf
         masked = vae.encode(canvas * (1 - mask)).latent_dist.mode() * sf   # E(I * (1 - M))
+        self._latents = (batch, (x0, masked, mask))
+        return x0, masked, mask
+
+    @torch.no_grad()
+    def encode(self, batch, step, rank):
+        x0, masked, mask = self.latents(batch)
         prompts = list(batch["prompt"])
         drop = np.random.default_rng([self.cfg.seed, step, rank]).random(len(prompts)) < self.cfg.prompt_dropout
         prompts = ["" if d else p for p, d in zip(prompts, drop)]
@@ -292,7 +303,16 @@ class LatentDiffusionObjective(Objective):
         target = gather_tokens(patchify(e["noise"], self.patch), e["index"])
         err = (pred_tokens[..., : target.shape[-1]].float() - target) ** 2
         w = e["valid"][..., None].float()
-        return (err * w).sum() / (w.sum() * target.shape[-1])
+        n = w.sum() * target.shape[-1]
+        if self.cfg.snr_gamma is not None:  # Min-SNR-gamma: a per-sample weight, the normaliser stays the count
+            w = w * self.min_snr_weights(e["t"])[:, None, None]
+        return (err * w).sum() / n
+
+    def min_snr_weights(self, t: torch.Tensor) -> torch.Tensor:
+        """min(SNR_t, gamma) / SNR_t for epsilon prediction, SNR_t = alpha_bar_t / (1 - alpha_bar_t)."""
+        alpha_bar = self.noise_scheduler.alphas_cumprod.to(t.device)[t].float()
+        snr = alpha_bar / (1 - alpha_bar)
+        return snr.clamp(max=self.cfg.snr_gamma) / snr
 
     def export_scheduler(self, folder: Path):
         from ..defaults import default_scheduler
