@@ -265,7 +265,6 @@ def test_cuda_graph_denoiser_replays_on_static_inputs():
         calls.append("capture" if fake.capturing else "eager")
         out = f(x, t)
         if fake.capturing is not None:
-            fake.capturing.recorded = (f, x, t, out)
             out = torch.full_like(out, float("nan"))  # captured kernels do not run: the output is garbage until replay
             fake.capturing.recorded = (f, x, t, out)
         return out

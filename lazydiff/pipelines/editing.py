@@ -217,8 +217,7 @@ class CUDAGraphDenoiser:
     keys/values) live as long as this object. If recording fails, it warns once and runs eagerly.
     """
 
-    def __init__(self, denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-                 cuda=None):
+    def __init__(self, denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], cuda=None):
         self.denoise, self.calls, self.graph, self.failed = denoise, 0, None, False
         self.cuda = torch.cuda if cuda is None else cuda  # swappable for tests without a GPU
 
