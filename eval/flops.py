@@ -168,6 +168,14 @@ class CallRecorder:
             return orig_dec(x, *args, **kw)
 
         dec.forward = dec_forward
+
+        def replayed():  # a step replayed from a CUDA graph: the same decoder call as the one recorded
+            if self.enabled:
+                last = next((c for c in reversed(self.calls) if c[0] == "decoder"), None)
+                if last is not None:
+                    self.calls.append(last)
+
+        pipe.graph_replay_hook = replayed
         orig_prep = getattr(dec, "prepare_text", None)
         if orig_prep is not None:
             def prepare_text(text, *args, **kw):

@@ -101,3 +101,29 @@ def test_flop_ratio_tracks_token_ratio():
     assert fixed > 0
     assert (decoder_flops(lazy_cfg, 410, 120, 2) - fixed) / (decoder_flops(lazy_cfg, 41, 120, 2) - fixed) \
         == pytest.approx(10, rel=0.15)
+
+
+@pytest.mark.parametrize("kind", ["lazy", "regenerate-image"])
+def test_flop_recorder_counts_cuda_graph_replays(kind, make_canvas, make_mask):
+    """A step replayed from a CUDA graph runs no decoder Python; the pipeline's graph_replay_hook tells
+    the recorder, which counts it as the step it recorded (same shapes), so FLOPs are not undercounted."""
+    from eval.flops import CallRecorder
+    from lazydiff.testing import tiny_lazy_pipeline, tiny_regenerate_pipeline
+
+    pipe = (tiny_lazy_pipeline if kind == "lazy" else tiny_regenerate_pipeline)(seed=0)
+    rec = CallRecorder(pipe)
+    rec.start()
+    pipe("a red star", make_canvas(64, 64), make_mask(64, 64, (20, 16, 44, 40)), num_inference_steps=3,
+         generator=torch.Generator().manual_seed(0))
+    eager = rec.flops(rec.stop())
+    rec.start()
+    pipe("a red star", make_canvas(64, 64), make_mask(64, 64, (20, 16, 44, 40)), num_inference_steps=3,
+         generator=torch.Generator().manual_seed(0))
+    for _ in range(2):
+        pipe.graph_replay_hook()
+    replayed = rec.flops(rec.stop())
+    assert replayed["denoise"] == pytest.approx(eager["denoise"] * 5 / 3)
+    assert replayed["denoise_per_step"] == pytest.approx(eager["denoise_per_step"])
+    rec.enabled = False
+    pipe.graph_replay_hook()  # outside a recording: nothing is counted
+    assert rec.flops(rec.calls)["denoise"] == pytest.approx(replayed["denoise"])

@@ -269,11 +269,12 @@ def test_cuda_graph_denoiser_replays_on_static_inputs():
             fake.capturing.recorded = (f, x, t, out)
         return out
 
-    g = CUDAGraphDenoiser(denoise, cuda=fake)
+    g = CUDAGraphDenoiser(denoise, cuda=fake, on_replay=lambda: calls.append("replay"))
     xs = [torch.randn(2, 5, 3) for _ in range(4)]
     ts = [torch.tensor(t) for t in (999.0, 749.0, 499.0, 249.0)]
     outs = [g(x, t) for x, t in zip(xs, ts)]
-    assert calls == ["eager", "capture"] and len(fake.graphs) == 1  # one recording, then replays only
+    # one recording, then replays only; each step runs the denoiser's Python or reports a replay, never both
+    assert calls == ["eager", "capture", "replay", "replay"] and len(fake.graphs) == 1
     for x, t, o in zip(xs, ts, outs):
         assert torch.equal(o, f(x, t))
     assert outs[2].data_ptr() != outs[3].data_ptr()  # results are copies: the next replay cannot overwrite them
@@ -302,3 +303,35 @@ def test_cuda_graphs_flag_leaves_cpu_edits_unchanged(make_canvas, make_mask):
     finally:
         pipe.cuda_graphs = False
     assert np.array_equal(on[0], ref[0]) and torch.equal(on[1], ref[1])
+
+
+@pytest.mark.parametrize("which", ["lazy", "full"])
+def test_decoder_step_copies_nothing_from_the_host(which):
+    """A step inside a CUDA graph may not copy host tensors to the device (capture fails: the
+    full-canvas decoder once re-sent its position table every step). Stand-in for a GPU: the meta
+    device; after a first call (per-edit memos), no op of a step may see a CPU tensor."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class HostTensors(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            flat = torch.utils._pytree.tree_leaves((args, kwargs))
+            if any(isinstance(a, torch.Tensor) and a.device.type == "cpu" and a.dim() > 0 for a in flat):
+                self.ops.append(str(func))
+            return func(*args, **kwargs)
+
+    dec, args, text, tmask = decoder_and_args(which)
+    meta = lambda a: a.to("meta") if isinstance(a, torch.Tensor) else a  # noqa: E731
+    dec = dec.to("meta")
+    args, text, tmask = tuple(meta(a) for a in args), meta(text), meta(tmask)
+    with torch.no_grad():
+        cond = dec.prepare_text(text, tmask)
+        t = torch.full((2,), 500.0, device="meta")
+        dec(*args, t, text, tmask, text_conditioning=cond)  # first step: memos may be filled here
+        with HostTensors() as mode:
+            dec(*args, t, text, tmask, text_conditioning=cond)
+    assert mode.ops == []

@@ -86,10 +86,19 @@ def _sincos_table(dim: int, gh: int, gw: int, base_size: int, scale: float) -> t
     return pos.float()
 
 
+@functools.lru_cache(maxsize=8)
+def _sincos_on(dim: int, gh: int, gw: int, base_size: int, scale: float, device: torch.device,
+               dtype: torch.dtype) -> torch.Tensor:
+    return _sincos_table(dim, gh, gw, base_size, scale).to(device, dtype)
+
+
 def sincos_positions(dim: int, grid: Tuple[int, int], base_size: int, interpolation_scale: float,
                      device, dtype) -> torch.Tensor:
-    """The full 2-D sin-cos table (h*w, dim), as PixArt computes it (cached per grid)."""
-    return _sincos_table(dim, int(grid[0]), int(grid[1]), int(base_size), float(interpolation_scale)).to(device, dtype)
+    """The full 2-D sin-cos table (h*w, dim), as PixArt computes it, cached per grid, device and
+    dtype: a host-to-device copy at every step would cost a transfer and cannot be recorded in a
+    CUDA graph. The result is shared: do not modify it in place."""
+    return _sincos_on(dim, int(grid[0]), int(grid[1]), int(base_size), float(interpolation_scale),
+                      torch.device(device), dtype)
 
 
 # ----------------------------------------------------------------------------- the PixArt-style trunk

@@ -215,10 +215,14 @@ class CUDAGraphDenoiser:
     call 2 records the graph on static copies of ``x`` and ``t`` and replays it; later calls copy
     their inputs in and replay. The per-edit constants the closure holds (context tokens, text
     keys/values) live as long as this object. If recording fails, it warns once and runs eagerly.
+    ``on_replay()``, if given, is called at every step that only replays (from call 3 on): such a step
+    runs no Python code of the decoder, so tools that count decoder calls (FLOP counters) hear of it there.
     """
 
-    def __init__(self, denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], cuda=None):
+    def __init__(self, denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], cuda=None,
+                 on_replay: Optional[Callable[[], None]] = None):
         self.denoise, self.calls, self.graph, self.failed = denoise, 0, None, False
+        self.on_replay = on_replay
         self.cuda = torch.cuda if cuda is None else cuda  # swappable for tests without a GPU
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -240,6 +244,8 @@ class CUDAGraphDenoiser:
         else:
             self.static_x.copy_(x)
             self.static_t.copy_(t)
+            if self.on_replay is not None:  # not at the recording call, which ran the decoder's Python
+                self.on_replay()
         self.graph.replay()
         return self.static_out.clone()  # the next replay overwrites static_out
 
@@ -267,6 +273,7 @@ class EditPipelineMixin:
     # On a CUDA device, replay each edit's denoiser from a CUDA graph (CUDAGraphDenoiser): for small
     # steps that are bound by kernel launches, not arithmetic. Off by default until measured on a GPU.
     cuda_graphs: bool = False
+    graph_replay_hook: Optional[Callable[[], None]] = None  # CUDAGraphDenoiser's on_replay (eval.flops)
 
     # -- geometry
     @property
@@ -519,7 +526,7 @@ class EditPipelineMixin:
         extra = {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
         fast_step = self._ddim_step_fn() if self.fast_scheduler_step else None
         if self.cuda_graphs and latents.is_cuda:
-            denoise = CUDAGraphDenoiser(denoise)
+            denoise = CUDAGraphDenoiser(denoise, on_replay=self.graph_replay_hook)
         with self.progress_bar(total=len(timesteps)) as bar:
             for i, t in enumerate(timesteps):
                 x = torch.cat([latents] * 2) if do_cfg else latents
