@@ -71,6 +71,22 @@ def poisson_blend(original: np.ndarray, generated: np.ndarray, mask: np.ndarray)
     return out
 
 
+def mask_bbox(mask: np.ndarray, border: int = 0):
+    """Bounding box (y0, y1, x0, x1) of a non-empty (H, W) bool mask, grown by ``border`` pixels and
+    clipped to the canvas. Row/column ``any`` instead of ``nonzero``: a few ms less at 1024²."""
+    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+    return (max(rows[0] - border, 0), min(rows[-1] + 1 + border, mask.shape[0]),
+            max(cols[0] - border, 0), min(cols[-1] + 1 + border, mask.shape[1]))
+
+
+def paste_masked(dst: np.ndarray, src: np.ndarray, mask: np.ndarray, box=None) -> None:
+    """``dst[mask] = src[mask]`` in place, touching only the mask's bounding box (``box`` if known).
+    A masked copy instead of boolean indexing, which gathers and scatters every pixel (~20 ms at 1024²)."""
+    y0, y1, x0, x1 = mask_bbox(mask) if box is None else box
+    m = mask[y0:y1, x0:x1]
+    np.copyto(dst[y0:y1, x0:x1], src[y0:y1, x0:x1], where=m[..., None] if dst.ndim == 3 else m)
+
+
 def blend(original: np.ndarray, generated: np.ndarray, mask: np.ndarray, mode: str = "feather",
           feather_radius: Optional[float] = None) -> np.ndarray:
     """Paste ``generated`` into ``original`` (H, W, C uint8) inside ``mask`` (H, W bool) -> uint8."""
@@ -79,13 +95,11 @@ def blend(original: np.ndarray, generated: np.ndarray, mask: np.ndarray, mode: s
     out = original.copy()
     if not mask.any():
         return out
-    if mode == "hard":
-        out[mask] = generated[mask]
-        return out
     # Work on the mask's bounding box (plus a 1-px border for the Poisson boundary) only.
-    ys, xs = np.nonzero(mask)
-    y0, y1 = max(ys.min() - 1, 0), min(ys.max() + 2, mask.shape[0])
-    x0, x1 = max(xs.min() - 1, 0), min(xs.max() + 2, mask.shape[1])
+    y0, y1, x0, x1 = box = mask_bbox(mask, border=1)
+    if mode == "hard":
+        paste_masked(out, generated, mask, box)
+        return out
     m = mask[y0:y1, x0:x1]
     o = original[y0:y1, x0:x1].astype(np.float32)
     g = generated[y0:y1, x0:x1].astype(np.float32)
@@ -95,6 +109,5 @@ def blend(original: np.ndarray, generated: np.ndarray, mask: np.ndarray, mode: s
     else:
         res = poisson_blend(o, g, m)
     res = np.clip(np.rint(res), 0, 255).astype(np.uint8)
-    region = out[y0:y1, x0:x1]
-    region[m] = res[m]
+    np.copyto(out[y0:y1, x0:x1], res, where=m[..., None])
     return out

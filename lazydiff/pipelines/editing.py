@@ -28,7 +28,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from ..models.dit import gather_tokens, hole_indices, patchify, scatter_tokens, token_mask_from_pixels, unpatchify
 from . import canvas_cache
-from .blending import BLEND_MODES, blend
+from .blending import BLEND_MODES, blend, paste_masked
 
 ImageInput = Union[PIL.Image.Image, np.ndarray]
 _CANVAS_VERSIONS = itertools.count()  # unique ids of cached canvas latents (keys of the context cache)
@@ -623,11 +623,13 @@ class EditPipelineMixin:
         """Write the edited pixels into a copy of the original array, in the original mode."""
         out = edit.original.copy()
         m = edit.mask
+        if not m.any():
+            return PIL.Image.fromarray(out, edit.mode)
         if edit.mode == "RGB":
-            out[m] = out_rgb[m]
+            paste_masked(out, out_rgb, m)
         elif edit.mode == "RGBA":
-            out[m, :3] = out_rgb[m]
-            out[m, 3] = 255  # generated content is opaque
+            paste_masked(out[..., :3], out_rgb, m)
+            paste_masked(out[..., 3], np.full(m.shape, 255, np.uint8), m)  # generated content is opaque
         else:  # L, LA
             lum = np.asarray(PIL.Image.fromarray(out_rgb).convert("L"))
             if edit.mode == "L":
