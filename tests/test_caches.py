@@ -248,3 +248,39 @@ def test_refresh_boxes_split_and_merge(pipes):
     changed[4, 2:120] = True                    # joined by a stroke: one crop
     changed[4:112, 118] = True
     assert len(lazy._refresh_boxes(changed)) == 1
+
+
+def test_changed_pixels_is_where_the_masked_canvas_differs():
+    """The cache compares canvases without building masked copies; it must flag exactly the pixels
+    where the VAE input I * (1 - M), or the hole M, differs."""
+    from lazydiff.pipelines.editing import EditPipelineMixin
+
+    def key(rgb, m):  # the definition: masked canvas plus the hole as a 4th channel
+        return np.concatenate([rgb * ~m[..., None], m[..., None].astype(np.uint8)], -1)
+
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        rgb = rng.integers(0, 4, (24, 32, 3), dtype=np.uint8)  # few values: many equal pixels
+        m = rng.random((24, 32)) < 0.3
+        rgb2, m2 = rgb.copy(), m.copy()
+        rgb2[rng.random((24, 32, 3)) < 0.1] = 3
+        m2[rng.random((24, 32)) < 0.1] ^= True
+        for a, b in (((rgb, m), (rgb2, m2)), ((rgb, m), (rgb2, m)), ((rgb, m), (rgb, m2)), ((rgb, m), (rgb, m))):
+            want = (key(*a) != key(*b)).any(-1)
+            assert np.array_equal(EditPipelineMixin._changed_pixels(a[0], a[1], b[0], b[1]), want)
+
+
+def test_cache_hit_makes_no_pixel_tensor(pipes, monkeypatch):
+    """On a reused canvas the pipeline does not convert the canvas to a tensor at all (~10 ms at 1024²)."""
+    import lazydiff.pipelines.editing as editing
+
+    lazy, _ = pipes
+    img, m = canvas(4), box(20, 50, 12)
+    edit(lazy, img, m)
+    made = []
+    real = editing.to_tensor
+    monkeypatch.setattr(editing, "to_tensor", lambda *a: made.append(1) or real(*a))
+    again = edit(lazy, img, m, seed=1)
+    assert again.stats["vae_encode"] == "reused" and made == []
+    edit(lazy, img, box(60, 20, 12), seed=1)  # a new hole: the crops are encoded from a fresh tensor
+    assert made == [1]

@@ -353,10 +353,16 @@ class EditPipelineMixin:
             self.__dict__.pop(k, None)
 
     @staticmethod
-    def _masked_canvas_key(rgb: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        """(Hp, Wp, 4) uint8 from the padded canvas and hole: the canvas with the hole zeroed, and the
-        hole as the 4th channel. Two edits with equal keys have bit-identical VAE inputs ``I * (1 - M)``."""
-        return np.concatenate([rgb * ~mask[..., None], mask[..., None].astype(np.uint8) * 255], axis=-1)
+    def _changed_pixels(rgb: np.ndarray, mask: np.ndarray, prev_rgb: np.ndarray, prev_mask: np.ndarray) -> np.ndarray:
+        """(Hp, Wp) bool: where the VAE input ``I * (1 - M)`` or the hole ``M`` differs from the cached
+        canvas's: the hole changed, or the pixel is outside the hole and its colour changed. No all-False
+        result can come from two different VAE inputs. Whole-array compares first, then per-channel
+        ORs: ~5 ms at 1024², not the ~40 ms of building and comparing a masked copy."""
+        changed = mask != prev_mask
+        if not np.array_equal(rgb, prev_rgb):
+            ne = rgb != prev_rgb
+            changed |= (ne[..., 0] | ne[..., 1] | ne[..., 2]) & ~mask
+        return changed
 
     def _refresh_boxes(self, changed: np.ndarray) -> List[Tuple[Tuple[int, int, int, int], Tuple[int, int, int, int]]]:
         """Latent-cell boxes to re-encode for changed pixels ``changed`` (Hp, Wp) bool.
@@ -395,9 +401,11 @@ class EditPipelineMixin:
         return [(b, grow(b, cm)) for b in boxes]
 
     def masked_canvas_latents(self, rgb: np.ndarray, mask: np.ndarray,
-                              pixels: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, Any]]:
-        """``E(I * (1 - M))`` for the padded masked canvas ``pixels`` (1, 3, Hp, Wp), made from the padded
-        canvas ``rgb`` (Hp, Wp, 3) uint8 and hole ``mask`` (Hp, Wp) bool, using the canvas cache.
+                              masked_pixels: Callable[[], torch.Tensor], device) -> Tuple[torch.Tensor, Dict[str, Any]]:
+        """``E(I * (1 - M))`` for the padded masked canvas ``masked_pixels()`` (1, 3, Hp, Wp), made from the
+        padded canvas ``rgb`` (Hp, Wp, 3) uint8 and hole ``mask`` (Hp, Wp) bool, using the canvas cache.
+        ``masked_pixels`` is called only if something must be encoded (not on a cache hit); ``device`` is
+        where it puts them.
 
         ``canvas_cache``:
           * ``"off"``: always encode the whole canvas (no state kept).
@@ -419,12 +427,11 @@ class EditPipelineMixin:
         if mode not in CANVAS_CACHE_MODES:
             raise ValueError(f"canvas_cache must be 'off', 'exact' or 'incremental', got {mode!r}")
         if mode == "off":
-            return self.vae_encode(pixels), {"vae_encode": "full", "encoded_fraction": 1.0}
-        key = self._masked_canvas_key(rgb, mask)
-        ident = (key.shape, str(pixels.device), self.vae.dtype, self.model_dtype, id(self.vae))
+            return self.vae_encode(masked_pixels()), {"vae_encode": "full", "encoded_fraction": 1.0}
+        ident = (rgb.shape, str(torch.device(device)), self.vae.dtype, self.model_dtype, id(self.vae))
         state = self.__dict__.get("_canvas_state")
         if state is not None and state["ident"] == ident:
-            changed = (key != state["pixels"]).any(axis=-1)
+            changed = self._changed_pixels(rgb, mask, state["rgb"], state["mask"])
             if not changed.any():
                 return state["latents"], {"vae_encode": "reused", "encoded_fraction": 0.0,
                                           "canvas_version": state["version"]}
@@ -436,18 +443,20 @@ class EditPipelineMixin:
                     s = self.vae_scale_factor
                     lat = state["latents"].clone()
                     rec = state["record"]
+                    pixels = masked_pixels()
                     for paste, crop in boxes:
                         (py0, py1, px0, px1), (cy0, cy1, cx0, cx1) = paste, crop
                         with canvas_cache.crop_as_part_of_canvas(self.vae, rec, crop, paste):
                             z = self.vae_encode(pixels[..., cy0 * s:cy1 * s, cx0 * s:cx1 * s])
                         lat[..., py0:py1, px0:px1] = z[..., py0 - cy0:py1 - cy0, px0 - cx0:px1 - cx0]
                     version = next(_CANVAS_VERSIONS)
-                    self.__dict__["_canvas_state"] = dict(ident=ident, pixels=key, latents=lat, version=version,
-                                                          record=rec)
+                    self.__dict__["_canvas_state"] = dict(ident=ident, rgb=rgb.copy(), mask=mask.copy(), latents=lat,
+                                                          version=version, record=rec)
                     return lat, {"vae_encode": "partial", "encoded_fraction": area / (h * w), "canvas_version": version,
                                  "encoded_boxes": len(boxes)}
         s = self.vae_scale_factor
-        latent_size = (key.shape[0] // s, key.shape[1] // s)
+        latent_size = (rgb.shape[0] // s, rgb.shape[1] // s)
+        pixels = masked_pixels()
         rec = None
         # Record what the encoder saw only if a partial re-encode can ever pay at this canvas size
         # (the smallest crop: one cell plus both margins on each side).
@@ -459,7 +468,8 @@ class EditPipelineMixin:
         else:
             lat = self.vae_encode(pixels)
         version = next(_CANVAS_VERSIONS)
-        self.__dict__["_canvas_state"] = dict(ident=ident, pixels=key, latents=lat, version=version, record=rec)
+        self.__dict__["_canvas_state"] = dict(ident=ident, rgb=rgb.copy(), mask=mask.copy(), latents=lat,
+                                              version=version, record=rec)
         return lat, {"vae_encode": "full", "encoded_fraction": 1.0, "canvas_version": version}
 
     def encode_canvas(self, edit: PreparedEdit, device) -> Dict[str, torch.Tensor]:
@@ -467,9 +477,9 @@ class EditPipelineMixin:
         The masked-canvas latents go through the canvas cache (:meth:`masked_canvas_latents`)."""
         rgb, mask = _pad(edit.rgb, edit.padded_size), _pad(edit.mask, edit.padded_size)
         mask_px = torch.from_numpy(mask).to(device)[None, None]
-        pixels = to_tensor(rgb, device, torch.float32)
-        masked = pixels * (~mask_px)          # hole -> 0, i.e. mid-grey in [-1, 1]
-        latents, info = self.masked_canvas_latents(rgb, mask, masked)
+        # hole -> 0, i.e. mid-grey in [-1, 1]; made only if the canvas cache must encode something
+        masked = lambda: to_tensor(rgb, device, torch.float32) * (~mask_px)  # noqa: E731
+        latents, info = self.masked_canvas_latents(rgb, mask, masked, device)
         edit.notes.update(info)
         out = {"mask_px": mask_px, "masked_latents": latents}
         if "canvas_version" in info:
@@ -477,8 +487,9 @@ class EditPipelineMixin:
         if edit.sketch_rgb is not None:
             out["sketch_latents"] = self.vae_encode(to_tensor(_pad(edit.sketch_rgb, edit.padded_size), device, torch.float32))
         s = self.vae_scale_factor
-        out["mask_latent"] = token_mask_from_pixels(mask_px, s)[:, None].to(self.model_dtype)
-        out["token_mask"] = token_mask_from_pixels(mask_px, self.token_cell)
+        cells = token_mask_from_pixels(mask_px, s)[:, None]  # pooled once at full resolution, then per patch
+        out["mask_latent"] = cells.to(self.model_dtype)
+        out["token_mask"] = token_mask_from_pixels(cells, self.patch_size)
         out["hole_index"] = hole_indices(out["token_mask"])
         return out
 
