@@ -19,6 +19,9 @@
 #   WORKERS_AE, WORKERS_CLIP, WORKERS_DIFFUSION   data-generation processes per run (default 2)
 #   MINUTES_AE, MINUTES_CLIP, MINUTES_DIFFUSION   time boxes: stop there, checkpoint and export anyway
 #                                                 (train_info.json records the step reached)
+#   STEPS_DIFFUSION                       stop each diffusion run after this many steps (this call; a resumed
+#                                         run counts from where it was), then export: the same number of steps
+#                                         for both models, where a time box gives the cheaper baseline more
 #   INIT_DIR                              continue: where the exports to go on from are (default $RUNS/<run>/export;
 #                                         INIT_DIR=data/models continues the shipped models)
 #   TEXT_FEATURES                         precomputed text features for the diffusion runs (python -m
@@ -70,12 +73,13 @@ if [[ $STAGE == stage1 || $STAGE == all ]]; then
 fi
 if [[ $STAGE == continue || $STAGE == diffusion ]]; then
   W=${WORKERS_DIFFUSION:-2}; M=${MINUTES_DIFFUSION:-}
+  S=""; [[ -n ${STEPS_DIFFUSION:-} ]] && S="--max-steps-this-run $STEPS_DIFFUSION --export-at-stop"
   if [[ $STAGE == continue ]]; then L_RUN=lazy_continue; R_RUN=regenerate_image_continue; FROM=""
   else L_RUN=lazy_stage3; R_RUN=regenerate_image_stage3; FROM=_continue; fi
-  run $L_RUN $L_RUN "$W" "$M" --set "$(init lazy$FROM lazy)" --set "autoencoder=$MODELS/autoencoder" $TEXT &
+  run $L_RUN $L_RUN "$W" "$M" --set "$(init lazy$FROM lazy)" --set "autoencoder=$MODELS/autoencoder" $TEXT $S &
   L=$!
   run $R_RUN $R_RUN "$W" "$M" --set "$(init regenerate_image$FROM regenerate-image)" \
-    --set "autoencoder=$MODELS/autoencoder" $TEXT &
+    --set "autoencoder=$MODELS/autoencoder" $TEXT $S &
   R=$!
   C=""
   if [[ $STAGE == continue ]]; then
