@@ -742,6 +742,18 @@ def test_training_script_stages_run_their_configs_and_publish(tmp_path, stage, c
         assert (tmp_path / "models" / name / "weights").exists() and (tmp_path / "models" / name / "training" / "loss.csv").exists()
 
 
+def test_training_script_gives_both_diffusion_runs_the_same_step_budget(tmp_path):
+    import os
+    import subprocess
+
+    log = tmp_path / "log"
+    env = dict(os.environ, PYTHON=str(_fake_python(tmp_path)), FAKE_LOG=str(log), RUNS=str(tmp_path / "runs"),
+               MODELS=str(tmp_path / "models"), INIT_DIR="data/models", STEPS_DIFFUSION="1234")
+    subprocess.run(["bash", str(REPO / "scripts" / "train_shapesworld.sh"), "diffusion"], env=env, check=True, cwd=REPO)
+    calls = log.read_text().splitlines()
+    assert len(calls) == 2 and all("--max-steps-this-run 1234 --export-at-stop" in c for c in calls)
+
+
 def test_training_script_rejects_an_unknown_stage(tmp_path):
     import subprocess
 
