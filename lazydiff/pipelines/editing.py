@@ -631,22 +631,21 @@ class EditPipelineMixin:
 
     @staticmethod
     def _to_mode(edit: PreparedEdit, out_rgb: np.ndarray) -> PIL.Image.Image:
-        """Write the edited pixels into a copy of the original array, in the original mode."""
+        """The blended RGB canvas (``blend``'s output: every pixel outside the mask is ``edit.rgb``'s) in
+        the original mode, the edited pixels written into a copy of the original array."""
+        if edit.mode == "RGB":  # edit.rgb is the original array: out_rgb already is the answer
+            return PIL.Image.fromarray(out_rgb, "RGB")
         out = edit.original.copy()
         m = edit.mask
-        if not m.any():
-            return PIL.Image.fromarray(out, edit.mode)
-        if edit.mode == "RGB":
-            paste_masked(out, out_rgb, m)
-        elif edit.mode == "RGBA":
+        opaque = np.full(m.shape, 255, np.uint8)  # generated content is opaque
+        if edit.mode == "RGBA":
             paste_masked(out[..., :3], out_rgb, m)
-            paste_masked(out[..., 3], np.full(m.shape, 255, np.uint8), m)  # generated content is opaque
+            paste_masked(out[..., 3], opaque, m)
         else:  # L, LA
             lum = np.asarray(PIL.Image.fromarray(out_rgb).convert("L"))
-            if edit.mode == "L":
-                out[m] = lum[m]
-            else:
-                out[m, 0], out[m, 1] = lum[m], 255
+            paste_masked(out if edit.mode == "L" else out[..., 0], lum, m)
+            if edit.mode == "LA":
+                paste_masked(out[..., 1], opaque, m)
         return PIL.Image.fromarray(out, edit.mode)
 
     def stats(self, edit: PreparedEdit, enc: Dict[str, torch.Tensor], steps: int) -> Dict[str, Any]:
