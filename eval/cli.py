@@ -6,6 +6,8 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
+from lazydiff.schedulers import SCHEDULERS
+
 
 def _floats(s: str) -> List[float]:
     try:
@@ -35,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--limit", type=int, default=None, help="only the first N edits of the suite")
     q.add_argument("--steps", type=int, default=None, help="override the suite's denoising steps")
     q.add_argument("--guidance", type=float, default=None, help="override the suite's guidance scale")
+    q.add_argument("--scheduler", default=None, choices=list(SCHEDULERS),
+                   help="sampler for every method (default: the suite's, else each method's own)")
     q.add_argument("--device", default=None, help="cpu | cuda (default: accelerate's device)")
     q.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     q.add_argument("--shapes-clip", default=None, help="ShapesCLIP folder (default data/models/shapes-clip or "
@@ -118,8 +122,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             from .quality import QualityOptions, print_summary, run_quality
 
             opts = QualityOptions(suite=args.suite, out=args.out, methods=args.methods, limit=args.limit,
-                                  steps=args.steps, guidance=args.guidance, device=args.device, dtype=args.dtype,
-                                  shapes_clip=args.shapes_clip, inception_weights=args.inception_weights,
+                                  steps=args.steps, guidance=args.guidance, scheduler=args.scheduler,
+                                  device=args.device, dtype=args.dtype, shapes_clip=args.shapes_clip, inception_weights=args.inception_weights,
                                   clip_model=args.clip_model, clip_weights=args.clip_weights,
                                   batch_size=args.batch_size, overwrite=args.overwrite, metrics_only=args.metrics_only)
             if opts.limit is not None and opts.limit < 1:

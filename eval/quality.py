@@ -28,7 +28,7 @@ from typing import Any, Dict, List, Optional
 import numpy as np
 import torch
 
-from .methods import Method, resolve_methods
+from .methods import Method, MethodError, resolve_methods
 from .suites import EditSample, Suite, atomic_write_text, load_suite
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -42,6 +42,7 @@ class QualityOptions:
     limit: Optional[int] = None
     steps: Optional[int] = None
     guidance: Optional[float] = None
+    scheduler: Optional[str] = None   # overrides the suite's
     device: Optional[str] = None
     dtype: str = "fp32"
     shapes_clip: Optional[str] = None
@@ -137,9 +138,31 @@ def prepare_backbones(suite: Suite, opts: QualityOptions, build: bool, device: s
 
 def settings_for(method: Method, suite: Suite, opts: QualityOptions, steps: int, guidance: float) -> Dict[str, Any]:
     """What a method's records depend on; a resumed run must match it."""
-    return {"method": method.spec, "steps": steps, "guidance": guidance, "seed": suite.seed, "blend": suite.blend,
-            "negative_prompt": suite.negative_prompt, "dtype": opts.dtype, "dataset": suite.dataset,
-            "size": list(suite.size) if suite.dataset == "shapesworld" else None}
+    settings = {"method": method.spec, "steps": steps, "guidance": guidance, "seed": suite.seed, "blend": suite.blend,
+                "negative_prompt": suite.negative_prompt, "dtype": opts.dtype, "dataset": suite.dataset,
+                "size": list(suite.size) if suite.dataset == "shapesworld" else None}
+    scheduler = scheduler_for(suite, opts)
+    if scheduler is not None:  # absent, not None, when unset: runs made before the key existed still resume
+        settings["scheduler"] = scheduler
+    return settings
+
+
+def scheduler_for(suite: Suite, opts: QualityOptions) -> Optional[str]:
+    """The sampler every method uses in this run (None: each method's own)."""
+    return opts.scheduler or suite.scheduler
+
+
+def use_scheduler(pipe, name: Optional[str], label: str):
+    """Swap ``pipe``'s sampler for ``name`` (a :data:`lazydiff.schedulers.SCHEDULERS` name), from its own config."""
+    if name is None:
+        return pipe
+    from lazydiff.schedulers import make_scheduler
+
+    target = getattr(pipe, "pipe", pipe)  # DiffusersInpaintAdapter wraps a diffusers pipeline
+    if getattr(target, "scheduler", None) is None:
+        raise MethodError(f"method {label!r} has no swappable scheduler; run it without --scheduler")
+    target.scheduler = make_scheduler(name, target.scheduler.config)
+    return pipe
 
 
 # ----------------------------------------------------------------------------- generation
@@ -191,7 +214,7 @@ def generate(methods: List[Method], samples: List[EditSample], suite: Suite, opt
         res.generated[method.label] = 0
         if not todo:
             continue
-        pipe = method.load(device, dtype)
+        pipe = use_scheduler(method.load(device, dtype), scheduler_for(suite, opts), method.label)
         if hasattr(pipe, "canvas_cache"):
             pipe.canvas_cache = "exact"  # scores must not depend on the order of the edits
         bar = tqdm(todo, desc=f"[{rank}/{world}] {method.label}", unit="edit", position=rank, leave=True,
@@ -417,7 +440,8 @@ def write_report(out: Path, summary, per, extras: Dict[str, Any], methods: List[
     L = [f"# Quality report: {suite.name}", ""]
     L += warn + ([""] if warn else [])
     L += [f"- data: {suite.describe()}; {len(samples)} edits" + (f" (--limit {opts.limit})" if opts.limit else ""),
-          f"- methods: {', '.join(f'`{m.spec}`' for m in methods)}; {steps} steps, guidance {guidance}, blend "
+          f"- methods: {', '.join(f'`{m.spec}`' for m in methods)}; {steps} steps, guidance {guidance}, sampler "
+          f"{scheduler_for(suite, opts) or 'of each method'}, blend "
           f"{suite.blend}, dtype {opts.dtype}, generation seed {suite.seed} + sample index",
           f"- FID/KID features: {extras['fid_backbone']}; reference set: "
           + ("ground-truth targets" if suite.dataset == "shapesworld" else "input images (or the manifest's references)")
@@ -497,6 +521,11 @@ def run_quality(opts: QualityOptions) -> QualityResult:
     methods = resolve_methods(opts.methods or suite.methods)
     steps = opts.steps or suite.steps
     guidance = suite.guidance if opts.guidance is None else opts.guidance
+    if opts.scheduler is not None:
+        from lazydiff.schedulers import SCHEDULERS
+
+        if opts.scheduler not in SCHEDULERS:
+            raise ValueError(f"--scheduler must be one of {list(SCHEDULERS)}, got {opts.scheduler!r}")
     if opts.dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {list(DTYPES)}, got {opts.dtype!r}")
     use_cpu = (opts.device == "cpu" or not torch.cuda.is_available()
@@ -547,7 +576,8 @@ def run_quality(opts: QualityOptions) -> QualityResult:
     os.replace(tmp, out / "summary.csv")
     atomic_write_text(out / "run.json", json.dumps({
         "suite": suite.path, "suite_raw": suite.raw, "methods": [m.spec for m in methods], "steps": steps,
-        "guidance": guidance, "limit": opts.limit, "processes": world, "dtype": opts.dtype, "device": device,
+        "guidance": guidance, "scheduler": scheduler_for(suite, opts), "limit": opts.limit, "processes": world,
+        "dtype": opts.dtype, "device": device,
         "extras": extras, "notes": backbones.notes, "torch": torch.__version__}, indent=2, default=_json_default))
     if not opts.no_report:
         write_report(out, summary, per, extras, methods, samples, suite, backbones, steps, guidance, opts, world)

@@ -37,6 +37,7 @@ COMMON_KEYS: Dict[str, str] = {
     "methods": "default methods when --methods is not given",
     "steps": "denoising steps (int >= 1)",
     "guidance": "classifier-free guidance scale (>= 0; 1 = off)",
+    "scheduler": "sampler for every method: ddim | dpm-solver++ | unipc | euler | euler-a (default: each method's own)",
     "seed": "base generation seed; sample i uses seed + i",
     "blend": "hard | feather | poisson",
     "negative_prompt": "negative prompt for every edit",
@@ -142,6 +143,7 @@ class Suite:
     methods: List[str]
     steps: int = 20
     guidance: float = 4.5
+    scheduler: Optional[str] = None   # None: each method samples with its own scheduler
     seed: int = 0
     blend: str = "feather"
     negative_prompt: str = ""
@@ -447,6 +449,10 @@ def suite_from_dict(raw: Dict[str, Any], source: str = "suite", base_dir: Option
         s.steps = _as_int(raw["steps"], "steps", source, 1)
     if "guidance" in raw:
         s.guidance = _as_float(raw["guidance"], "guidance", source, 0)
+    if raw.get("scheduler") is not None:
+        from lazydiff.schedulers import SCHEDULERS
+
+        s.scheduler = _as_choice(raw["scheduler"], "scheduler", source, tuple(SCHEDULERS))
     if "seed" in raw:
         s.seed = _as_int(raw["seed"], "seed", source, 0)
     if "blend" in raw:

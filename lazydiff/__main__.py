@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .schedulers import SCHEDULERS
+
 
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m lazydiff")
@@ -17,6 +19,8 @@ def main(argv=None):
     e.add_argument("--out", required=True)
     e.add_argument("--steps", type=int, default=20)
     e.add_argument("--guidance", type=float, default=4.5)
+    e.add_argument("--scheduler", default=None, choices=list(SCHEDULERS),
+                   help="sampler (default: the model's own, DDIM for the shipped models)")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--blend", default="feather", choices=["hard", "feather", "poisson"])
     e.add_argument("--sketch", default=None)
@@ -27,11 +31,14 @@ def main(argv=None):
     import torch
 
     from . import LazyDiffusionPipeline, load_default
+    from .schedulers import make_scheduler
 
     try:
         image, mask = PIL.Image.open(args.image), PIL.Image.open(args.mask)
         sketch = PIL.Image.open(args.sketch) if args.sketch else None
         pipe = load_default("lazy") if args.model == "default" else LazyDiffusionPipeline.from_pretrained(args.model)
+        if args.scheduler:
+            pipe.scheduler = make_scheduler(args.scheduler, pipe.scheduler.config)
         out = pipe(args.prompt, image, mask, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
                    guidance_scale=args.guidance, generator=torch.Generator().manual_seed(args.seed),
                    blend=args.blend, sketch=sketch, strength=args.strength)

@@ -157,3 +157,51 @@ def test_bar_charts_draw_reference_lines(tmp_path, monkeypatch):
     acc_ax, bg_ax = figs[0].axes[:2]
     assert [tuple(line.get_ydata()) for line in acc_ax.lines] == [(0.835, 0.835)]
     assert acc_ax.get_ylim()[1] >= 0.835 and not bg_ax.lines
+
+
+def test_scheduler_override_is_used_recorded_and_guarded(tmp_path, tiny_clip, suite_file):
+    from lazydiff.testing import tiny_lazy_pipeline
+
+    seen = []
+
+    class Recording(Counting):
+        def __call__(self, *a, **kw):
+            seen.append(type(self.pipe.scheduler).__name__)
+            return self.pipe(*a, **kw)
+
+    register_method("recording", lambda device, dtype: Recording(tiny_lazy_pipeline()), "records the sampler",
+                    trained=False)
+    try:
+        out = tmp_path / "q"
+        opts = QualityOptions(suite=suite_file, out=str(out), methods=["recording"], limit=1, shapes_clip=tiny_clip,
+                              device="cpu", scheduler="dpm-solver++", no_report=True)
+        run_quality(opts)
+        assert seen == ["DPMSolverMultistepScheduler"]
+        settings = json.loads((out / "records" / "recording" / "_settings.json").read_text())
+        assert settings["scheduler"] == "dpm-solver++"
+        assert json.loads((out / "run.json").read_text())["scheduler"] == "dpm-solver++"
+        opts.scheduler = None  # the method's own DDIM would mix samplers in one folder
+        with pytest.raises(ValueError, match="other settings"):
+            run_quality(opts)
+        # Without --scheduler the settings carry no key, so folders made before it existed still resume.
+        opts2 = QualityOptions(suite=suite_file, out=str(tmp_path / "own"), methods=["recording"], limit=1,
+                               shapes_clip=tiny_clip, device="cpu", no_report=True)
+        run_quality(opts2)
+        assert seen[-1] == "DDIMScheduler"
+        assert "scheduler" not in json.loads((tmp_path / "own" / "records" / "recording" / "_settings.json").read_text())
+    finally:
+        unregister_method("recording")
+
+
+def test_scheduler_in_suite_and_cli(tmp_path, capsys):
+    from eval.suites import SuiteError, load_suite
+
+    p = tmp_path / "s.yaml"
+    p.write_text("dataset: shapesworld\nsize: 64\nscheduler: unipc\n")
+    assert load_suite(str(p)).scheduler == "unipc"
+    p.write_text("dataset: shapesworld\nsize: 64\nscheduler: dpm\n")
+    with pytest.raises(SuiteError, match="dpm-solver\\+\\+"):
+        load_suite(str(p))
+    with pytest.raises(SystemExit):
+        main(["quality", "--suite", str(p), "--out", str(tmp_path / "o"), "--scheduler", "dpm"])
+    assert "invalid choice" in capsys.readouterr().err

@@ -15,6 +15,7 @@ import torch
 
 from lazydiff import (DiffusersInpaintAdapter, LazyDiffusionPipeline, RegenerateCropPipeline,
                       RegenerateImagePipeline)
+from lazydiff.schedulers import SCHEDULERS, make_scheduler, scheduler_name
 from lazydiff.testing import tiny_lazy_pipeline
 
 PROMPT = "a small red star"
@@ -582,13 +583,13 @@ def test_vae_decodes_only_the_region_around_the_hole(lazy_pipe, make_canvas, mak
 
 
 # ----------------------------------------------------------------------------- 15. schedulers
-@pytest.mark.parametrize("name", ["DDIMScheduler", "DPMSolverMultistepScheduler", "EulerDiscreteScheduler"])
+@pytest.mark.parametrize("name", list(SCHEDULERS))
 def test_schedulers(make_canvas, make_mask, name):
-    import diffusers
-
     pipe = tiny_lazy_pipeline(seed=0)
-    pipe.scheduler = getattr(diffusers, name).from_config(pipe.scheduler.config)
-    assert type(pipe.scheduler).__name__ == name
+    ddim_config = pipe.scheduler.config
+    pipe.scheduler = make_scheduler(name, ddim_config)
+    assert type(pipe.scheduler).__name__ == SCHEDULERS[name][0] and scheduler_name(pipe.scheduler) == name
+    assert pipe.scheduler.config.timestep_spacing == ddim_config.timestep_spacing  # betas and spacing carry over
     image, mask_img = make_canvas(W, H), make_mask(W, H, BOX)
     rec = Recorder(pipe.decoder, "hole_latents")
     try:
@@ -601,3 +602,11 @@ def test_schedulers(make_canvas, make_mask, name):
     assert_outside_identical(a.images[0], image, mask_bool(mask_img))
     assert_outside_identical(sk.images[0], image, mask_bool(mask_img))
     assert np.array_equal(arr(a.images[0]), arr(b.images[0]))   # no scheduler state leaks between calls
+
+
+def test_make_scheduler_refuses_unknown_names_and_other_predictions():
+    config = tiny_lazy_pipeline(seed=0).scheduler.config
+    with pytest.raises(ValueError, match="dpm-solver\\+\\+"):
+        make_scheduler("dpmpp", config)
+    with pytest.raises(ValueError, match="epsilon"):
+        make_scheduler("euler", {**config, "prediction_type": "v_prediction"})

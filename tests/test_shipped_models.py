@@ -65,3 +65,20 @@ def test_shapes_clip_recognises_real_objects():
         labels.append((t.shape, t.color))
     acc = np.mean([p == y for p, y in zip(zs.predict(to_batch(crops)), labels)])
     assert acc >= 0.6, acc   # measured 35/48 = 0.73 for the shipped model; chance is 1/48
+
+
+def test_edit_cli_with_a_scheduler_and_a_bad_input(tmp_path, capsys):
+    from lazydiff.__main__ import main
+
+    task = make_task(10_000_002, size=(128, 128))
+    PIL.Image.fromarray(task.canvas).save(tmp_path / "in.png")
+    PIL.Image.fromarray((task.mask * 255).astype(np.uint8)).save(tmp_path / "mask.png")
+    common = ["edit", "--image", str(tmp_path / "in.png"), "--prompt", task.prompt, "--steps", "3"]
+    main(common + ["--mask", str(tmp_path / "mask.png"), "--out", str(tmp_path / "out.png"),
+                   "--scheduler", "dpm-solver++"])
+    out = np.asarray(PIL.Image.open(tmp_path / "out.png"))
+    assert np.array_equal(out[task.mask < 0.5], task.canvas[task.mask < 0.5]) and "hole tokens" in capsys.readouterr().out
+    PIL.Image.new("L", (64, 64), 255).save(tmp_path / "small.png")   # a mask of another size: a clear error
+    with pytest.raises(SystemExit, match="error: .*size"):
+        main(common + ["--mask", str(tmp_path / "small.png"), "--out", str(tmp_path / "bad.png")])
+    assert not (tmp_path / "bad.png").exists()

@@ -1,0 +1,48 @@
+"""Samplers by name: diffusers schedulers built from a pipeline's own scheduler config.
+
+Every pipeline samples through ``pipe.scheduler`` (``EditPipelineMixin.sample``), so any diffusers
+scheduler for epsilon-prediction models can be swapped in::
+
+    pipe.scheduler = make_scheduler("dpm-solver++", pipe.scheduler.config)
+
+The training betas and timestep spacing carry over from the config; the shipped models use DDIM with
+"trailing" spacing (:func:`lazydiff.defaults.default_scheduler`). DDIM keeps the inlined update of
+``fast_scheduler_step``; the others run ``scheduler.step``.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Mapping, Tuple
+
+# name -> (diffusers class name, extra config, one line for --help)
+SCHEDULERS: Dict[str, Tuple[str, Dict[str, Any], str]] = {
+    "ddim": ("DDIMScheduler", {}, "DDIM, deterministic (the shipped models' sampler)"),
+    "dpm-solver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2},
+                     "DPM-Solver++(2M), deterministic second-order multistep"),
+    "unipc": ("UniPCMultistepScheduler", {}, "UniPC (bh2), deterministic multistep"),
+    "euler": ("EulerDiscreteScheduler", {}, "Euler (Karras et al.), deterministic"),
+    "euler-a": ("EulerAncestralDiscreteScheduler", {}, "Euler ancestral, stochastic (uses the generator)"),
+}
+
+
+def make_scheduler(name: str, config: Mapping[str, Any]):
+    """A fresh scheduler ``name`` (see :data:`SCHEDULERS`) over the betas and spacing of ``config``
+    (a scheduler's ``.config``). Keys the new class does not know are ignored, as in diffusers'
+    ``from_config``."""
+    if name not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {name!r}; choose one of: {', '.join(SCHEDULERS)}")
+    import diffusers
+
+    cls_name, extra, _ = SCHEDULERS[name]
+    base = {k: v for k, v in dict(config).items() if not k.startswith("_")}
+    if base.get("prediction_type", "epsilon") != "epsilon":
+        raise ValueError(f"the scheduler config predicts {base['prediction_type']!r}; these models predict epsilon")
+    return getattr(diffusers, cls_name).from_config({**base, **extra})
+
+
+def scheduler_name(scheduler) -> str:
+    """The :data:`SCHEDULERS` name of a scheduler instance ("ddim", ...), or its class name."""
+    cls = type(scheduler).__name__
+    for name, (cls_name, extra, _) in SCHEDULERS.items():
+        if cls == cls_name and all(scheduler.config.get(k) == v for k, v in extra.items()):
+            return name
+    return cls
