@@ -21,6 +21,9 @@ def test_shipped_suites_load():
     first = s.samples(limit=3)
     assert [x.id for x in first] == ["sw10000000", "sw10000001", "sw10000002"]
     assert first[0].image.shape == (128, 128, 3) and first[0].mask.dtype == bool
+    v = load_suite(str(SUITES / "shapes-val.yaml"))  # validation edits: disjoint from the test split
+    assert v.split == "val" and v.num_samples == 200 and v.steps == s.steps and v.guidance == s.guidance
+    assert not {x.id for x in v.samples(limit=20)} & {x.id for x in s.samples(limit=20)}
     f = load_suite(str(SUITES / "folder_example.yaml"))
     samples = f.samples()
     assert len(samples) == 4 and samples[0].image.shape == (128, 128, 3)
