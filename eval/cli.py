@@ -57,6 +57,14 @@ def build_parser() -> argparse.ArgumentParser:
                                    "RegenerateImage, background MAE <= 1.25x). Exit code 1 if a target is missed.")
     g.add_argument("run", help="output folder of a quality run")
 
+    k = sub.add_parser("compare", help="compare quality runs of the same suite (a settings sweep, two models)",
+                       description="Tables and plots of several `quality` runs of the same edits, with each run's "
+                                   "difference from the first and its 95%% interval, paired edit by edit.")
+    k.add_argument("runs", nargs="+", help="output folders of quality runs; the first is the reference")
+    k.add_argument("--out", required=True, help="output folder (compare.md, compare.csv, compare.png)")
+    k.add_argument("--labels", type=_names, default=None, help="comma-separated run names (default: the settings "
+                                                                 "that differ, e.g. 'guidance 7.5')")
+
     c = sub.add_parser("ceiling", help="ShapesCLIP's zero-shot accuracy on the ground truth, real and autoencoded",
                        description="The prompt-accuracy ceiling of a ShapesWorld suite: ShapesCLIP on the object edits' "
                                    "ground truth (hole crops, as `quality` scores them), as rendered and after the "
@@ -111,6 +119,13 @@ def main(argv: Optional[List[str]] = None) -> int:
             from .gate import main as gate_main
 
             return gate_main(args.run)
+        if args.command == "compare":
+            from .compare import compare
+
+            md, _ = compare(args.runs, args.out, args.labels)
+            print(md)
+            print(f"\nwrote {args.out}/compare.md, compare.csv, compare.png")
+            return 0
         if args.command == "ceiling":
             from .ceiling import measure, write_report
 

@@ -205,3 +205,28 @@ def test_scheduler_in_suite_and_cli(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["quality", "--suite", str(p), "--out", str(tmp_path / "o"), "--scheduler", "dpm"])
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_compare_runs_pairs_edits_and_refuses_different_ones(tmp_path, tiny_clip, suite_file, capsys):
+    from eval.compare import CompareError, compare
+
+    runs = []
+    for steps in (2, 3):
+        out = tmp_path / f"s{steps}"
+        run_quality(QualityOptions(suite=suite_file, out=str(out), methods=["tiny-lazy"], limit=3, steps=steps,
+                                   shapes_clip=tiny_clip, device="cpu", no_report=True))
+        runs.append(str(out))
+    md, df = compare(runs, str(tmp_path / "cmp"))
+    assert list(df.run) == ["2 steps", "3 steps"] and (tmp_path / "cmp" / "compare.png").exists()
+    # the paired difference is the mean of the per-edit differences
+    a, b = (pd.read_csv(f"{r}/per_sample.csv").set_index("sample_id").hole_mae_target for r in runs)
+    assert df.hole_mae_target_delta.iloc[1] == pytest.approx((b - a.loc[b.index]).mean())
+    assert "Difference from the first run" in md and "3 steps" in (tmp_path / "cmp" / "compare.md").read_text()
+
+    other = tmp_path / "limit2"   # other edits: no paired comparison
+    run_quality(QualityOptions(suite=suite_file, out=str(other), methods=["tiny-lazy"], limit=2, steps=2,
+                               shapes_clip=tiny_clip, device="cpu", no_report=True))
+    with pytest.raises(CompareError, match="different edits"):
+        compare([runs[0], str(other)], str(tmp_path / "cmp2"))
+    rc = main(["compare", runs[0], str(tmp_path / "nothing"), "--out", str(tmp_path / "cmp3")])
+    assert rc == 2 and "not a finished quality run" in capsys.readouterr().err
