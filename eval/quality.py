@@ -432,6 +432,13 @@ def write_report(out: Path, summary, per, extras: Dict[str, Any], methods: List[
     grid = example_grid(rows, [m.label for m in methods], plots / "examples.png",
                         "ground truth" if suite.dataset == "shapesworld" else "reference")
 
+    from . import breakdown as bd
+
+    by_group = bd.breakdown(per)
+    by_group_plot = bd.plot(by_group, plots / "breakdown.png") if by_group is not None else None
+    if by_group is not None:
+        by_group.to_csv(out / "breakdown.csv", index=False)
+
     untrained = [m.label for m in methods if not m.trained]
     warn = []
     if untrained:
@@ -473,6 +480,13 @@ def write_report(out: Path, summary, per, extras: Dict[str, Any], methods: List[
                                                        for r in summary.itertuples()), ""]
     if bars:
         L += [f"![metrics](plots/{bars.name})", ""]
+    if by_group is not None:
+        L += ["## By mask kind and mask size", "",
+              "Prompt accuracy over the object edits and background MAE over the remove edits of each group "
+              "(`breakdown.csv`). Small groups are noisy: the plot's bars carry 95% intervals.", ""]
+        L += bd.markdown(by_group)
+        if by_group_plot:
+            L += [f"![by mask kind and size](plots/{by_group_plot.name})", ""]
     if grid:
         L += ["## Examples", "", f"![examples](plots/{grid.name})", ""]
     L += ["## Latency per stage (mean ms, from the pipelines' out.timings)", "",

@@ -98,10 +98,11 @@ def test_quality_run_resume_and_metrics(tmp_path, tiny_clip, suite_file, countin
     assert len(obj) and set(obj.prompt_correct.unique()) <= {True, False}
     lines = (out / "records.jsonl").read_text().splitlines()
     assert len(lines) == 8 and json.loads(lines[0])["image"].endswith(".png")
-    for f in ("report.md", "plots/metrics.png", "plots/examples.png"):
+    for f in ("report.md", "plots/metrics.png", "plots/examples.png", "plots/breakdown.png", "breakdown.csv"):
         assert (out / f).exists(), f
     report = (out / "report.md").read_text()
     assert "mean nothing" in report and "Beside the paper" in report and "LazyDiffusion" in report
+    assert "## By mask kind and mask size" in report
 
     # A killed run loses only the sample in flight: a missing record is regenerated on resume.
     (out / "records" / "counting" / "sw10000001.json").unlink()
@@ -230,3 +231,25 @@ def test_compare_runs_pairs_edits_and_refuses_different_ones(tmp_path, tiny_clip
         compare([runs[0], str(other)], str(tmp_path / "cmp2"))
     rc = main(["compare", runs[0], str(tmp_path / "nothing"), "--out", str(tmp_path / "cmp3")])
     assert rc == 2 and "not a finished quality run" in capsys.readouterr().err
+
+
+def test_breakdown_by_mask_kind_and_size():
+    from eval.breakdown import breakdown
+
+    per = pd.DataFrame({
+        "method": ["a"] * 6 + ["b"] * 6,
+        "mask_ratio": [0.05, 0.05, 0.15, 0.5, 0.05, 0.15] * 2,
+        "kind": ["box", "box", "object", "brush", "box", "object"] * 2,
+        "prompt_correct": [True, False, True, None, None, False] + [True, True, None, None, None, False],
+        "shape_correct": [True, False, True, None, None, False] + [True, True, None, None, None, False],
+        "bg_mae": [None, None, None, 9.0, 3.0, None] + [None, None, 4.0, 8.0, 2.0, None],
+    })
+    df = breakdown(per).set_index(["by", "group", "method"])
+    assert df.loc[("mask kind", "box", "a"), "prompt_acc"] == 0.5 and df.loc[("mask kind", "box", "a"), "bg_mae"] == 3.0
+    assert df.loc[("mask kind", "object", "b"), "prompt_acc"] == 0.0 and df.loc[("mask kind", "object", "b"), "bg_mae"] == 4.0
+    assert df.loc[("mask size", "0%–10%", "b"), "n_object_edits"] == 2
+    assert df.loc[("mask size", "0%–10%", "b"), "bg_mae"] == 2.0
+    assert df.loc[("mask size", "≥ 35%", "a"), "bg_mae"] == 9.0
+    assert math.isnan(df.loc[("mask size", "≥ 35%", "a"), "prompt_acc"])
+    assert list(dict.fromkeys(df.reset_index().query("by == 'mask kind'").group)) == ["object", "box", "brush"]
+    assert breakdown(per.drop(columns=["kind"])) is None   # folder suites have no mask kinds

@@ -1,0 +1,103 @@
+"""Where a method wins or loses on ShapesWorld: prompt accuracy and background error by mask kind and
+by mask size, from a quality run's per-sample table (the "By mask kind and size" section of report.md)."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+import numpy as np
+
+from .report import _plt, _save, color_for
+
+MASK_RATIO_BINS = (0.0, 0.1, 0.2, 0.35, 1.0)   # the suites' masks cover 2-60% of the canvas
+KIND_ORDER = ("object", "box", "brush")
+NEEDED = ("method", "mask_ratio", "kind", "prompt_correct", "bg_mae")
+
+
+def _size_labels(bins: Sequence[float]) -> List[str]:
+    return [f"{lo:.0%}–{hi:.0%}" if hi < 1 else f"≥ {lo:.0%}" for lo, hi in zip(bins[:-1], bins[1:])]
+
+
+def breakdown(per, bins: Sequence[float] = MASK_RATIO_BINS):
+    """Rows (by, group, method, n_object_edits, prompt_acc, shape_acc, n_remove, bg_mae, bg_mae_ci95); None when
+    ``per`` lacks the ShapesWorld columns (folder suites)."""
+    import pandas as pd
+
+    if per is None or not all(c in per.columns for c in NEEDED) or per.kind.isna().all():
+        return None
+    per = per.assign(size=pd.cut(per.mask_ratio.astype(float), list(bins), labels=_size_labels(bins), right=False))
+    rows = []
+    for by, col, order in (("mask kind", "kind", [k for k in KIND_ORDER if k in set(per.kind)]),
+                           ("mask size", "size", _size_labels(bins))):
+        for group in order:
+            for method in dict.fromkeys(per.method):
+                sub = per[(per[col] == group) & (per.method == method)]
+                obj = sub[sub.prompt_correct.notna()]
+                rem = sub[sub.bg_mae.notna()]
+                rows.append({"by": by, "group": group, "method": method, "n_object_edits": len(obj),
+                             "prompt_acc": obj.prompt_correct.astype(float).mean() if len(obj) else math.nan,
+                             "shape_acc": obj.shape_correct.astype(float).mean() if len(obj) and "shape_correct" in obj
+                             else math.nan,
+                             "n_remove": len(rem), "bg_mae": rem.bg_mae.astype(float).mean() if len(rem) else math.nan,
+                             "bg_mae_ci95": 1.96 * rem.bg_mae.astype(float).std(ddof=1) / math.sqrt(len(rem))
+                             if len(rem) > 1 else math.nan})
+    return pd.DataFrame(rows)
+
+
+def markdown(df) -> List[str]:
+    """One table per grouping: a row per group, each method's accuracy and background error side by side."""
+    methods = list(dict.fromkeys(df.method))
+    L = []
+    for by in dict.fromkeys(df.by):
+        sub = df[df.by == by]
+        head = ([by, "object edits"] + [f"{m} prompt acc." for m in methods] + ["remove edits"]
+                + [f"{m} bg MAE" for m in methods])
+        L += ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+        for group in dict.fromkeys(sub.group):
+            g = sub[sub.group == group].set_index("method")
+            acc = [f"{g.prompt_acc[m]:.1%}" if np.isfinite(g.prompt_acc[m]) else "–" for m in methods]
+            bg = [f"{g.bg_mae[m]:.2f}" if np.isfinite(g.bg_mae[m]) else "–" for m in methods]
+            L.append("| " + " | ".join([str(group), str(int(g.n_object_edits.iloc[0]))] + acc
+                                       + [str(int(g.n_remove.iloc[0]))] + bg) + " |")
+        L.append("")
+    return L
+
+
+def plot(df, path: Path) -> Optional[Path]:
+    """2x2 bars: prompt accuracy and background error, by mask kind and by mask size, one bar per method;
+    the error bars are 95% normal intervals of each cell's mean (small cells are noisy)."""
+    if df is None or df.empty:
+        return None
+    plt = _plt()
+    methods = list(dict.fromkeys(df.method))
+    groupings = list(dict.fromkeys(df.by))
+    fig, axes = plt.subplots(2, len(groupings), figsize=(4.6 * len(groupings), 6.0), squeeze=False)
+    width = 0.8 / len(methods)
+    for j, by in enumerate(groupings):
+        sub = df[df.by == by]
+        groups = list(dict.fromkeys(sub.group))
+        x = np.arange(len(groups))
+        for i_row, (col, ncol, label, pct) in enumerate((("prompt_acc", "n_object_edits", "prompt accuracy (%)", True),
+                                                         ("bg_mae", "n_remove", "bg MAE in hole (0-255)", False))):
+            ax = axes[i_row][j]
+            for i, m in enumerate(methods):
+                g = sub[sub.method == m].set_index("group").reindex(groups)
+                v = g[col].to_numpy(dtype=float)
+                n = g[ncol].to_numpy(dtype=float)
+                if pct:  # binomial normal interval
+                    err = np.where(n > 0, 1.96 * np.sqrt(np.clip(v * (1 - v), 0, None) / np.maximum(n, 1)), np.nan)
+                else:
+                    err = g["bg_mae_ci95"].to_numpy(dtype=float)
+                scale = 100 if pct else 1
+                ax.bar(x + (i - (len(methods) - 1) / 2) * width, np.nan_to_num(v * scale), width,
+                       yerr=np.nan_to_num(err * scale), capsize=2, color=color_for(m, i),
+                       label=m)
+            counts = sub[sub.method == methods[0]].set_index("group").reindex(groups)[ncol]
+            ax.set_xticks(x)
+            ax.set_xticklabels([f"{g}\n(n={int(c)})" for g, c in zip(groups, counts)], fontsize=7)
+            ax.set_title(f"{label} by {by}", fontsize=8)
+            ax.tick_params(axis="y", labelsize=7)
+            if i_row == 0 and j == 0:
+                ax.legend(fontsize=7)
+    return _save(fig, path)
