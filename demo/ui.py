@@ -217,8 +217,7 @@ def _edit_tab(models: Models, mode: str, examples) -> Dict[str, Any]:
                     c["randomize"] = gr.Checkbox(label="Randomise seed", value=True)
                 with gr.Row():
                     c["steps"] = gr.Slider(1, H.MAX_STEPS, value=20, step=1, label="Denoising steps",
-                                           info="shipped ShapesWorld models: 10 steps score like 20 on the "
-                                                "validation edits, in half the time")
+                                           info="shipped models: 10 score like 20, in half the time")
                     c["guidance"] = gr.Slider(0.0, 12.0, value=4.5, step=0.5, label="Guidance scale")
                 c["variations"] = gr.Slider(1, H.MAX_VARIATIONS, value=1, step=1, label="Variations",
                                             info="several results to pick from (one batched run)")
