@@ -36,3 +36,28 @@ def test_gate_fails_each_criterion(tmp_path, lazy_acc, full_acc, lazy_bg, full_b
 def test_gate_without_a_run_says_what_to_do(tmp_path, capsys):
     assert main(["gate", str(tmp_path / "missing")]) == 2
     assert "python -m eval quality" in capsys.readouterr().err
+
+
+def test_gate_reports_paired_bootstrap_intervals(tmp_path):
+    import numpy as np
+
+    from eval.gate import intervals
+
+    rng = np.random.default_rng(1)
+    n = 400
+    lazy_ok, full_ok = rng.random(n) < 0.4, rng.random(n) < 0.5
+    lazy_bg, full_bg = rng.uniform(5, 25, n), rng.uniform(5, 20, n)
+    per = pd.concat([pd.DataFrame({"method": m, "sample_id": [f"s{i}" for i in range(n)],
+                                   "prompt_correct": np.where(np.arange(n) < 250, ok, None),
+                                   "bg_mae": np.where(np.arange(n) >= 250, bg, None)})
+                     for m, ok, bg in (("lazy", lazy_ok, lazy_bg), ("regenerate-image", full_ok, full_bg))])
+    per.to_csv(tmp_path / "per_sample.csv", index=False)
+    acc_l, acc_f = lazy_ok[:250].mean(), full_ok[:250].mean()
+    ratio = lazy_bg[250:].mean() / full_bg[250:].mean()
+    ci = intervals(tmp_path / "per_sample.csv", "lazy", "regenerate-image")
+    assert ci["prompt_acc"][0] < acc_l < ci["prompt_acc"][1] and ci["prompt_acc"][1] - ci["prompt_acc"][0] < 0.15
+    assert ci["acc_gap"][0] < acc_f - acc_l < ci["acc_gap"][1]
+    assert ci["bg_ratio"][0] < ratio < ci["bg_ratio"][1]
+    checks, md = evaluate(_summary(tmp_path, acc_l, acc_f, lazy_bg[250:].mean(), full_bg[250:].mean()))
+    assert "95% interval" in md and f"{ci['bg_ratio'][0]:.2f}x" in md
+    assert intervals(tmp_path / "none.csv", "lazy", "regenerate-image") == {}
