@@ -1,7 +1,7 @@
 """Samplers by name: diffusers schedulers built from a pipeline's own scheduler config.
 
 Every pipeline samples through ``pipe.scheduler`` (``EditPipelineMixin.sample``), so any diffusers
-scheduler for epsilon-prediction models can be swapped in::
+scheduler can be swapped in::
 
     pipe.scheduler = make_scheduler("dpm-solver++", pipe.scheduler.config)
 
@@ -33,9 +33,7 @@ def make_scheduler(name: str, config: Mapping[str, Any]):
     import diffusers
 
     cls_name, extra, _ = SCHEDULERS[name]
-    base = {k: v for k, v in dict(config).items() if not k.startswith("_")}
-    if base.get("prediction_type", "epsilon") != "epsilon":
-        raise ValueError(f"the scheduler config predicts {base['prediction_type']!r}; these models predict epsilon")
+    base = {k: v for k, v in dict(config).items() if not k.startswith("_")}  # prediction_type carries over too
     return getattr(diffusers, cls_name).from_config({**base, **extra})
 
 

@@ -604,9 +604,9 @@ def test_schedulers(make_canvas, make_mask, name):
     assert np.array_equal(arr(a.images[0]), arr(b.images[0]))   # no scheduler state leaks between calls
 
 
-def test_make_scheduler_refuses_unknown_names_and_other_predictions():
+def test_make_scheduler_refuses_unknown_names_and_keeps_the_prediction_type():
     config = tiny_lazy_pipeline(seed=0).scheduler.config
     with pytest.raises(ValueError, match="dpm-solver\\+\\+"):
         make_scheduler("dpmpp", config)
-    with pytest.raises(ValueError, match="epsilon"):
-        make_scheduler("euler", {**config, "prediction_type": "v_prediction"})
+    v = make_scheduler("euler", {**config, "prediction_type": "v_prediction"})  # e.g. an SD 2 inpainting model
+    assert v.config.prediction_type == "v_prediction" and v.config.num_train_timesteps == config.num_train_timesteps
