@@ -317,6 +317,23 @@ def test_diffusers_inpaint_adapter_end_to_end(sd_inpaint, make_canvas, make_mask
         adapter(PROMPT, image, make_mask(w + 1, h, (1, 1, 5, 5)))
 
 
+def test_diffusers_inpaint_adapter_takes_a_named_scheduler(sd_inpaint, make_canvas, make_mask):
+    from eval.quality import use_scheduler
+
+    w, h = 32, 24
+    image, mask_img = make_canvas(w, h), make_mask(w, h, (8, 5, 20, 16))
+    adapter = DiffusersInpaintAdapter(sd_inpaint)
+    own = sd_inpaint.scheduler
+    try:
+        use_scheduler(adapter, "dpm-solver++", "sd-inpaint")   # what `eval quality --scheduler` does
+        assert type(sd_inpaint.scheduler).__name__ == "DPMSolverMultistepScheduler"
+        assert sd_inpaint.scheduler.config.steps_offset == own.config.steps_offset
+        out = adapter(PROMPT, image, mask_img, num_inference_steps=2, generator=torch.Generator().manual_seed(0))
+        assert_outside_identical(out.images[0], image, mask_bool(mask_img))
+    finally:
+        sd_inpaint.scheduler = own
+
+
 # ----------------------------------------------------------------------------- 8. sketch guidance
 def _sketch(w, h):
     s = np.zeros((h, w, 4), np.uint8)
