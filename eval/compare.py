@@ -44,10 +44,17 @@ def _load(run: Path) -> Dict:
     if missing:
         raise CompareError(f"{run} is not a finished quality run (missing {', '.join(missing)}); run "
                            f"`python -m eval quality ... --out {run}` (or add --metrics-only) first")
-    info = json.loads(files["run.json"].read_text())
+    try:
+        info = json.loads(files["run.json"].read_text())
+        summary, per = pd.read_csv(files["summary.csv"]), pd.read_csv(files["per_sample.csv"])
+    except (OSError, ValueError) as err:  # JSONDecodeError and pandas' ParserError / EmptyDataError are ValueErrors
+        raise CompareError(f"{run} holds an unreadable result file ({type(err).__name__}: {err}); rescore it with "
+                           f"`python -m eval quality ... --out {run} --metrics-only`") from None
+    if "method" not in summary.columns or not {"method", "sample_id"} <= set(per.columns):
+        raise CompareError(f"{run}: summary.csv / per_sample.csv lack the method and sample_id columns; rescore it "
+                           f"with `python -m eval quality ... --out {run} --metrics-only`")
     info.setdefault("scheduler", None)  # runs made before the option existed used each method's own
-    return {"dir": run, "summary": pd.read_csv(files["summary.csv"]), "per": pd.read_csv(files["per_sample.csv"]),
-            "info": info}
+    return {"dir": run, "summary": summary, "per": per, "info": info}
 
 
 def _labels(runs: List[Dict], labels: Optional[Sequence[str]]) -> List[str]:

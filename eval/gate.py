@@ -12,6 +12,7 @@ RegenerateCrop and the real renders' accuracy (the classifier's ceiling) are rep
 from __future__ import annotations
 
 import math
+import warnings
 from pathlib import Path
 from typing import Dict, List, Tuple
 
@@ -42,7 +43,12 @@ def intervals(per_csv: Path, lazy: str, full: str, rounds: int = BOOTSTRAP_ROUND
 
     if not per_csv.exists():
         return {}
-    per = pd.read_csv(per_csv)
+    try:
+        per = pd.read_csv(per_csv)
+    except (OSError, ValueError) as err:  # the gate itself needs only summary.csv: go on without intervals
+        warnings.warn(f"{per_csv} is unreadable ({type(err).__name__}); no intervals. Rescore the run with "
+                      "`python -m eval quality ... --metrics-only` to get them")
+        return {}
     if not {"method", "sample_id", "prompt_correct", "bg_mae"} <= set(per.columns):
         return {}
 

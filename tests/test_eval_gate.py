@@ -61,3 +61,7 @@ def test_gate_reports_paired_bootstrap_intervals(tmp_path):
     checks, md = evaluate(_summary(tmp_path, acc_l, acc_f, lazy_bg[250:].mean(), full_bg[250:].mean()))
     assert "95% interval" in md and f"{ci['bg_ratio'][0]:.2f}x" in md
     assert intervals(tmp_path / "none.csv", "lazy", "regenerate-image") == {}
+    (tmp_path / "per_sample.csv").write_text("")   # truncated: the gate still runs, without intervals
+    with pytest.warns(UserWarning, match="unreadable"):
+        checks2, _ = evaluate(str(tmp_path))
+    assert checks2 == checks

@@ -231,6 +231,9 @@ def test_compare_runs_pairs_edits_and_refuses_different_ones(tmp_path, tiny_clip
         compare([runs[0], str(other)], str(tmp_path / "cmp2"))
     rc = main(["compare", runs[0], str(tmp_path / "nothing"), "--out", str(tmp_path / "cmp3")])
     assert rc == 2 and "not a finished quality run" in capsys.readouterr().err
+    (other / "per_sample.csv").write_text("")            # a truncated file: a clear error, not a traceback
+    rc = main(["compare", runs[0], str(other), "--out", str(tmp_path / "cmp4")])
+    assert rc == 2 and "unreadable" in capsys.readouterr().err and not (tmp_path / "cmp4").exists()
 
 
 def test_breakdown_by_mask_kind_and_size():
