@@ -42,6 +42,14 @@ class Counting:
     def set_progress_bar_config(self, **kw):
         self.pipe.set_progress_bar_config(**kw)
 
+    @property
+    def scheduler(self):  # swappable, as on the pipelines (eval quality --scheduler)
+        return self.pipe.scheduler
+
+    @scheduler.setter
+    def scheduler(self, value):
+        self.pipe.scheduler = value
+
     def __call__(self, *a, **kw):
         Counting.calls += 1
         return self.pipe(*a, **kw)

@@ -41,6 +41,15 @@ class DiffusersInpaintAdapter:
         return self
 
     @property
+    def scheduler(self):
+        """The wrapped pipeline's sampler; assign to swap it, as on our pipelines."""
+        return self.pipe.scheduler
+
+    @scheduler.setter
+    def scheduler(self, value) -> None:
+        self.pipe.scheduler = value
+
+    @property
     def vae_scale_factor(self) -> int:
         return getattr(self.pipe, "vae_scale_factor", 8)
 
