@@ -158,10 +158,9 @@ def use_scheduler(pipe, name: Optional[str], label: str):
         return pipe
     from lazydiff.schedulers import make_scheduler
 
-    target = getattr(pipe, "pipe", pipe)  # DiffusersInpaintAdapter wraps a diffusers pipeline
-    if getattr(target, "scheduler", None) is None:
+    if getattr(pipe, "scheduler", None) is None:
         raise MethodError(f"method {label!r} has no swappable scheduler; run it without --scheduler")
-    target.scheduler = make_scheduler(name, target.scheduler.config)
+    pipe.scheduler = make_scheduler(name, pipe.scheduler.config)
     return pipe
 
 
@@ -535,11 +534,10 @@ def run_quality(opts: QualityOptions) -> QualityResult:
     methods = resolve_methods(opts.methods or suite.methods)
     steps = opts.steps or suite.steps
     guidance = suite.guidance if opts.guidance is None else opts.guidance
-    if opts.scheduler is not None:
-        from lazydiff.schedulers import SCHEDULERS
+    if opts.scheduler is not None:  # fail before any generation, not at the first method's load
+        from lazydiff.schedulers import check_scheduler_name
 
-        if opts.scheduler not in SCHEDULERS:
-            raise ValueError(f"--scheduler must be one of {list(SCHEDULERS)}, got {opts.scheduler!r}")
+        check_scheduler_name(opts.scheduler)
     if opts.dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {list(DTYPES)}, got {opts.dtype!r}")
     use_cpu = (opts.device == "cpu" or not torch.cuda.is_available()

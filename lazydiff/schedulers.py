@@ -13,34 +13,29 @@ from __future__ import annotations
 
 from typing import Any, Dict, Mapping, Tuple
 
-# name -> (diffusers class name, extra config, one line for --help)
-SCHEDULERS: Dict[str, Tuple[str, Dict[str, Any], str]] = {
-    "ddim": ("DDIMScheduler", {}, "DDIM, deterministic (the shipped models' sampler)"),
-    "dpm-solver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2},
-                     "DPM-Solver++(2M), deterministic second-order multistep"),
-    "unipc": ("UniPCMultistepScheduler", {}, "UniPC (bh2), deterministic multistep"),
-    "euler": ("EulerDiscreteScheduler", {}, "Euler (Karras et al.), deterministic"),
-    "euler-a": ("EulerAncestralDiscreteScheduler", {}, "Euler ancestral, stochastic (uses the generator)"),
+# name -> (diffusers class name, config it adds)
+SCHEDULERS: Dict[str, Tuple[str, Dict[str, Any]]] = {
+    "ddim": ("DDIMScheduler", {}),                          # deterministic; the shipped models' sampler
+    "dpm-solver++": ("DPMSolverMultistepScheduler",         # DPM-Solver++(2M), deterministic multistep
+                     {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "unipc": ("UniPCMultistepScheduler", {}),                # UniPC (bh2), deterministic multistep
+    "euler": ("EulerDiscreteScheduler", {}),                 # Euler (Karras et al.), deterministic
+    "euler-a": ("EulerAncestralDiscreteScheduler", {}),      # Euler ancestral, stochastic (uses the generator)
 }
 
 
-def make_scheduler(name: str, config: Mapping[str, Any]):
-    """A fresh scheduler ``name`` (see :data:`SCHEDULERS`) over the betas and spacing of ``config``
-    (a scheduler's ``.config``). Keys the new class does not know are ignored, as in diffusers'
-    ``from_config``."""
+def check_scheduler_name(name: str) -> None:
     if name not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {name!r}; choose one of: {', '.join(SCHEDULERS)}")
+
+
+def make_scheduler(name: str, config: Mapping[str, Any]):
+    """A fresh scheduler ``name`` (see :data:`SCHEDULERS`) over the betas, spacing and prediction type of
+    ``config`` (a scheduler's ``.config``). Keys the new class does not know are ignored, as in
+    diffusers' ``from_config``."""
+    check_scheduler_name(name)
     import diffusers
 
-    cls_name, extra, _ = SCHEDULERS[name]
-    base = {k: v for k, v in dict(config).items() if not k.startswith("_")}  # prediction_type carries over too
+    cls_name, extra = SCHEDULERS[name]
+    base = {k: v for k, v in dict(config).items() if not k.startswith("_")}
     return getattr(diffusers, cls_name).from_config({**base, **extra})
-
-
-def scheduler_name(scheduler) -> str:
-    """The :data:`SCHEDULERS` name of a scheduler instance ("ddim", ...), or its class name."""
-    cls = type(scheduler).__name__
-    for name, (cls_name, extra, _) in SCHEDULERS.items():
-        if cls == cls_name and all(scheduler.config.get(k) == v for k, v in extra.items()):
-            return name
-    return cls

@@ -15,7 +15,7 @@ import torch
 
 from lazydiff import (DiffusersInpaintAdapter, LazyDiffusionPipeline, RegenerateCropPipeline,
                       RegenerateImagePipeline)
-from lazydiff.schedulers import SCHEDULERS, make_scheduler, scheduler_name
+from lazydiff.schedulers import SCHEDULERS, make_scheduler
 from lazydiff.testing import tiny_lazy_pipeline
 
 PROMPT = "a small red star"
@@ -605,7 +605,8 @@ def test_schedulers(make_canvas, make_mask, name):
     pipe = tiny_lazy_pipeline(seed=0)
     ddim_config = pipe.scheduler.config
     pipe.scheduler = make_scheduler(name, ddim_config)
-    assert type(pipe.scheduler).__name__ == SCHEDULERS[name][0] and scheduler_name(pipe.scheduler) == name
+    cls_name, extra = SCHEDULERS[name]
+    assert type(pipe.scheduler).__name__ == cls_name and all(pipe.scheduler.config[k] == v for k, v in extra.items())
     assert pipe.scheduler.config.timestep_spacing == ddim_config.timestep_spacing  # betas and spacing carry over
     image, mask_img = make_canvas(W, H), make_mask(W, H, BOX)
     rec = Recorder(pipe.decoder, "hole_latents")
