@@ -8,7 +8,7 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 
-from .report import _plt, _save, color_for
+from .report import _plt, _save, grouped_bars
 
 MASK_RATIO_BINS = (0.0, 0.1, 0.2, 0.35, 1.0)   # the suites' masks cover 2-60% of the canvas
 KIND_ORDER = ("object", "box", "brush")
@@ -20,8 +20,9 @@ def _size_labels(bins: Sequence[float]) -> List[str]:
 
 
 def breakdown(per, bins: Sequence[float] = MASK_RATIO_BINS):
-    """Rows (by, group, method, n_object_edits, prompt_acc, shape_acc, n_remove, bg_mae, bg_mae_ci95); None when
-    ``per`` lacks the ShapesWorld columns (folder suites)."""
+    """Rows (by, group, method, n_object_edits, prompt_acc, shape_acc, n_remove, bg_mae, and the 95%
+    half-widths prompt_acc_ci95 (binomial, normal) and bg_mae_ci95); None when ``per`` lacks the
+    ShapesWorld columns (folder suites)."""
     import pandas as pd
 
     if per is None or not all(c in per.columns for c in NEEDED) or per.kind.isna().all():
@@ -35,8 +36,10 @@ def breakdown(per, bins: Sequence[float] = MASK_RATIO_BINS):
                 sub = per[(per[col] == group) & (per.method == method)]
                 obj = sub[sub.prompt_correct.notna()]
                 rem = sub[sub.bg_mae.notna()]
+                acc = obj.prompt_correct.astype(float).mean() if len(obj) else math.nan
                 rows.append({"by": by, "group": group, "method": method, "n_object_edits": len(obj),
-                             "prompt_acc": obj.prompt_correct.astype(float).mean() if len(obj) else math.nan,
+                             "prompt_acc": acc,
+                             "prompt_acc_ci95": 1.96 * math.sqrt(acc * (1 - acc) / len(obj)) if len(obj) else math.nan,
                              "shape_acc": obj.shape_correct.astype(float).mean() if len(obj) and "shape_correct" in obj
                              else math.nan,
                              "n_remove": len(rem), "bg_mae": rem.bg_mae.astype(float).mean() if len(rem) else math.nan,
@@ -73,31 +76,17 @@ def plot(df, path: Path) -> Optional[Path]:
     methods = list(dict.fromkeys(df.method))
     groupings = list(dict.fromkeys(df.by))
     fig, axes = plt.subplots(2, len(groupings), figsize=(4.6 * len(groupings), 6.0), squeeze=False)
-    width = 0.8 / len(methods)
     for j, by in enumerate(groupings):
         sub = df[df.by == by]
         groups = list(dict.fromkeys(sub.group))
-        x = np.arange(len(groups))
-        for i_row, (col, ncol, label, pct) in enumerate((("prompt_acc", "n_object_edits", "prompt accuracy (%)", True),
-                                                         ("bg_mae", "n_remove", "bg MAE in hole (0-255)", False))):
-            ax = axes[i_row][j]
-            for i, m in enumerate(methods):
-                g = sub[sub.method == m].set_index("group").reindex(groups)
-                v = g[col].to_numpy(dtype=float)
-                n = g[ncol].to_numpy(dtype=float)
-                if pct:  # binomial normal interval
-                    err = np.where(n > 0, 1.96 * np.sqrt(np.clip(v * (1 - v), 0, None) / np.maximum(n, 1)), np.nan)
-                else:
-                    err = g["bg_mae_ci95"].to_numpy(dtype=float)
-                scale = 100 if pct else 1
-                ax.bar(x + (i - (len(methods) - 1) / 2) * width, np.nan_to_num(v * scale), width,
-                       yerr=np.nan_to_num(err * scale), capsize=2, color=color_for(m, i),
-                       label=m)
-            counts = sub[sub.method == methods[0]].set_index("group").reindex(groups)[ncol]
-            ax.set_xticks(x)
-            ax.set_xticklabels([f"{g}\n(n={int(c)})" for g, c in zip(groups, counts)], fontsize=7)
-            ax.set_title(f"{label} by {by}", fontsize=8)
-            ax.tick_params(axis="y", labelsize=7)
+        for i_row, (col, ncol, label, scale) in enumerate((("prompt_acc", "n_object_edits", "prompt accuracy (%)", 100),
+                                                           ("bg_mae", "n_remove", "bg MAE in hole (0-255)", 1))):
+            cells = {m: sub[sub.method == m].set_index("group").reindex(groups) for m in methods}
+            series = {m: (g[col].to_numpy(dtype=float) * scale, g[f"{col}_ci95"].to_numpy(dtype=float) * scale)
+                      for m, g in cells.items()}
+            counts = cells[methods[0]][ncol]
+            grouped_bars(axes[i_row][j], [f"{g}\n(n={int(c)})" for g, c in zip(groups, counts)], series,
+                         f"{label} by {by}")
             if i_row == 0 and j == 0:
-                ax.legend(fontsize=7)
+                axes[i_row][j].legend(fontsize=7)
     return _save(fig, path)

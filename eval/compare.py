@@ -16,7 +16,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from .report import _plt, _save, color_for, fmt
+from .report import _plt, _save, fmt, grouped_bars
 
 # (summary column, per-sample column or None, label, lower is better, shown as a percentage)
 METRICS = (
@@ -164,22 +164,17 @@ def _plot(df, names, methods, path: Path) -> Path:
     cols = min(2, len(shown))
     rows = math.ceil(len(shown) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(max(6.0, 0.9 * len(names) + 2) * cols, 3.0 * rows), squeeze=False)
-    width = 0.8 / len(methods)
-    x = np.arange(len(names))
+    labels = [n.replace(", ", "\n") for n in names]
     for k, (col, _, label, lower, pct) in enumerate(shown):
         ax = axes[k // cols][k % cols]
-        for i, m in enumerate(methods):
+        scale = 100 if pct else 1
+        series = {}
+        for m in methods:
             sub = df[df.method == m].set_index("run").reindex(names)
-            vals = sub[col].to_numpy(dtype=float) * (100 if pct else 1)
-            err = None
-            if f"{col}_ci95" in sub.columns:  # the paired interval of the difference, drawn on each run but the first
-                err = np.nan_to_num(sub[f"{col}_ci95"].to_numpy(dtype=float)) * (100 if pct else 1)
-            ax.bar(x + (i - (len(methods) - 1) / 2) * width, np.nan_to_num(vals), width, yerr=err, capsize=2,
-                   color=color_for(m, i), label=m)
-        ax.set_xticks(x)
-        ax.set_xticklabels([n.replace(", ", "\n") for n in names], fontsize=7)
-        ax.set_title(f"{label}{' (%)' if pct else ''} ({'lower' if lower else 'higher'} is better)", fontsize=8)
-        ax.tick_params(axis="y", labelsize=7)
+            # the paired interval of the difference, drawn on each run but the first
+            err = sub[f"{col}_ci95"].to_numpy(dtype=float) * scale if f"{col}_ci95" in sub.columns else None
+            series[m] = (sub[col].to_numpy(dtype=float) * scale, err)
+        grouped_bars(ax, labels, series, f"{label}{' (%)' if pct else ''} ({'lower' if lower else 'higher'} is better)")
         if k == 0:
             ax.legend(fontsize=7)
     for k in range(len(shown), rows * cols):

@@ -96,6 +96,21 @@ def df_table(df, columns: Sequence[str], headers: Optional[Sequence[str]] = None
 
 
 # ----------------------------------------------------------------------------- quality plots
+def grouped_bars(ax, labels: Sequence[str], series: Dict[str, tuple], title: str) -> None:
+    """A group of bars per x label, one bar per series ``{name: (values, 95% half-widths or None)}``, in
+    the method colours (NaN values draw nothing)."""
+    width = 0.8 / max(len(series), 1)
+    x = np.arange(len(labels))
+    for i, (name, (vals, err)) in enumerate(series.items()):
+        ax.bar(x + (i - (len(series) - 1) / 2) * width, np.nan_to_num(np.asarray(vals, float)), width,
+               yerr=None if err is None else np.nan_to_num(np.asarray(err, float)), capsize=2,
+               color=color_for(name, i), label=name)
+    ax.set_xticks(x)
+    ax.set_xticklabels(labels, fontsize=7)
+    ax.set_title(title, fontsize=8)
+    ax.tick_params(axis="y", labelsize=7)
+
+
 def bar_charts(summary, metrics: Sequence[tuple], path: Path, title: str = "",
                references: Optional[Dict[str, tuple]] = None) -> Optional[Path]:
     """One bar chart per (column, label, lower_is_better) for every method in ``summary``;
