@@ -138,7 +138,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
             opts = QualityOptions(suite=args.suite, out=args.out, methods=args.methods, limit=args.limit,
                                   steps=args.steps, guidance=args.guidance, scheduler=args.scheduler,
-                                  device=args.device, dtype=args.dtype, shapes_clip=args.shapes_clip, inception_weights=args.inception_weights,
+                                  device=args.device, dtype=args.dtype, shapes_clip=args.shapes_clip,
+                                  inception_weights=args.inception_weights,
                                   clip_model=args.clip_model, clip_weights=args.clip_weights,
                                   batch_size=args.batch_size, overwrite=args.overwrite, metrics_only=args.metrics_only)
             if opts.limit is not None and opts.limit < 1:
