@@ -28,7 +28,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from ..models.dit import gather_tokens, hole_indices, patchify, scatter_tokens, token_mask_from_pixels, unpatchify
 from . import canvas_cache
-from .blending import BLEND_MODES, blend, paste_masked
+from .blending import BLEND_MODES, blend, mask_bbox, paste_masked
 
 ImageInput = Union[PIL.Image.Image, np.ndarray]
 _CANVAS_VERSIONS = itertools.count()  # unique ids of cached canvas latents (keys of the context cache)
@@ -637,15 +637,14 @@ class EditPipelineMixin:
             return PIL.Image.fromarray(out_rgb, "RGB")
         out = edit.original.copy()
         m = edit.mask
-        opaque = np.full(m.shape, 255, np.uint8)  # generated content is opaque
+        y0, y1, x0, x1 = box = mask_bbox(m)
         if edit.mode == "RGBA":
-            paste_masked(out[..., :3], out_rgb, m)
-            paste_masked(out[..., 3], opaque, m)
+            paste_masked(out[..., :3], out_rgb, m, box)
         else:  # L, LA
             lum = np.asarray(PIL.Image.fromarray(out_rgb).convert("L"))
-            paste_masked(out if edit.mode == "L" else out[..., 0], lum, m)
-            if edit.mode == "LA":
-                paste_masked(out[..., 1], opaque, m)
+            paste_masked(out if edit.mode == "L" else out[..., 0], lum, m, box)
+        if edit.mode in ("RGBA", "LA"):  # generated content is opaque
+            out[y0:y1, x0:x1, -1][m[y0:y1, x0:x1]] = 255
         return PIL.Image.fromarray(out, edit.mode)
 
     def stats(self, edit: PreparedEdit, enc: Dict[str, torch.Tensor], steps: int) -> Dict[str, Any]:
