@@ -124,8 +124,8 @@ def evaluate(run_dir: str, lazy: str = "lazy", full: str = "regenerate-image",
 
 def main(run_dir: str) -> int:
     checks, md = evaluate(run_dir)
+    (Path(run_dir) / "gate.md").write_text(md + "\n")  # before printing: a closed pipe must not lose it
     print(md)
-    (Path(run_dir) / "gate.md").write_text(md + "\n")
     ok = all(c[-1] for c in checks)
     print(f"\nquality gate: {'PASS' if ok else 'FAIL'} (wrote {run_dir}/gate.md)")
     return 0 if ok else 1
