@@ -188,7 +188,8 @@ def test_shipped_configs_validate_and_overrides_win(name):
                          if p.parent.name == "train" else f"{p.parent.name}/{p.stem}")
 def test_every_config_in_the_repo_validates(path):
     cfg = TrainConfig.load(str(path))
-    stem = path.stem.removesuffix("_continue").removesuffix("_stage3").removesuffix("_holes").removesuffix("_decoder")
+    stem = path.stem.removesuffix("_continue").removesuffix("_stage3").removesuffix("_stage4").removesuffix("_holes") \
+        .removesuffix("_decoder")
     assert cfg.model == stem
     base = TrainConfig.load(str(REPO / "configs" / "train" / f"{stem}.yaml"))
     assert cfg.arch == base.arch  # variants (CPU recipe, stage 2) train the shipped architecture
@@ -197,6 +198,11 @@ def test_every_config_in_the_repo_validates(path):
     if path.stem.endswith("_stage3"):  # from the stage-2 export, on data neither earlier stage saw
         cont = TrainConfig.load(str(REPO / "configs" / "train" / f"{stem}_continue.yaml"))
         assert cfg.init_from == cont.output_dir + "/export" and cfg.seed not in (base.seed, cont.seed)
+    if path.stem.endswith("_stage4"):  # an anneal of the stage-3 export, on data no earlier stage saw
+        cont = TrainConfig.load(str(REPO / "configs" / "train" / f"{stem}_continue.yaml"))
+        s3 = TrainConfig.load(str(REPO / "configs" / "train" / f"{stem}_stage3.yaml"))
+        assert cfg.init_from == s3.output_dir + "/export" and cfg.seed not in (base.seed, cont.seed, s3.seed)
+        assert cfg.lr_schedule == "cosine" and cfg.lr == s3.lr and cfg.batch_size == s3.batch_size
     if path.stem.endswith("_decoder"):
         assert cfg.train_decoder_only and cfg.init_from and cfg.seed != base.seed
     if path.stem.endswith("_holes"):
@@ -723,6 +729,7 @@ def _fake_python(tmp_path) -> Path:
 @pytest.mark.parametrize("stage,configs,published", [
     ("clip", ["shapes_clip_holes.yaml"], ["shapes-clip"]),
     ("diffusion", ["lazy_stage3.yaml", "regenerate_image_stage3.yaml"], ["lazy", "regenerate-image"]),
+    ("stage4", ["lazy_stage4.yaml", "regenerate_image_stage4.yaml"], ["lazy", "regenerate-image"]),
     ("continue", ["lazy_continue.yaml", "regenerate_image_continue.yaml", "shapes_clip_continue.yaml"],
      ["lazy", "regenerate-image", "shapes-clip"])])
 def test_training_script_stages_run_their_configs_and_publish(tmp_path, stage, configs, published):
