@@ -5,6 +5,7 @@
     python app.py --model DIR [--baseline DIR] [--host 0.0.0.0] [--port 7860] [--share]
 
 Environment: LAZYDIFF_MODEL, LAZYDIFF_BASELINE, LAZYDIFF_TINY=1, LAZYDIFF_DEVICE, LAZYDIFF_MAX_SIDE,
+LAZYDIFF_ONNX_RUNTIME (auto | on | off),
 LAZYDIFF_MODELS_DIR (where load_default looks). Importing this module builds ``demo`` (a gr.Blocks)
 without loading any model; the pipelines load on the first edit, or up front in ``main()``.
 """
@@ -35,6 +36,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--max-side", type=int, default=env.max_side,
                     help="largest side the model works at; bigger canvases are edited downscaled and pasted back "
                          "inside the mask at full resolution (default 512, 256 with --tiny) [env LAZYDIFF_MAX_SIDE]")
+    ap.add_argument("--onnx-runtime", default=env.onnx_runtime, choices=["auto", "on", "off"],
+                    help="run the denoising steps in ONNX Runtime: auto = on a CPU for models of up to 1,024 canvas "
+                         "tokens when onnxruntime is installed (faster there; outputs equal to float32 rounding) "
+                         "[env LAZYDIFF_ONNX_RUNTIME]")
     ap.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
                     help="interface to listen on (0.0.0.0 for all); default 127.0.0.1")
     ap.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
@@ -47,7 +52,7 @@ def main(argv=None) -> int:
     global demo
     args = parse_args(argv)
     spec = ModelSpec(model_dir=args.model, baseline_dir=args.baseline, tiny=args.tiny, device=args.device,
-                     max_side=args.max_side)
+                     max_side=args.max_side, onnx_runtime=args.onnx_runtime)
     models = Models(spec)
     if not args.no_preload:
         print(f"Loading {spec.describe()} ...", flush=True)

@@ -38,6 +38,7 @@ class ModelSpec:
     tiny: bool = False
     device: Optional[str] = None
     max_side: Optional[int] = None  # working resolution cap; None = the default for the model kind
+    onnx_runtime: str = "auto"  # denoising steps in ONNX Runtime: "auto" (on a CPU, when installed), "on", "off"
 
     @classmethod
     def from_env(cls, environ=None) -> "ModelSpec":
@@ -45,7 +46,8 @@ class ModelSpec:
         side = env.get("LAZYDIFF_MAX_SIDE")
         return cls(model_dir=env.get("LAZYDIFF_MODEL") or None, baseline_dir=env.get("LAZYDIFF_BASELINE") or None,
                    tiny=_truthy(env.get("LAZYDIFF_TINY")), device=env.get("LAZYDIFF_DEVICE") or None,
-                   max_side=int(side) if side else None)
+                   max_side=int(side) if side else None,
+                   onnx_runtime=(env.get("LAZYDIFF_ONNX_RUNTIME") or "auto").strip().lower())
 
     @property
     def working_max_side(self) -> int:
@@ -124,7 +126,34 @@ class Models:
     def _prepare(self, pipe):
         if hasattr(pipe, "set_progress_bar_config"):
             pipe.set_progress_bar_config(disable=True)
+        if self.use_onnx_runtime(pipe):
+            pipe.enable_onnx_runtime()
         return pipe
+
+    def use_onnx_runtime(self, pipe) -> bool:
+        """Whether ``pipe`` runs its denoising steps in ONNX Runtime (lazydiff.models.onnx_backend).
+        "auto" turns it on for fp32 pipelines on a CPU when onnxruntime is installed and the model's
+        canvas has at most 1,024 tokens: there it made both methods faster (shipped model, 256 tokens);
+        at 4,096 tokens its attention made the full-canvas step 20% slower (docs/BENCHMARKS.md §7),
+        which would tilt the demo's comparison."""
+        from lazydiff.models.onnx_backend import INSTALL_HINT, onnxruntime_available
+
+        mode = self.spec.onnx_runtime
+        if mode not in ("auto", "on", "off"):
+            raise ModelUnavailable(f"--onnx-runtime / LAZYDIFF_ONNX_RUNTIME must be auto, on or off, got {mode!r}")
+        if mode == "off" or not hasattr(pipe, "enable_onnx_runtime"):
+            return False
+        on_cpu = pipe.device.type == "cpu" and pipe.decoder.dtype.is_floating_point and pipe.decoder.dtype.itemsize == 4
+        if mode == "on":
+            if not on_cpu:
+                raise ModelUnavailable("--onnx-runtime on is a CPU fp32 backend; this pipeline is on "
+                                       f"{pipe.device} in {pipe.decoder.dtype}. Use --onnx-runtime auto or off.")
+            if not onnxruntime_available():
+                raise ModelUnavailable(f"--onnx-runtime on needs onnxruntime: {INSTALL_HINT}")
+            return True
+        cfg = pipe.decoder.config
+        tokens = (cfg.sample_size // cfg.patch_size) ** 2
+        return on_cpu and tokens <= 1024 and onnxruntime_available()
 
     def _device(self) -> str:
         if self.spec.device:

@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override every pipeline's canvas-latent cache mode")
     r.add_argument("--cuda-graphs", action="store_true",
                    help="replay every method's denoiser from a CUDA graph (GPU only; for launch-bound steps)")
+    r.add_argument("--onnx-runtime", action="store_true",
+                   help="run every method's denoising steps in ONNX Runtime (CPU, fp32). For small models: at paper "
+                        "shape its full-canvas step is slower than PyTorch's (docs/BENCHMARKS.md section 7)")
     r.add_argument("--fit-max-ratio", type=float, default=0.4, help="largest mask ratio in the per-step linear fit")
     return p
 
@@ -158,7 +161,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                                   guidance=args.guidance, seed=args.seed, keep_caches=args.keep_caches,
                                   crop_resolution=args.crop_resolution, fit_max_ratio=args.fit_max_ratio,
                                   followup=args.followup, canvas_cache=args.canvas_cache,
-                                  cuda_graphs=args.cuda_graphs)
+                                  cuda_graphs=args.cuda_graphs, onnx_runtime=args.onnx_runtime)
             summary, fit = run_runtime(opts)
             print_table(summary)
             if fit.get("slope_ms_per_token") is not None:

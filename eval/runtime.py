@@ -88,6 +88,7 @@ class RuntimeOptions:
     followup: str = "none"
     canvas_cache: Optional[str] = None   # override every pipeline's canvas_cache ("off" | "exact" | "incremental")
     cuda_graphs: bool = False            # every pipeline replays its denoiser from a CUDA graph (GPU only)
+    onnx_runtime: bool = False           # every pipeline runs its denoising steps in ONNX Runtime (CPU, fp32)
 
 
 class RuntimeError_(ValueError):
@@ -216,6 +217,8 @@ def build_pipelines(opts: RuntimeOptions, device: str, dtype: torch.dtype):
             p.canvas_cache = opts.canvas_cache
         if hasattr(p, "cuda_graphs"):  # a lever for every method alike
             p.cuda_graphs = opts.cuda_graphs
+        if opts.onnx_runtime:  # likewise; the graph is exported at the warm-up's first step
+            p.enable_onnx_runtime()
     return pipes, info, size
 
 
@@ -424,7 +427,8 @@ def write_report(out: Path, summary, fit: Dict, plots: Dict[str, Path], opts: Ru
              if opts.followup == "none" else
              f"cleared, then an untimed 1-step priming edit ({opts.followup}); the timed run is the follow-up edit "
              "on the primed result (canvas-latent, context and prompt caches as an editor would have them)"),
-          f"- CUDA graphs: {'on (every method)' if opts.cuda_graphs else 'off'}",
+          f"- CUDA graphs: {'on (every method)' if opts.cuda_graphs else 'off'}; ONNX Runtime denoising steps: "
+          f"{'on (every method)' if opts.onnx_runtime else 'off'}",
           f"- canvas-latent cache: {opts.canvas_cache or 'pipeline default'}; VAE encode per timed run: "
           + ", ".join(f"{m} {v}" for m, v in summary.drop_duplicates("method")[["method", "vae_encode_mode"]]
                       .itertuples(index=False)) if "vae_encode_mode" in summary else "",
@@ -505,6 +509,13 @@ def validate(opts: RuntimeOptions) -> None:
         raise RuntimeError_("--device cuda requested but no CUDA device is available")
     if opts.cuda_graphs and not (opts.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda"):
         raise RuntimeError_("--cuda-graphs needs a CUDA device (--device cuda); drop it on the CPU")
+    if opts.onnx_runtime:
+        from lazydiff.models.onnx_backend import INSTALL_HINT, onnxruntime_available
+
+        if (opts.device or ("cuda" if torch.cuda.is_available() else "cpu")) != "cpu" or opts.dtype != "fp32":
+            raise RuntimeError_("--onnx-runtime is a CPU fp32 backend: use it with --device cpu --dtype fp32")
+        if not onnxruntime_available():
+            raise RuntimeError_(f"--onnx-runtime needs onnxruntime: {INSTALL_HINT}")
 
 
 def run_runtime(opts: RuntimeOptions):
@@ -592,18 +603,23 @@ def run_runtime(opts: RuntimeOptions):
 
 
 # ----------------------------------------------------------------------------- lever ablation
-LEVER_CONFIGS = [  # label, method, threads, fused blocks, text constants once, inlined DDIM step, canvas/context caches, follow-up
-    ("before: diffusers blocks, no caches", "lazy", 2, False, False, False, "off", False),
-    ("+ fused no-grad blocks (+ timestep memo)", "lazy", 2, True, False, False, "off", False),
-    ("+ text constants once per edit", "lazy", 2, True, True, False, "off", False),
-    ("+ inlined DDIM step", "lazy", 2, True, True, True, "off", False),
-    ("all levers, fresh edit (caches emptied)", "lazy", 2, True, True, True, "incremental", False),
-    ("all levers, follow-up edit, same mask", "lazy", 2, True, True, True, "incremental", True),
-    ("all levers, fresh edit, 1 thread", "lazy", 1, True, True, True, "incremental", False),
-    ("all levers, follow-up edit, 1 thread", "lazy", 1, True, True, True, "incremental", True),
-    ("RegenerateImage before", "regenerate-image", 2, False, False, False, "off", False),
-    ("RegenerateImage all levers, fresh edit", "regenerate-image", 2, True, True, True, "incremental", False),
-    ("RegenerateImage all levers, follow-up edit", "regenerate-image", 2, True, True, True, "incremental", True),
+LEVER_CONFIGS = [  # label, method, threads, fused blocks, text constants once, inlined DDIM step, canvas/context caches, follow-up,
+    # ONNX Runtime steps
+    ("before: diffusers blocks, no caches", "lazy", 2, False, False, False, "off", False, False),
+    ("+ fused no-grad blocks (+ timestep memo)", "lazy", 2, True, False, False, "off", False, False),
+    ("+ text constants once per edit", "lazy", 2, True, True, False, "off", False, False),
+    ("+ inlined DDIM step", "lazy", 2, True, True, True, "off", False, False),
+    ("all levers, fresh edit (caches emptied)", "lazy", 2, True, True, True, "incremental", False, False),
+    ("all levers, follow-up edit, same mask", "lazy", 2, True, True, True, "incremental", True, False),
+    ("all levers, fresh edit, 1 thread", "lazy", 1, True, True, True, "incremental", False, False),
+    ("all levers, follow-up edit, 1 thread", "lazy", 1, True, True, True, "incremental", True, False),
+    ("all levers + ONNX Runtime steps, fresh edit", "lazy", 2, True, True, True, "incremental", False, True),
+    ("all levers + ONNX Runtime steps, follow-up edit", "lazy", 2, True, True, True, "incremental", True, True),
+    ("RegenerateImage before", "regenerate-image", 2, False, False, False, "off", False, False),
+    ("RegenerateImage all levers, fresh edit", "regenerate-image", 2, True, True, True, "incremental", False, False),
+    ("RegenerateImage all levers, follow-up edit", "regenerate-image", 2, True, True, True, "incremental", True, False),
+    ("RegenerateImage all levers + ONNX Runtime steps, fresh edit", "regenerate-image", 2, True, True, True, "incremental", False, True),
+    ("RegenerateImage all levers + ONNX Runtime steps, follow-up edit", "regenerate-image", 2, True, True, True, "incremental", True, True),
 ]
 
 
@@ -614,6 +630,7 @@ def run_levers(out: str, repeats: int = 5, ratio: float = 0.1, steps: int = 20, 
     import PIL.Image
 
     from lazydiff import load_default
+    from lazydiff.models.onnx_backend import onnxruntime_available
 
     img = PIL.Image.fromarray(canvas_image(128))
     mask = PIL.Image.fromarray(centred_mask(128, ratio).astype(np.uint8) * 255)
@@ -622,11 +639,19 @@ def run_levers(out: str, repeats: int = 5, ratio: float = 0.1, steps: int = 20, 
         p.set_progress_bar_config(disable=True)
     rows = {c[0]: [] for c in LEVER_CONFIGS}
     images = {}
+    use_onnx = onnxruntime_available()
+    runners = {}
+    for k, p in pipes.items():
+        if use_onnx:
+            p.enable_onnx_runtime()
+            runners[k] = p.decoder.onnx_runner
+    configs = [c for c in LEVER_CONFIGS if use_onnx or not c[8]]
     before = torch.get_num_threads()
     try:
         for r in range(repeats + 1):
-            for label, meth, threads, fused, text_once, fast_step, cache, follow in LEVER_CONFIGS:
+            for label, meth, threads, fused, text_once, fast_step, cache, follow, onnx in configs:
                 p = pipes[meth]
+                p.decoder.onnx_runner = runners[meth] if onnx else None
                 torch.set_num_threads(threads)
                 p.decoder.trunk.fast_inference, p.precompute_text, p.canvas_cache = fused, text_once, cache
                 p.fast_scheduler_step = fast_step
@@ -646,6 +671,8 @@ def run_levers(out: str, repeats: int = 5, ratio: float = 0.1, steps: int = 20, 
     summary: Dict = {"ratio": ratio, "steps": steps, "repeats": repeats,
                      "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "levers": {}}
     for label, rs in rows.items():
+        if not rs:  # a configuration that could not run here (no onnxruntime)
+            continue
         med = {k: float(np.median([x.get(k, 0.0) for x in rs])) for k in ("text", "vae_encode", "context_encoder",
                                                                           "denoise", "vae_decode", "blend", "total")}
         med["ms_per_step"] = med["denoise"] / steps
@@ -653,6 +680,9 @@ def run_levers(out: str, repeats: int = 5, ratio: float = 0.1, steps: int = 20, 
         summary["levers"][label] = med
     summary["max_abs_pixel_diff_all_levers_vs_before"] = int(np.abs(
         images["all levers, fresh edit (caches emptied)"] - images["before: diffusers blocks, no caches"]).max())
+    if use_onnx:
+        summary["max_abs_pixel_diff_onnx_runtime_vs_all_levers"] = int(np.abs(
+            images["all levers + ONNX Runtime steps, fresh edit"] - images["all levers, fresh edit (caches emptied)"]).max())
     Path(out).mkdir(parents=True, exist_ok=True)
     atomic_write_text(Path(out) / "levers.json", json.dumps(summary, indent=1))
     L = [f"| lever ({int(ratio * 100)}% mask, {steps} steps) | total ms | ms/step | text | VAE enc | context enc | VAE dec |",
@@ -667,13 +697,17 @@ def run_levers(out: str, repeats: int = 5, ratio: float = 0.1, steps: int = 20, 
 
 # ----------------------------------------------------------------------------- per-step sweep
 def run_step_sweep(out: str, ratios: Sequence[float] = (0.01, 0.02, 0.05, 0.1, 0.15, 0.25, 0.4, 0.6), size: int = 1024,
-                   width: int = 384, depth: int = 12, repeats: int = 5, fit_max_ratio: float = 0.4) -> Dict:
+                   width: int = 384, depth: int = 12, repeats: int = 5, fit_max_ratio: float = 0.4,
+                   onnx_runtime: bool = False) -> Dict:
     """Per-step denoiser time vs hole tokens at paper shape without the rest of the edit: exactly the
     decoder calls the pipelines make (CFG batch 2, text constants prepared once per edit, centred
     masks), plus the full-canvas step; medians of ``repeats``. Cheap enough to cover many ratios on a
     CPU where whole paper-shape edits take minutes. Writes ``step_sweep.json`` and ``.png`` to ``out``."""
     pipes, _ = paper_shape_pipelines(["lazy", "regenerate-image"], size, width, depth)
     lazy, full = pipes["lazy"].decoder, pipes["regenerate-image"].decoder
+    if onnx_runtime:  # both decoders alike; each graph is exported at its first (untimed) call
+        lazy.use_onnx_runtime()
+        full.use_onnx_runtime()
     from .flops import decoder_flops
 
     b, cell, lat = 2, 16, size // 8
@@ -716,7 +750,8 @@ def run_step_sweep(out: str, ratios: Sequence[float] = (0.01, 0.02, 0.05, 0.1, 0
     fit = {"intercept_ms": float(icpt), "slope_ms_per_token": float(slope),
            "r2": float(1 - ((ys - pred) ** 2).sum() / ((ys - ys.mean()) ** 2).sum()),
            "max_rel_residual": float(np.max(np.abs(ys - pred) / ys)), "max_ratio": fit_max_ratio}
-    res = {"size": size, "width": width, "depth": depth, "threads": torch.get_num_threads(), "rows": rows,
+    res = {"size": size, "width": width, "depth": depth, "threads": torch.get_num_threads(),
+           "backend": "onnxruntime" if onnx_runtime else "torch", "rows": rows,
            "full": {"tokens": (lat // 2) ** 2, "ms_per_step": fms, "flops": ffl}, "fit": fit,
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     Path(out).mkdir(parents=True, exist_ok=True)
@@ -735,7 +770,8 @@ def run_step_sweep(out: str, ratios: Sequence[float] = (0.01, 0.02, 0.05, 0.1, 0
         ax.axhline(fms, color="C1", ls=":", label=f"RegenerateImage step ({(lat // 2) ** 2} tokens): {fms:.0f} ms")
         ax.set_xlabel("hole tokens |H| (CFG: batch 2)")
         ax.set_ylabel("ms per denoising step")
-        ax.set_title(f"paper shape ({depth} x {width}, {size}^2), {torch.get_num_threads()} threads, fp32", fontsize=9)
+        ax.set_title(f"paper shape ({depth} x {width}, {size}^2), {torch.get_num_threads()} threads, fp32"
+                     + (", ONNX Runtime" if onnx_runtime else ""), fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
         fig.tight_layout()
@@ -772,10 +808,11 @@ def main(argv=None) -> int:
         sub.add_argument("--width", type=int, default=384)
         sub.add_argument("--depth", type=int, default=12)
         sub.add_argument("--size", type=int, default=1024)
+        sub.add_argument("--onnx-runtime", action="store_true")
         a, _ = sub.parse_known_args(rest)
         if a.threads:
             torch.set_num_threads(a.threads)
-        run_step_sweep(ns.step_sweep, size=a.size, width=a.width, depth=a.depth)
+        run_step_sweep(ns.step_sweep, size=a.size, width=a.width, depth=a.depth, onnx_runtime=a.onnx_runtime)
         return 0
     from .cli import main as cli_main  # the plain runtime command (it has --followup / --canvas-cache too)
 

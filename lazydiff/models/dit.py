@@ -196,8 +196,10 @@ class PixArtTrunk(nn.Module):
                                               or all(v is None or v.device.type == "cpu" for v in added_cond_kwargs.values())):
             extra = () if not self.use_additional_conditions or added_cond_kwargs is None else tuple(
                 None if v is None else (v.dtype, tuple(v.flatten().tolist())) for v in added_cond_kwargs.values())
-            params = [*self.adaln_single.parameters(), self.scale_shift_table,
-                      *(blk.scale_shift_table for blk in self.transformer_blocks)]
+            params = self.__dict__.get("_memo_params")
+            if params is None:  # the Parameter objects (their values are read at every call, below)
+                params = self.__dict__["_memo_params"] = [*self.adaln_single.parameters(), self.scale_shift_table,
+                                                          *(blk.scale_shift_table for blk in self.transformer_blocks)]
             memo_key = (tuple(timestep.tolist()), b, dtype, extra, _param_key(params))
             memo = self.__dict__.setdefault("_step_memo", OrderedDict())
             hit = memo.get(memo_key)
@@ -220,6 +222,26 @@ class PixArtTrunk(nn.Module):
             while len(memo) > self.max_memoised_timesteps:
                 memo.popitem(last=False)
         return out
+
+    def step_inputs(self, timestep: torch.Tensor, b: int, dtype, encoder_hidden_states: Optional[torch.Tensor],
+                    encoder_attention_mask: Optional[torch.Tensor] = None,
+                    added_cond_kwargs: Optional[Dict[str, torch.Tensor]] = None,
+                    text_conditioning: Optional["TextConditioning"] = None) -> Optional[Dict[str, torch.Tensor]]:
+        """What one step's blocks need besides the tokens, as the stacked tensors
+        :class:`~lazydiff.models.onnx_trunk.DecoderStep` takes (timestep constants memoised, text
+        constants once per edit); None where the fused inference path does not apply."""
+        if not self._fast_ok():
+            return None
+        if self.use_additional_conditions and added_cond_kwargs is None:
+            raise ValueError("this decoder was configured with additional (resolution, aspect ratio) conditions; "
+                             "pass added_cond_kwargs={'resolution': ..., 'aspect_ratio': ...}")
+        timestep = timestep.expand(b) if timestep.ndim <= 1 else timestep
+        if text_conditioning is None:
+            text_conditioning = self.prepare_text(encoder_hidden_states, encoder_attention_mask)
+        elif text_conditioning.batch != b:
+            raise ValueError(f"text_conditioning was prepared for batch {text_conditioning.batch}, got {b}")
+        consts = self._step_constants(timestep, added_cond_kwargs, b, dtype)
+        return {**consts.stacked(), **text_conditioning.stacked(dtype)}
 
     def forward(self, x: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: Optional[torch.Tensor],
                 encoder_attention_mask: Optional[torch.Tensor] = None,
@@ -285,6 +307,19 @@ class TextConditioning:
     def batch(self) -> int:
         return self.context.shape[0]
 
+    def stacked(self, dtype) -> Dict[str, torch.Tensor]:
+        """All blocks' keys / values as (L, B, heads, T, head_dim) tensors and the cross bias (zeros
+        when there is none), as :class:`~lazydiff.models.onnx_trunk.DecoderStep` takes them; once per edit."""
+        memo = self.__dict__.get("_stacked")
+        if memo is None:
+            k, _ = self.keys_values[0]
+            bias = self.bias if self.bias is not None else k.new_zeros(k.shape[0], 1, 1, k.shape[2])
+            memo = self.__dict__["_stacked"] = {
+                "keys": torch.stack([k for k, _ in self.keys_values]).contiguous(),
+                "values": torch.stack([v for _, v in self.keys_values]).contiguous(),
+                "cross_bias": bias.to(dtype).contiguous()}
+        return memo
+
 
 @dataclass
 class _StepConstants:
@@ -293,6 +328,16 @@ class _StepConstants:
     blocks: List[Tuple[torch.Tensor, ...]]   # per block: shift_msa, 1+scale_msa, gate_msa, shift_mlp, 1+scale_mlp, gate_mlp
     final_shift: torch.Tensor
     final_scale1: torch.Tensor
+
+    def stacked(self) -> Dict[str, torch.Tensor]:
+        """The same as one (L, B, 6, 1, D) tensor and the final layer's two, for ONNX Runtime
+        (memoised with the constants themselves)."""
+        memo = self.__dict__.get("_stacked")
+        if memo is None:
+            memo = self.__dict__["_stacked"] = {
+                "mods": torch.stack([torch.stack(m, 1) for m in self.blocks]).contiguous(),
+                "final_shift": self.final_shift.contiguous(), "final_scale1": self.final_scale1.contiguous()}
+        return memo
 
 
 def _param_key(params) -> tuple:

@@ -16,6 +16,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 
+from .onnx_backend import OnnxRuntimeMixin
 from .dit import PixArtTrunk, output_to_patch_layout, default_interpolation_scale, dit_init, patchify, sincos_positions, unpatchify
 
 
@@ -24,7 +25,7 @@ class FullCanvasDecoderOutput(BaseOutput):
     sample: torch.Tensor  # (B, out_channels, h, w)
 
 
-class FullCanvasDecoder(ModelMixin, ConfigMixin):
+class FullCanvasDecoder(ModelMixin, ConfigMixin, OnnxRuntimeMixin):
     """PixArt-α style inpainting DiT over every token of the canvas (RegenerateImage)."""
 
     _supports_gradient_checkpointing = True
@@ -78,11 +79,19 @@ class FullCanvasDecoder(ModelMixin, ConfigMixin):
         # Channel order (noisy, masked, mask) keeps the first C*p*p inputs identical to PixArt's.
         noisy = patchify(latents, p)
         cond = patchify(torch.cat([masked_latents.to(latents.dtype), mask.to(latents.dtype)], dim=1), p)
-        x = self.proj_in(torch.cat([noisy, cond], dim=-1))
-        x = x + sincos_positions(self.inner_dim, grid, cfg.sample_size // p,
-                                 default_interpolation_scale(cfg.sample_size, cfg.interpolation_scale),
-                                 x.device, x.dtype)
-        out = self.trunk(x, timestep, encoder_hidden_states, encoder_attention_mask, None, added_cond_kwargs,
-                         text_conditioning=text_conditioning)
+        x_in = torch.cat([noisy, cond], dim=-1)
+
+        def positions(dtype):
+            return sincos_positions(self.inner_dim, grid, cfg.sample_size // p,
+                                    default_interpolation_scale(cfg.sample_size, cfg.interpolation_scale),
+                                    x_in.device, dtype)
+
+        out = self._onnx_step(x_in, lambda: positions(x_in.dtype)[None], timestep, encoder_hidden_states,
+                              encoder_attention_mask, None, added_cond_kwargs, text_conditioning)
+        if out is None:  # PyTorch
+            x = self.proj_in(x_in)
+            x = x + positions(x.dtype)
+            out = self.trunk(x, timestep, encoder_hidden_states, encoder_attention_mask, None, added_cond_kwargs,
+                             text_conditioning=text_conditioning)
         out = unpatchify(output_to_patch_layout(out, p), grid, p)
         return FullCanvasDecoderOutput(sample=out) if return_dict else (out,)

@@ -17,6 +17,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 
+from .onnx_backend import OnnxRuntimeMixin
 from .dit import PixArtTrunk, output_to_patch_layout, default_interpolation_scale, dit_init, gather_tokens, sincos_positions
 
 
@@ -25,7 +26,7 @@ class LazyDecoderOutput(BaseOutput):
     sample: torch.Tensor  # (B, |H|, out_channels * p * p) predictions for the hole tokens
 
 
-class LazyDecoder(ModelMixin, ConfigMixin):
+class LazyDecoder(ModelMixin, ConfigMixin, OnnxRuntimeMixin):
     """PixArt-α style decoder over hole tokens.
 
     Config mirrors ``PixArtTransformer2DModel`` (``in_channels``, ``out_channels``, ``patch_size``,
@@ -99,9 +100,14 @@ class LazyDecoder(ModelMixin, ConfigMixin):
             encoder_hidden_states: (B, L, caption_channels) text tokens; encoder_attention_mask (B, L).
             token_mask: optional (B, |H|) 1 = real token, 0 = padding (batches of unequal holes).
         """
-        x = self.proj_in(torch.cat([hole_latents, context.to(hole_latents.dtype)], dim=-1))
-        x = x + self.positions(hole_index, grid_size, x.dtype)
-        out = self.trunk(x, timestep, encoder_hidden_states, encoder_attention_mask, token_mask, added_cond_kwargs,
-                         text_conditioning=text_conditioning)
+        x_in = torch.cat([hole_latents, context.to(hole_latents.dtype)], dim=-1)
+        out = self._onnx_step(x_in, lambda: self.positions(hole_index, grid_size, x_in.dtype), timestep,
+                              encoder_hidden_states, encoder_attention_mask, token_mask, added_cond_kwargs,
+                              text_conditioning)
+        if out is None:  # PyTorch
+            x = self.proj_in(x_in)
+            x = x + self.positions(hole_index, grid_size, x.dtype)
+            out = self.trunk(x, timestep, encoder_hidden_states, encoder_attention_mask, token_mask, added_cond_kwargs,
+                             text_conditioning=text_conditioning)
         out = output_to_patch_layout(out, self.config.patch_size)
         return LazyDecoderOutput(sample=out) if return_dict else (out,)

@@ -275,6 +275,12 @@ class EditPipelineMixin:
     cuda_graphs: bool = False
     graph_replay_hook: Optional[Callable[[], None]] = None  # CUDAGraphDenoiser's on_replay (eval.flops)
 
+    def enable_onnx_runtime(self, enable: bool = True, threads: Optional[int] = None) -> None:
+        """Run the decoder's denoising steps in ONNX Runtime on CPU (``decoder.use_onnx_runtime``;
+        :mod:`lazydiff.models.onnx_backend`). The same switch for every pipeline: the lazy decoder and
+        the full-canvas one share the step's code."""
+        self.decoder.use_onnx_runtime(enable, threads)
+
     # -- geometry
     @property
     def vae_scale_factor(self) -> int:
@@ -536,13 +542,14 @@ class EditPipelineMixin:
         do_cfg = guidance_scale > 1.0
         extra = {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
         fast_step = self._ddim_step_fn() if self.fast_scheduler_step else None
+        model_dtype = self.model_dtype  # once: diffusers' ``dtype`` walks every parameter
         if self.cuda_graphs and latents.is_cuda:
             denoise = CUDAGraphDenoiser(denoise, on_replay=self.graph_replay_hook)
         with self.progress_bar(total=len(timesteps)) as bar:
             for i, t in enumerate(timesteps):
                 x = torch.cat([latents] * 2) if do_cfg else latents
                 x = self.scheduler.scale_model_input(x, t)
-                eps = denoise(x.to(self.model_dtype), t).float()
+                eps = denoise(x.to(model_dtype), t).float()
                 if do_cfg:
                     uncond, cond = eps.chunk(2)
                     eps = uncond + guidance_scale * (cond - uncond)

@@ -1,0 +1,193 @@
+"""ONNX Runtime for a decoder's per-step work (CPU inference), the same for both decoders.
+
+The lazy decoder and the full-canvas baseline run the same PixArt trunk at every denoising step. For
+the small shipped models that step is a few hundred small ops, and PyTorch's per-op dispatch is a
+large share of it; ONNX Runtime runs the same graph with less overhead per op. What it runs is the
+*per-step* work only: input projection, positions, the transformer blocks and the final layer. The
+tokens each decoder feeds in (hole tokens + context, or the whole canvas) are gathered by PyTorch,
+and everything that does not change between steps is computed by PyTorch and passed in: the
+timestep's modulation vectors (memoised per timestep, ``PixArtTrunk._step_constants``) and the
+text's cross-attention keys / values (once per edit, ``PixArtTrunk.prepare_text``).
+
+The input projection is in the graph on purpose: a PyTorch matmul between two ONNX Runtime calls
+wakes PyTorch's OpenMP threads, which then spin on the same cores as ONNX Runtime's (2-core CPU,
+shipped model: 9.4 ms per call back to back, 15.8 ms with a 72x208x192 torch linear in between).
+
+The graph is exported with the weights in it, from the decoder itself (``torch.onnx.export``; nothing
+is downloaded or unpickled), and rebuilt when the weights change (keyed on each parameter's storage
+and version, as the timestep memo is). Outputs match PyTorch's to float32 rounding (max ~2e-6 per
+forward on the shipped model; ``tests/test_onnx_backend.py``).
+
+    pipe.enable_onnx_runtime()          # or decoder.use_onnx_runtime()
+"""
+from __future__ import annotations
+
+import io
+import warnings
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+INPUT_NAMES = ["x_in", "pos", "mods", "final_shift", "final_scale1", "keys", "values", "cross_bias"]
+INSTALL_HINT = "pip install onnxruntime==1.32.0 onnx==1.23.2 (both in requirements.txt)"
+
+
+def onnxruntime_available() -> bool:
+    try:
+        import onnxruntime  # noqa: F401
+        import onnx  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class DecoderStep(nn.Module):
+    """A decoder's per-step arithmetic as a plain function of tensors (what is exported).
+
+    The same operations as the decoder's ``proj_in`` + positions followed by ``dit._fast_block`` for
+    every block and the final layer (out of place: an exported graph has no in-place ops).
+    Inputs: ``x_in`` (B, N, Din) the decoder's input features; ``pos`` (1 or B, N, D) positions;
+    ``mods`` (L, B, 6, 1, D) per block (shift_msa, 1+scale_msa, gate_msa, shift_mlp, 1+scale_mlp,
+    gate_mlp); ``final_shift`` / ``final_scale1`` (B, 1, D); ``keys`` / ``values`` (L, B, heads, T,
+    head_dim) cross-attention; ``cross_bias`` (B, 1, 1, T) additive. Returns (B, N, out_dim) in
+    PixArt's output layout.
+    """
+
+    def __init__(self, decoder: nn.Module):
+        super().__init__()
+        self.proj_in, self.trunk = decoder.proj_in, decoder.trunk
+
+    def forward(self, x_in, pos, mods, final_shift, final_scale1, keys, values, cross_bias):
+        tr = self.trunk
+        x = self.proj_in(x_in) + pos
+        for i, block in enumerate(tr.transformer_blocks):
+            shift_msa, scale_msa1, gate_msa, shift_mlp, scale_mlp1, gate_mlp = mods[i].unbind(1)
+            a1, a2 = block.attn1, block.attn2
+            b, n, d = x.shape
+            heads = a1.heads
+
+            def split(t):
+                return t.view(b, n, heads, d // heads).transpose(1, 2)
+
+            h = block.norm1(x) * scale_msa1 + shift_msa
+            o = F.scaled_dot_product_attention(split(a1.to_q(h)), split(a1.to_k(h)), split(a1.to_v(h)))
+            x = a1.to_out[0](o.transpose(1, 2).reshape(b, n, d)) * gate_msa + x
+            o = F.scaled_dot_product_attention(split(a2.to_q(x)), keys[i], values[i], attn_mask=cross_bias)
+            x = a2.to_out[0](o.transpose(1, 2).reshape(b, n, d)) + x
+            h = block.norm2(x) * scale_mlp1 + shift_mlp
+            net = block.ff.net
+            h = F.gelu(net[0].proj(h), approximate=net[0].approximate)
+            x = net[2](h) * gate_mlp + x
+        return tr.proj_out(tr.norm_out(x) * final_scale1 + final_shift)
+
+
+def export_decoder_step(decoder: nn.Module, example: dict) -> bytes:
+    """ONNX bytes of :class:`DecoderStep` for ``decoder``'s current weights; batch, token count and
+    text length are dynamic. Uses the TorchScript-based exporter (about 1 s for the shipped model; the
+    dynamo exporter took ~18 s) and falls back to the dynamo one (which needs ``onnxscript``) where
+    the former fails."""
+    step = DecoderStep(decoder).eval()
+    args = tuple(example[k] for k in INPUT_NAMES)
+    dynamic = {"x_in": {0: "B", 1: "N"}, "pos": {0: "P", 1: "N"}, "mods": {1: "B"}, "final_shift": {0: "B"},
+               "final_scale1": {0: "B"}, "keys": {1: "B", 3: "T"}, "values": {1: "B", 3: "T"}, "cross_bias": {0: "B", 3: "T"},
+               "out": {0: "B", 1: "N"}}
+    buf = io.BytesIO()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(step, args, buf, input_names=INPUT_NAMES, output_names=["out"],
+                              dynamic_axes=dynamic, opset_version=17, dynamo=False)
+        except Exception as legacy_err:  # noqa: BLE001 - try the other exporter before giving up
+            buf = io.BytesIO()
+            try:
+                b, n, t = torch.export.Dim("B", min=1), torch.export.Dim("N", min=1), torch.export.Dim("T", min=1)
+                shapes = {"x_in": {0: b, 1: n}, "pos": {0: torch.export.Dim("P", min=1), 1: n}, "mods": {1: b},
+                          "final_shift": {0: b}, "final_scale1": {0: b}, "keys": {1: b, 3: t}, "values": {1: b, 3: t},
+                          "cross_bias": {0: b, 3: t}}
+                program = torch.onnx.export(step, args, input_names=INPUT_NAMES, output_names=["out"],
+                                            dynamic_shapes=shapes, dynamo=True, optimize=True)
+                program.save(buf)
+            except Exception as err:
+                raise RuntimeError(f"exporting the decoder step to ONNX failed ({legacy_err}; then {err}); "
+                                   "use the PyTorch backend (decoder.use_onnx_runtime(False))") from err
+    return buf.getvalue()
+
+
+class OnnxStepRunner:
+    """An ONNX Runtime session for one decoder, rebuilt when the decoder's weights change."""
+
+    spin_duration_us = 200
+
+    def __init__(self, threads: Optional[int] = None):
+        if not onnxruntime_available():
+            raise ImportError(f"the ONNX Runtime backend needs onnxruntime and onnx: {INSTALL_HINT}")
+        self.threads = int(threads or torch.get_num_threads())
+        self.session = None
+        self.key = None
+        self.params = None
+        self.exports = 0  # how many times the graph was (re)built: tests and the benchmark read it
+
+    def __getstate__(self):  # copies (deepcopy, pickling) rebuild their session at first use
+        return {"threads": self.threads, "session": None, "key": None, "params": None, "exports": 0}
+
+    def _session(self, decoder: nn.Module, example: dict):
+        from .dit import _param_key
+
+        if self.params is None or self.params[0] is not decoder:  # the Parameter objects; values are keyed below
+            self.params = (decoder, list(decoder.parameters()))
+        key = (_param_key(self.params[1]), example["x_in"].dtype)
+        if self.session is None or key != self.key:
+            import onnxruntime as ort
+
+            model = export_decoder_step(decoder, example)
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads = self.threads
+            opts.inter_op_num_threads = 1
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            opts.log_severity_level = 3
+            # Spin between steps (the loop's torch work in between is short), but stop soon after the
+            # last one: by default the idle workers kept spinning into the VAE decode that follows and
+            # doubled it (shipped model: 46 vs 24 ms); 200 us keeps the step speed (~10 ms) and not that.
+            opts.add_session_config_entry("session.intra_op.spin_duration_us", str(self.spin_duration_us))
+            self.session = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+            self.key = key
+            self.exports += 1
+        return self.session
+
+    def __call__(self, decoder: nn.Module, inputs: dict) -> torch.Tensor:
+        session = self._session(decoder, inputs)
+        feed = {k: v.detach().contiguous().numpy() for k, v in inputs.items()}
+        return torch.from_numpy(session.run(None, feed)[0])
+
+
+class OnnxRuntimeMixin:
+    """``use_onnx_runtime()`` for a decoder with ``proj_in`` and a :class:`~lazydiff.models.dit.PixArtTrunk`."""
+
+    onnx_runner: Optional[OnnxStepRunner] = None
+
+    def use_onnx_runtime(self, enable: bool = True, threads: Optional[int] = None) -> None:
+        """Run each inference step (input projection to output projection) in ONNX Runtime on CPU:
+        the same arithmetic with less per-op overhead; outputs equal PyTorch's to float32 rounding,
+        not bit for bit. The graph is exported at the first step and again whenever the weights
+        change. CUDA tensors, other dtypes, padded batches (``token_mask``), gradients, training mode
+        and ``trunk.fast_inference = False`` keep the PyTorch path. ``threads`` defaults to torch's
+        thread count now."""
+        self.onnx_runner = OnnxStepRunner(threads) if enable else None
+
+    def _onnx_step(self, x_in: torch.Tensor, positions, timestep, encoder_hidden_states, encoder_attention_mask,
+                   token_mask, added_cond_kwargs, text_conditioning) -> Optional[torch.Tensor]:
+        """The step's output (B, N, out_dim) from ONNX Runtime, or None where it does not apply.
+        ``positions()`` -> (1 or B, N, D) is called only when it does."""
+        if self.onnx_runner is None or token_mask is not None or x_in.device.type != "cpu" \
+                or x_in.dtype != torch.float32 or self.proj_in.weight.dtype != torch.float32:
+            return None
+        consts = self.trunk.step_inputs(timestep.to(x_in.device), x_in.shape[0], x_in.dtype, encoder_hidden_states,
+                                        encoder_attention_mask, added_cond_kwargs, text_conditioning)
+        if consts is None:
+            return None
+        return self.onnx_runner(self, {"x_in": x_in, "pos": positions(), **consts})
+
+
+__all__ = ["DecoderStep", "OnnxStepRunner", "OnnxRuntimeMixin", "export_decoder_step", "onnxruntime_available"]

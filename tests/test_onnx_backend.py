@@ -1,0 +1,155 @@
+"""ONNX Runtime for the decoders' denoising steps (lazydiff/models/onnx_backend.py).
+
+Tolerance: float32 rounding. ONNX Runtime runs the same arithmetic with its own kernels, so outputs
+are compared with ``allclose`` (per forward) and within 2/255 per pixel for whole edits; the pixels
+outside the mask stay bit-identical whatever the backend.
+"""
+import copy
+import sys
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+
+from lazydiff.models.onnx_backend import OnnxStepRunner, onnxruntime_available
+from lazydiff.testing import tiny_lazy_pipeline, tiny_regenerate_pipeline
+from test_fast_inference import decoder_and_args, run
+
+pytestmark = pytest.mark.skipif(not onnxruntime_available(), reason="onnxruntime is not installed")
+
+
+def lazy_args(dec, k, b, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(b, k, 16, generator=g), torch.randn(b, k, 24, generator=g),
+            torch.randperm(64, generator=g)[:k].sort().values[None].repeat(b, 1), (8, 8))
+
+
+@pytest.mark.parametrize("which", ["lazy", "full"])
+def test_onnx_step_matches_pytorch(which):
+    dec, args, text, tmask = decoder_and_args(which)
+    ref = [run(dec, args, t, text, tmask) for t in (999, 500)]
+    dec.use_onnx_runtime()
+    got = [run(dec, args, t, text, tmask) for t in (999, 500)]
+    assert dec.onnx_runner.exports == 1
+    for a, b in zip(got, ref):
+        assert a.shape == b.shape
+        assert torch.allclose(a, b, atol=1e-5, rtol=1e-4), (a - b).abs().max()
+        assert not torch.equal(a, torch.zeros_like(a))
+
+
+def test_one_export_serves_every_hole_size_batch_and_prompt_length():
+    dec, _, _, _ = decoder_and_args("lazy")
+    g = torch.Generator().manual_seed(3)
+    cases = [(13, 2, 7), (1, 1, 7), (40, 2, 3), (64, 4, 11)]   # hole tokens, batch, text tokens
+    refs = []
+    for k, b, length in cases:
+        text, tmask = torch.randn(b, length, 32, generator=g), torch.ones(b, length)
+        refs.append((lazy_args(dec, k, b), text, tmask))
+    expected = [run(dec, a, 250, text, tmask) for a, text, tmask in refs]
+    dec.use_onnx_runtime()
+    for (a, text, tmask), ref in zip(refs, expected):
+        out = run(dec, a, 250, text, tmask)
+        assert out.shape == ref.shape
+        assert torch.allclose(out, ref, atol=1e-5, rtol=1e-4)
+    assert dec.onnx_runner.exports == 1
+
+
+def test_weight_changes_rebuild_the_graph():
+    dec, args, text, tmask = decoder_and_args("lazy")
+    dec.use_onnx_runtime()
+    before = run(dec, args, 500, text, tmask)
+    state = {k: v + 0.01 * torch.randn_like(v) for k, v in dec.state_dict().items()}
+    dec.load_state_dict(state)
+    after = run(dec, args, 500, text, tmask)
+    assert dec.onnx_runner.exports == 2
+    dec.use_onnx_runtime(False)
+    ref = run(dec, args, 500, text, tmask)
+    assert torch.allclose(after, ref, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(before, after, atol=1e-4)
+
+
+def test_paths_it_does_not_cover_stay_in_pytorch():
+    dec, args, text, tmask = decoder_and_args("lazy")
+    dec.use_onnx_runtime()
+    b, k = args[0].shape[:2]
+    token_mask = torch.ones(b, k)
+    token_mask[0, -3:] = 0
+    run(dec, args, 500, text, tmask, token_mask=token_mask)            # padded batch
+    run(dec, args, 500, text, tmask, fast=False)                      # diffusers blocks asked for
+    dec.train()
+    with torch.enable_grad():                                         # training
+        dec(*args, torch.tensor([500] * b), text, tmask).sample.sum().backward()
+    dec.eval()
+    assert dec.onnx_runner.exports == 0
+    dec64 = copy.deepcopy(dec).double()                               # other dtypes
+    a64 = tuple(a.double() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+    run(dec64, a64, 500, text.double(), tmask)
+    assert dec64.onnx_runner.exports == 0
+
+
+def test_copies_rebuild_their_own_session():
+    dec, args, text, tmask = decoder_and_args("full")
+    dec.use_onnx_runtime()
+    run(dec, args, 500, text, tmask)
+    twin = copy.deepcopy(dec)
+    assert twin.onnx_runner is not dec.onnx_runner and twin.onnx_runner.session is None
+    assert torch.allclose(run(twin, args, 500, text, tmask), run(dec, args, 500, text, tmask))
+    assert twin.onnx_runner.exports == 1
+
+
+@pytest.mark.parametrize("make", [tiny_lazy_pipeline, tiny_regenerate_pipeline])
+def test_whole_edit_with_onnx_runtime(make):
+    pipe = make()
+    rng = np.random.default_rng(0)
+    img = PIL.Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    mask = np.zeros((64, 64), np.uint8)
+    mask[16:40, 20:44] = 255
+
+    def edit():
+        return pipe("a red star", img, PIL.Image.fromarray(mask), num_inference_steps=4,
+                    generator=torch.Generator().manual_seed(0)).images[0]
+
+    ref = np.asarray(edit()).astype(int)
+    pipe.enable_onnx_runtime()
+    out = np.asarray(edit()).astype(int)
+    assert pipe.decoder.onnx_runner.exports == 1
+    assert np.abs(out - ref).max() <= 2
+    outside = mask == 0
+    assert np.array_equal(out[outside], np.asarray(img).astype(int)[outside])
+
+
+def test_missing_onnxruntime_says_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)   # import fails as if not installed
+    with pytest.raises(ImportError, match="pip install onnxruntime"):
+        OnnxStepRunner()
+
+
+def test_runtime_benchmark_flag_runs_every_method_in_onnx_runtime(tmp_path):
+    from eval.cli import main
+
+    out = tmp_path / "r"
+    assert main(["runtime", "--preset", "tiny", "--mask-ratios", "0.25", "--steps", "2", "--repeats", "1",
+                 "--warmup", "0", "--onnx-runtime", "--out", str(out)]) == 0
+    assert "ONNX Runtime denoising steps: on (every method)" in (out / "report.md").read_text()
+
+
+def test_runtime_benchmark_rejects_onnx_runtime_outside_cpu_fp32():
+    from eval.runtime import RuntimeError_, RuntimeOptions, validate
+
+    with pytest.raises(RuntimeError_, match="CPU fp32"):
+        validate(RuntimeOptions(out="x", preset="tiny", dtype="bf16", onnx_runtime=True))
+
+
+def test_demo_turns_it_on_for_cpu_pipelines_unless_told_not_to():
+    from demo.models import ModelSpec, Models, ModelUnavailable
+
+    assert Models(ModelSpec(tiny=True)).lazy().decoder.onnx_runner is not None            # auto, on a CPU
+    assert Models(ModelSpec(tiny=True, onnx_runtime="off")).lazy().decoder.onnx_runner is None
+    assert Models(ModelSpec(tiny=True, onnx_runtime="on")).baseline().decoder.onnx_runner is not None
+    with pytest.raises(ModelUnavailable, match="auto, on or off"):
+        Models(ModelSpec(tiny=True, onnx_runtime="fast")).lazy()
+    assert ModelSpec.from_env({"LAZYDIFF_ONNX_RUNTIME": "OFF"}).onnx_runtime == "off"
+    # auto stays off for big canvases (4,096 tokens), where its full-canvas step is slower than PyTorch's
+    assert not Models(ModelSpec()).use_onnx_runtime(tiny_lazy_pipeline(sample_size=128))
+    assert Models(ModelSpec(onnx_runtime="on")).use_onnx_runtime(tiny_lazy_pipeline(sample_size=128))
