@@ -12,7 +12,7 @@ import PIL.Image
 import pytest
 import torch
 
-from lazydiff.models.onnx_backend import OnnxStepRunner, onnxruntime_available
+from lazydiff.models.onnx_backend import OnnxRunner, onnxruntime_available
 from lazydiff.testing import tiny_lazy_pipeline, tiny_regenerate_pipeline
 from test_fast_inference import decoder_and_args, run
 
@@ -113,16 +113,31 @@ def test_whole_edit_with_onnx_runtime(make):
     ref = np.asarray(edit()).astype(int)
     pipe.enable_onnx_runtime()
     out = np.asarray(edit()).astype(int)
-    assert pipe.decoder.onnx_runner.exports == 1
+    assert pipe.decoder.onnx_runner.exports == 1 and pipe.vae_decode_runner.exports == 1
     assert np.abs(out - ref).max() <= 2
     outside = mask == 0
     assert np.array_equal(out[outside], np.asarray(img).astype(int)[outside])
 
 
+def test_vae_decode_matches_pytorch_at_every_crop_size():
+    pipe = tiny_lazy_pipeline()
+    g = torch.Generator().manual_seed(0)
+    zs = [torch.randn(1, 4, h, w, generator=g) for h, w in ((6, 6), (3, 9), (16, 16))] + [torch.randn(2, 4, 5, 7, generator=g)]
+    with torch.no_grad():
+        refs = [pipe.vae_decode(z) for z in zs]
+        pipe.enable_onnx_runtime()
+        outs = [pipe.vae_decode(z) for z in zs]
+    assert pipe.vae_decode_runner.exports == 1
+    for out, ref in zip(outs, refs):
+        assert out.shape == ref.shape and torch.allclose(out, ref, atol=1e-5, rtol=1e-4), (out - ref).abs().max()
+    pipe.enable_onnx_runtime(False)
+    assert pipe.vae_decode_runner is None and pipe.decoder.onnx_runner is None
+
+
 def test_missing_onnxruntime_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)   # import fails as if not installed
     with pytest.raises(ImportError, match="pip install onnxruntime"):
-        OnnxStepRunner()
+        OnnxRunner()
 
 
 def test_runtime_benchmark_flag_runs_every_method_in_onnx_runtime(tmp_path):
@@ -131,7 +146,7 @@ def test_runtime_benchmark_flag_runs_every_method_in_onnx_runtime(tmp_path):
     out = tmp_path / "r"
     assert main(["runtime", "--preset", "tiny", "--mask-ratios", "0.25", "--steps", "2", "--repeats", "1",
                  "--warmup", "0", "--onnx-runtime", "--out", str(out)]) == 0
-    assert "ONNX Runtime denoising steps: on (every method)" in (out / "report.md").read_text()
+    assert "ONNX Runtime (denoising steps, crop decode): on (every method)" in (out / "report.md").read_text()
 
 
 def test_runtime_benchmark_rejects_onnx_runtime_outside_cpu_fp32():

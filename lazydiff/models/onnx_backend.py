@@ -19,6 +19,10 @@ and version, as the timestep memo is). Outputs match PyTorch's to float32 roundi
 forward on the shipped model; ``tests/test_onnx_backend.py``).
 
     pipe.enable_onnx_runtime()          # or decoder.use_onnx_runtime()
+
+The pipelines also decode the hole's crop through ONNX Runtime when it is enabled (:class:`VaeDecode`;
+every method decodes the same way). The VAE encoder stays in PyTorch: the canvas-latent cache hooks
+into its modules for partial re-encodes.
 """
 from __future__ import annotations
 
@@ -83,46 +87,76 @@ class DecoderStep(nn.Module):
         return tr.proj_out(tr.norm_out(x) * final_scale1 + final_shift)
 
 
-def export_decoder_step(decoder: nn.Module, example: dict) -> bytes:
-    """ONNX bytes of :class:`DecoderStep` for ``decoder``'s current weights; batch, token count and
-    text length are dynamic. Uses the TorchScript-based exporter (about 1 s for the shipped model; the
-    dynamo exporter took ~18 s) and falls back to the dynamo one (which needs ``onnxscript``) where
-    the former fails."""
-    step = DecoderStep(decoder).eval()
-    args = tuple(example[k] for k in INPUT_NAMES)
-    dynamic = {"x_in": {0: "B", 1: "N"}, "pos": {0: "P", 1: "N"}, "mods": {1: "B"}, "final_shift": {0: "B"},
-               "final_scale1": {0: "B"}, "keys": {1: "B", 3: "T"}, "values": {1: "B", 3: "T"}, "cross_bias": {0: "B", 3: "T"},
-               "out": {0: "B", 1: "N"}}
+def _export(module: nn.Module, args: tuple, names: list, dynamic: dict, dynamo_shapes) -> bytes:
+    """ONNX bytes of ``module(*args)`` with the given dynamic axes. Uses the TorchScript-based
+    exporter (about 1 s for the shipped decoder; the dynamo exporter took ~18 s) and falls back to the
+    dynamo one (which needs ``onnxscript``) where the former fails."""
     buf = io.BytesIO()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            torch.onnx.export(step, args, buf, input_names=INPUT_NAMES, output_names=["out"],
+            torch.onnx.export(module, args, buf, input_names=names, output_names=["out"],
                               dynamic_axes=dynamic, opset_version=17, dynamo=False)
         except Exception as legacy_err:  # noqa: BLE001 - try the other exporter before giving up
             buf = io.BytesIO()
             try:
-                b, n, t = torch.export.Dim("B", min=1), torch.export.Dim("N", min=1), torch.export.Dim("T", min=1)
-                shapes = {"x_in": {0: b, 1: n}, "pos": {0: torch.export.Dim("P", min=1), 1: n}, "mods": {1: b},
-                          "final_shift": {0: b}, "final_scale1": {0: b}, "keys": {1: b, 3: t}, "values": {1: b, 3: t},
-                          "cross_bias": {0: b, 3: t}}
-                program = torch.onnx.export(step, args, input_names=INPUT_NAMES, output_names=["out"],
-                                            dynamic_shapes=shapes, dynamo=True, optimize=True)
+                program = torch.onnx.export(module, args, input_names=names, output_names=["out"],
+                                            dynamic_shapes=dynamo_shapes(), dynamo=True, optimize=True)
                 program.save(buf)
             except Exception as err:
-                raise RuntimeError(f"exporting the decoder step to ONNX failed ({legacy_err}; then {err}); "
-                                   "use the PyTorch backend (decoder.use_onnx_runtime(False))") from err
+                raise RuntimeError(f"exporting {type(module).__name__} to ONNX failed ({legacy_err}; then {err}); "
+                                   "use the PyTorch backend (pipe.enable_onnx_runtime(False))") from err
     return buf.getvalue()
 
 
-class OnnxStepRunner:
-    """An ONNX Runtime session for one decoder, rebuilt when the decoder's weights change."""
+def export_decoder_step(decoder: nn.Module, example: dict) -> bytes:
+    """ONNX bytes of :class:`DecoderStep` for ``decoder``'s current weights; batch, token count and
+    text length are dynamic."""
+    dynamic = {"x_in": {0: "B", 1: "N"}, "pos": {0: "P", 1: "N"}, "mods": {1: "B"}, "final_shift": {0: "B"},
+               "final_scale1": {0: "B"}, "keys": {1: "B", 3: "T"}, "values": {1: "B", 3: "T"},
+               "cross_bias": {0: "B", 3: "T"}, "out": {0: "B", 1: "N"}}
+
+    def dynamo_shapes():
+        b, n, t = torch.export.Dim("B", min=1), torch.export.Dim("N", min=1), torch.export.Dim("T", min=1)
+        return {"x_in": {0: b, 1: n}, "pos": {0: torch.export.Dim("P", min=1), 1: n}, "mods": {1: b},
+                "final_shift": {0: b}, "final_scale1": {0: b}, "keys": {1: b, 3: t}, "values": {1: b, 3: t},
+                "cross_bias": {0: b, 3: t}}
+
+    return _export(DecoderStep(decoder).eval(), tuple(example[k] for k in INPUT_NAMES), INPUT_NAMES, dynamic,
+                   dynamo_shapes)
+
+
+class VaeDecode(nn.Module):
+    """``vae.decode(z).sample`` as a plain function (what is exported for the crop decode)."""
+
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, z):
+        return self.vae.decode(z).sample
+
+
+def export_vae_decode(vae: nn.Module, example: dict) -> bytes:
+    """ONNX bytes of :class:`VaeDecode` for ``vae``'s current weights; batch and latent size dynamic."""
+    def dynamo_shapes():
+        return {"z": {0: torch.export.Dim("B", min=1), 2: torch.export.Dim("H", min=2),
+                      3: torch.export.Dim("W", min=2)}}
+
+    return _export(VaeDecode(vae).eval(), (example["z"],), ["z"],
+                   {"z": {0: "B", 2: "H", 3: "W"}, "out": {0: "B", 2: "OH", 3: "OW"}}, dynamo_shapes)
+
+
+class OnnxRunner:
+    """An ONNX Runtime session for one module (``export(module, example) -> bytes``), rebuilt when the
+    module's weights change."""
 
     spin_duration_us = 200
 
-    def __init__(self, threads: Optional[int] = None):
+    def __init__(self, threads: Optional[int] = None, export=export_decoder_step):
         if not onnxruntime_available():
             raise ImportError(f"the ONNX Runtime backend needs onnxruntime and onnx: {INSTALL_HINT}")
+        self.export = export
         self.threads = int(threads or torch.get_num_threads())
         self.session = None
         self.key = None
@@ -130,34 +164,35 @@ class OnnxStepRunner:
         self.exports = 0  # how many times the graph was (re)built: tests and the benchmark read it
 
     def __getstate__(self):  # copies (deepcopy, pickling) rebuild their session at first use
-        return {"threads": self.threads, "session": None, "key": None, "params": None, "exports": 0}
+        return {"threads": self.threads, "export": self.export, "session": None, "key": None, "params": None,
+                "exports": 0}
 
-    def _session(self, decoder: nn.Module, example: dict):
+    def _session(self, module: nn.Module, example: dict):
         from .dit import _param_key
 
-        if self.params is None or self.params[0] is not decoder:  # the Parameter objects; values are keyed below
-            self.params = (decoder, list(decoder.parameters()))
-        key = (_param_key(self.params[1]), example["x_in"].dtype)
+        if self.params is None or self.params[0] is not module:  # the Parameter objects; values are keyed below
+            self.params = (module, list(module.parameters()))
+        key = (_param_key(self.params[1]), tuple(v.dtype for v in example.values()))
         if self.session is None or key != self.key:
             import onnxruntime as ort
 
-            model = export_decoder_step(decoder, example)
+            model = self.export(module, example)
             opts = ort.SessionOptions()
             opts.intra_op_num_threads = self.threads
             opts.inter_op_num_threads = 1
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
             opts.log_severity_level = 3
-            # Spin between steps (the loop's torch work in between is short), but stop soon after the
-            # last one: by default the idle workers kept spinning into the VAE decode that follows and
-            # doubled it (shipped model: 46 vs 24 ms); 200 us keeps the step speed (~10 ms) and not that.
+            # Spin between calls (a denoising loop's torch work in between is short), but stop soon
+            # after the last one: by default the idle workers kept spinning into the torch VAE decode
+            # that follows and doubled it (46 vs 24 ms); 200 us keeps the step speed (~10 ms).
             opts.add_session_config_entry("session.intra_op.spin_duration_us", str(self.spin_duration_us))
             self.session = ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
             self.key = key
             self.exports += 1
         return self.session
 
-    def __call__(self, decoder: nn.Module, inputs: dict) -> torch.Tensor:
-        session = self._session(decoder, inputs)
+    def __call__(self, module: nn.Module, inputs: dict) -> torch.Tensor:
+        session = self._session(module, inputs)
         feed = {k: v.detach().contiguous().numpy() for k, v in inputs.items()}
         return torch.from_numpy(session.run(None, feed)[0])
 
@@ -165,7 +200,7 @@ class OnnxStepRunner:
 class OnnxRuntimeMixin:
     """``use_onnx_runtime()`` for a decoder with ``proj_in`` and a :class:`~lazydiff.models.dit.PixArtTrunk`."""
 
-    onnx_runner: Optional[OnnxStepRunner] = None
+    onnx_runner: Optional[OnnxRunner] = None
 
     def use_onnx_runtime(self, enable: bool = True, threads: Optional[int] = None) -> None:
         """Run each inference step (input projection to output projection) in ONNX Runtime on CPU:
@@ -174,7 +209,7 @@ class OnnxRuntimeMixin:
         change. CUDA tensors, other dtypes, padded batches (``token_mask``), gradients, training mode
         and ``trunk.fast_inference = False`` keep the PyTorch path. ``threads`` defaults to torch's
         thread count now."""
-        self.onnx_runner = OnnxStepRunner(threads) if enable else None
+        self.onnx_runner = OnnxRunner(threads) if enable else None
 
     def _onnx_step(self, x_in: torch.Tensor, positions, timestep, encoder_hidden_states, encoder_attention_mask,
                    token_mask, added_cond_kwargs, text_conditioning) -> Optional[torch.Tensor]:
@@ -190,4 +225,5 @@ class OnnxRuntimeMixin:
         return self.onnx_runner(self, {"x_in": x_in, "pos": positions(), **consts})
 
 
-__all__ = ["DecoderStep", "OnnxStepRunner", "OnnxRuntimeMixin", "export_decoder_step", "onnxruntime_available"]
+__all__ = ["DecoderStep", "VaeDecode", "OnnxRunner", "OnnxRuntimeMixin", "export_decoder_step", "export_vae_decode",
+           "onnxruntime_available"]

@@ -275,11 +275,16 @@ class EditPipelineMixin:
     cuda_graphs: bool = False
     graph_replay_hook: Optional[Callable[[], None]] = None  # CUDAGraphDenoiser's on_replay (eval.flops)
 
+    vae_decode_runner = None  # set by enable_onnx_runtime
+
     def enable_onnx_runtime(self, enable: bool = True, threads: Optional[int] = None) -> None:
-        """Run the decoder's denoising steps in ONNX Runtime on CPU (``decoder.use_onnx_runtime``;
-        :mod:`lazydiff.models.onnx_backend`). The same switch for every pipeline: the lazy decoder and
-        the full-canvas one share the step's code."""
+        """Run the decoder's denoising steps and the crop's VAE decode in ONNX Runtime on CPU, fp32
+        (``decoder.use_onnx_runtime``; :mod:`lazydiff.models.onnx_backend`). The same switch for every
+        pipeline: the lazy decoder and the full-canvas one share the step's code, and all decode alike."""
+        from ..models.onnx_backend import OnnxRunner, export_vae_decode
+
         self.decoder.use_onnx_runtime(enable, threads)
+        self.vae_decode_runner = OnnxRunner(threads, export=export_vae_decode) if enable else None
 
     # -- geometry
     @property
@@ -347,6 +352,8 @@ class EditPipelineMixin:
     def vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
         z = latents.to(self.vae.dtype) / self.vae.config.scaling_factor + shift
+        if self.vae_decode_runner is not None and z.device.type == "cpu" and z.dtype == torch.float32:
+            return self.vae_decode_runner(self.vae, {"z": z})
         return self.vae.decode(z).sample
 
     # -- canvas caches
