@@ -95,8 +95,9 @@ def _export(module: nn.Module, args: tuple, names: list, dynamic: dict, dynamo_s
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
+            # opset 20: GELU is one op (17 spells it out); 9.1-11.9 vs 9.7-12.3 ms per shipped-decoder call
             torch.onnx.export(module, args, buf, input_names=names, output_names=["out"],
-                              dynamic_axes=dynamic, opset_version=17, dynamo=False)
+                              dynamic_axes=dynamic, opset_version=20, dynamo=False)
         except Exception as legacy_err:  # noqa: BLE001 - try the other exporter before giving up
             buf = io.BytesIO()
             try:
