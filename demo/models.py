@@ -128,7 +128,25 @@ class Models:
             pipe.set_progress_bar_config(disable=True)
         if self.use_onnx_runtime(pipe):
             pipe.enable_onnx_runtime()
+            self._warm_up(pipe)
         return pipe
+
+    @staticmethod
+    def _warm_up(pipe) -> None:
+        """One 1-step edit on a blank canvas, so that the ONNX Runtime graphs are exported now and not
+        inside the first user's edit (whose stage timings the UI shows); the caches it fills are
+        emptied again."""
+        import numpy as np
+        import PIL.Image
+        import torch
+
+        side = 4 * pipe.token_cell
+        mask = np.zeros((side, side), np.uint8)
+        mask[: side // 2, : side // 2] = 255
+        with torch.no_grad():
+            pipe("", PIL.Image.new("RGB", (side, side), (128, 128, 128)), PIL.Image.fromarray(mask),
+                 num_inference_steps=1, generator=torch.Generator().manual_seed(0))
+        pipe.clear_caches()
 
     def use_onnx_runtime(self, pipe) -> bool:
         """Whether ``pipe`` runs its denoising steps in ONNX Runtime (lazydiff.models.onnx_backend).

@@ -159,7 +159,8 @@ def test_runtime_benchmark_rejects_onnx_runtime_outside_cpu_fp32():
 def test_demo_turns_it_on_for_cpu_pipelines_unless_told_not_to():
     from demo.models import ModelSpec, Models, ModelUnavailable
 
-    assert Models(ModelSpec(tiny=True)).lazy().decoder.onnx_runner is not None            # auto, on a CPU
+    lazy = Models(ModelSpec(tiny=True)).lazy()                                        # auto, on a CPU
+    assert lazy.decoder.onnx_runner.exports == 1 and lazy.vae_decode_runner.exports == 1  # warmed up at load
     assert Models(ModelSpec(tiny=True, onnx_runtime="off")).lazy().decoder.onnx_runner is None
     assert Models(ModelSpec(tiny=True, onnx_runtime="on")).baseline().decoder.onnx_runner is not None
     with pytest.raises(ModelUnavailable, match="auto, on or off"):
