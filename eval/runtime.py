@@ -88,7 +88,7 @@ class RuntimeOptions:
     followup: str = "none"
     canvas_cache: Optional[str] = None   # override every pipeline's canvas_cache ("off" | "exact" | "incremental")
     cuda_graphs: bool = False            # every pipeline replays its denoiser from a CUDA graph (GPU only)
-    onnx_runtime: bool = False           # every pipeline's denoising steps and crop decode in ONNX Runtime (CPU, fp32)
+    onnx_runtime: bool = False           # every pipeline's denoising steps and VAE in ONNX Runtime (CPU, fp32)
 
 
 class RuntimeError_(ValueError):
@@ -427,7 +427,7 @@ def write_report(out: Path, summary, fit: Dict, plots: Dict[str, Path], opts: Ru
              if opts.followup == "none" else
              f"cleared, then an untimed 1-step priming edit ({opts.followup}); the timed run is the follow-up edit "
              "on the primed result (canvas-latent, context and prompt caches as an editor would have them)"),
-          f"- CUDA graphs: {'on (every method)' if opts.cuda_graphs else 'off'}; ONNX Runtime (denoising steps, crop decode): "
+          f"- CUDA graphs: {'on (every method)' if opts.cuda_graphs else 'off'}; ONNX Runtime (denoising steps, VAE): "
           f"{'on (every method)' if opts.onnx_runtime else 'off'}",
           f"- canvas-latent cache: {opts.canvas_cache or 'pipeline default'}; VAE encode per timed run: "
           + ", ".join(f"{m} {v}" for m, v in summary.drop_duplicates("method")[["method", "vae_encode_mode"]]
@@ -613,21 +613,21 @@ LEVER_CONFIGS = [  # label, method, threads, fused blocks, text constants once, 
     ("all levers, follow-up edit, same mask", "lazy", 2, True, True, True, "incremental", True, False),
     ("all levers, fresh edit, 1 thread", "lazy", 1, True, True, True, "incremental", False, False),
     ("all levers, follow-up edit, 1 thread", "lazy", 1, True, True, True, "incremental", True, False),
-    ("all levers + ONNX Runtime (steps, crop decode), fresh edit", "lazy", 2, True, True, True, "incremental", False, True),
-    ("all levers + ONNX Runtime (steps, crop decode), follow-up edit", "lazy", 2, True, True, True, "incremental", True, True),
+    ("all levers + ONNX Runtime (steps, VAE), fresh edit", "lazy", 2, True, True, True, "incremental", False, True),
+    ("all levers + ONNX Runtime (steps, VAE), follow-up edit", "lazy", 2, True, True, True, "incremental", True, True),
     ("RegenerateImage before", "regenerate-image", 2, False, False, False, "off", False, False),
     ("RegenerateImage all levers, fresh edit", "regenerate-image", 2, True, True, True, "incremental", False, False),
     ("RegenerateImage all levers, follow-up edit", "regenerate-image", 2, True, True, True, "incremental", True, False),
-    ("RegenerateImage all levers + ONNX Runtime (steps, crop decode), fresh edit", "regenerate-image", 2, True, True, True, "incremental", False, True),
-    ("RegenerateImage all levers + ONNX Runtime (steps, crop decode), follow-up edit", "regenerate-image", 2, True, True, True, "incremental", True, True),
+    ("RegenerateImage all levers + ONNX Runtime (steps, VAE), fresh edit", "regenerate-image", 2, True, True, True, "incremental", False, True),
+    ("RegenerateImage all levers + ONNX Runtime (steps, VAE), follow-up edit", "regenerate-image", 2, True, True, True, "incremental", True, True),
 ]
 
 
 ONNX_PAIRS = {  # ONNX Runtime configuration -> the same edit on PyTorch
-    "all levers + ONNX Runtime (steps, crop decode), fresh edit": "all levers, fresh edit (caches emptied)",
-    "all levers + ONNX Runtime (steps, crop decode), follow-up edit": "all levers, follow-up edit, same mask",
-    "RegenerateImage all levers + ONNX Runtime (steps, crop decode), fresh edit": "RegenerateImage all levers, fresh edit",
-    "RegenerateImage all levers + ONNX Runtime (steps, crop decode), follow-up edit": "RegenerateImage all levers, follow-up edit",
+    "all levers + ONNX Runtime (steps, VAE), fresh edit": "all levers, fresh edit (caches emptied)",
+    "all levers + ONNX Runtime (steps, VAE), follow-up edit": "all levers, follow-up edit, same mask",
+    "RegenerateImage all levers + ONNX Runtime (steps, VAE), fresh edit": "RegenerateImage all levers, fresh edit",
+    "RegenerateImage all levers + ONNX Runtime (steps, VAE), follow-up edit": "RegenerateImage all levers, follow-up edit",
 }
 
 
@@ -654,7 +654,7 @@ def run_levers(out: str, repeats: int = 5, ratio: float = 0.1, steps: int = 20, 
     for k, p in pipes.items():
         if use_onnx:
             p.enable_onnx_runtime()
-            runners[k] = (p.decoder.onnx_runner, p.vae_decode_runner)
+            runners[k] = (p.decoder.onnx_runner, p.vae_decode_runner, p.vae_encode_runner)
     configs = [c for c in LEVER_CONFIGS if use_onnx or not c[8]]
     if backends_only:
         configs = [c for c in configs if c[2] == 2 and all(c[3:6]) and c[6] == "incremental"]
@@ -663,7 +663,7 @@ def run_levers(out: str, repeats: int = 5, ratio: float = 0.1, steps: int = 20, 
         for r in range(repeats + 1):
             for label, meth, threads, fused, text_once, fast_step, cache, follow, onnx in configs:
                 p = pipes[meth]
-                p.decoder.onnx_runner, p.vae_decode_runner = runners[meth] if onnx else (None, None)
+                p.decoder.onnx_runner, p.vae_decode_runner, p.vae_encode_runner = runners[meth] if onnx else (None,) * 3
                 torch.set_num_threads(threads)
                 p.decoder.trunk.fast_inference, p.precompute_text, p.canvas_cache = fused, text_once, cache
                 p.fast_scheduler_step = fast_step
@@ -699,7 +699,7 @@ def run_levers(out: str, repeats: int = 5, ratio: float = 0.1, steps: int = 20, 
             onnx_label: float(np.median([a["total"] / b["total"] for a, b in zip(rows[torch_label], rows[onnx_label])]))
             for onnx_label, torch_label in ONNX_PAIRS.items() if rows.get(onnx_label) and rows.get(torch_label)}
         summary["max_abs_pixel_diff_onnx_runtime_vs_all_levers"] = int(np.abs(
-            images["all levers + ONNX Runtime (steps, crop decode), fresh edit"] - images["all levers, fresh edit (caches emptied)"]).max())
+            images["all levers + ONNX Runtime (steps, VAE), fresh edit"] - images["all levers, fresh edit (caches emptied)"]).max())
     Path(out).mkdir(parents=True, exist_ok=True)
     atomic_write_text(Path(out) / "levers.json", json.dumps(summary, indent=1))
     L = [f"| lever ({int(ratio * 100)}% mask, {steps} steps) | total ms | ms/step | text | VAE enc | context enc | VAE dec |",

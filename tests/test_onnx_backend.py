@@ -112,8 +112,10 @@ def test_whole_edit_with_onnx_runtime(make):
 
     ref = np.asarray(edit()).astype(int)
     pipe.enable_onnx_runtime()
+    pipe.clear_caches()                     # encode the canvas again, now through ONNX Runtime
     out = np.asarray(edit()).astype(int)
     assert pipe.decoder.onnx_runner.exports == 1 and pipe.vae_decode_runner.exports == 1
+    assert pipe.vae_encode_runner.exports == 1
     assert np.abs(out - ref).max() <= 2
     outside = mask == 0
     assert np.array_equal(out[outside], np.asarray(img).astype(int)[outside])
@@ -134,6 +136,21 @@ def test_vae_decode_matches_pytorch_at_every_crop_size():
     assert pipe.vae_decode_runner is None and pipe.decoder.onnx_runner is None
 
 
+def test_vae_encode_matches_pytorch_and_leaves_hooked_encodes_to_pytorch():
+    pipe = tiny_lazy_pipeline()
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.rand(1, 3, h, w, generator=g) * 2 - 1 for h, w in ((32, 32), (16, 48))] + [torch.rand(2, 3, 24, 40, generator=g)]
+    with torch.no_grad():
+        refs = [pipe.vae_encode(x) for x in xs]
+        pipe.enable_onnx_runtime()
+        hooked = pipe.vae_encode(xs[0])                 # not plain: the canvas cache may have hooks on
+        outs = [pipe.vae_encode(x, plain=True) for x in xs]
+    assert torch.equal(hooked, refs[0])
+    assert pipe.vae_encode_runner.exports == 1
+    for out, ref in zip(outs, refs):
+        assert out.shape == ref.shape and torch.allclose(out, ref, atol=1e-5, rtol=1e-4), (out - ref).abs().max()
+
+
 def test_missing_onnxruntime_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)   # import fails as if not installed
     with pytest.raises(ImportError, match="pip install onnxruntime"):
@@ -146,7 +163,7 @@ def test_runtime_benchmark_flag_runs_every_method_in_onnx_runtime(tmp_path):
     out = tmp_path / "r"
     assert main(["runtime", "--preset", "tiny", "--mask-ratios", "0.25", "--steps", "2", "--repeats", "1",
                  "--warmup", "0", "--onnx-runtime", "--out", str(out)]) == 0
-    assert "ONNX Runtime (denoising steps, crop decode): on (every method)" in (out / "report.md").read_text()
+    assert "ONNX Runtime (denoising steps, VAE): on (every method)" in (out / "report.md").read_text()
 
 
 def test_runtime_benchmark_rejects_onnx_runtime_outside_cpu_fp32():
@@ -161,6 +178,7 @@ def test_demo_turns_it_on_for_cpu_pipelines_unless_told_not_to():
 
     lazy = Models(ModelSpec(tiny=True)).lazy()                                        # auto, on a CPU
     assert lazy.decoder.onnx_runner.exports == 1 and lazy.vae_decode_runner.exports == 1  # warmed up at load
+    assert lazy.vae_encode_runner.exports == 1
     assert Models(ModelSpec(tiny=True, onnx_runtime="off")).lazy().decoder.onnx_runner is None
     assert Models(ModelSpec(tiny=True, onnx_runtime="on")).baseline().decoder.onnx_runner is not None
     with pytest.raises(ModelUnavailable, match="auto, on or off"):

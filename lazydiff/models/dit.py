@@ -228,7 +228,7 @@ class PixArtTrunk(nn.Module):
                     added_cond_kwargs: Optional[Dict[str, torch.Tensor]] = None,
                     text_conditioning: Optional["TextConditioning"] = None) -> Optional[Dict[str, torch.Tensor]]:
         """What one step's blocks need besides the tokens, as the stacked tensors
-        :class:`~lazydiff.models.onnx_trunk.DecoderStep` takes (timestep constants memoised, text
+        :class:`~lazydiff.models.onnx_backend.DecoderStep` takes (timestep constants memoised, text
         constants once per edit); None where the fused inference path does not apply."""
         if not self._fast_ok():
             return None
@@ -309,7 +309,7 @@ class TextConditioning:
 
     def stacked(self, dtype) -> Dict[str, torch.Tensor]:
         """All blocks' keys / values as (L, B, heads, T, head_dim) tensors and the cross bias (zeros
-        when there is none), as :class:`~lazydiff.models.onnx_trunk.DecoderStep` takes them; once per edit."""
+        when there is none), as :class:`~lazydiff.models.onnx_backend.DecoderStep` takes them; once per edit."""
         memo = self.__dict__.get("_stacked")
         if memo is None:
             k, _ = self.keys_values[0]

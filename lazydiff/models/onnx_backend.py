@@ -20,9 +20,10 @@ forward on the shipped model; ``tests/test_onnx_backend.py``).
 
     pipe.enable_onnx_runtime()          # or decoder.use_onnx_runtime()
 
-The pipelines also decode the hole's crop through ONNX Runtime when it is enabled (:class:`VaeDecode`;
-every method decodes the same way). The VAE encoder stays in PyTorch: the canvas-latent cache hooks
-into its modules for partial re-encodes.
+The pipelines also run the VAE through ONNX Runtime when it is enabled (:class:`VaeDecode` for the
+hole's crop, :class:`VaeEncode` for whole-canvas encodes; every method alike). Encodes that the
+canvas-latent cache hooks into (recording the encoder's statistics, partial re-encodes of large
+canvases) stay in PyTorch.
 """
 from __future__ import annotations
 
@@ -138,6 +139,29 @@ class VaeDecode(nn.Module):
         return self.vae.decode(z).sample
 
 
+class VaeEncode(nn.Module):
+    """The latent ``vae.encode(x)`` gives the pipelines (the posterior's mode, or an
+    ``AutoencoderTiny``'s latents), as a plain function (what is exported)."""
+
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        self.vae = vae
+
+    def forward(self, x):
+        out = self.vae.encode(x)
+        return out.latent_dist.mode() if hasattr(out, "latent_dist") else out.latents
+
+
+def export_vae_encode(vae: nn.Module, example: dict) -> bytes:
+    """ONNX bytes of :class:`VaeEncode` for ``vae``'s current weights; batch and image size dynamic."""
+    def dynamo_shapes():
+        return {"x": {0: torch.export.Dim("B", min=1), 2: torch.export.Dim("H", min=8),
+                      3: torch.export.Dim("W", min=8)}}
+
+    return _export(VaeEncode(vae).eval(), (example["x"],), ["x"],
+                   {"x": {0: "B", 2: "H", 3: "W"}, "out": {0: "B", 2: "OH", 3: "OW"}}, dynamo_shapes)
+
+
 def export_vae_decode(vae: nn.Module, example: dict) -> bytes:
     """ONNX bytes of :class:`VaeDecode` for ``vae``'s current weights; batch and latent size dynamic."""
     def dynamo_shapes():
@@ -226,5 +250,5 @@ class OnnxRuntimeMixin:
         return self.onnx_runner(self, {"x_in": x_in, "pos": positions(), **consts})
 
 
-__all__ = ["DecoderStep", "VaeDecode", "OnnxRunner", "OnnxRuntimeMixin", "export_decoder_step", "export_vae_decode",
-           "onnxruntime_available"]
+__all__ = ["DecoderStep", "VaeEncode", "VaeDecode", "OnnxRunner", "OnnxRuntimeMixin", "export_decoder_step",
+           "export_vae_encode", "export_vae_decode", "onnxruntime_available"]

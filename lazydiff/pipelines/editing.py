@@ -276,15 +276,18 @@ class EditPipelineMixin:
     graph_replay_hook: Optional[Callable[[], None]] = None  # CUDAGraphDenoiser's on_replay (eval.flops)
 
     vae_decode_runner = None  # set by enable_onnx_runtime
+    vae_encode_runner = None
 
     def enable_onnx_runtime(self, enable: bool = True, threads: Optional[int] = None) -> None:
-        """Run the decoder's denoising steps and the crop's VAE decode in ONNX Runtime on CPU, fp32
-        (``decoder.use_onnx_runtime``; :mod:`lazydiff.models.onnx_backend`). The same switch for every
-        pipeline: the lazy decoder and the full-canvas one share the step's code, and all decode alike."""
-        from ..models.onnx_backend import OnnxRunner, export_vae_decode
+        """Run the decoder's denoising steps, the crop's VAE decode and whole-canvas VAE encodes in ONNX
+        Runtime on CPU, fp32 (``decoder.use_onnx_runtime``; :mod:`lazydiff.models.onnx_backend`). The
+        same switch for every pipeline: the lazy decoder and the full-canvas one share the step's
+        code, and all encode and decode alike."""
+        from ..models.onnx_backend import OnnxRunner, export_vae_decode, export_vae_encode
 
         self.decoder.use_onnx_runtime(enable, threads)
         self.vae_decode_runner = OnnxRunner(threads, export=export_vae_decode) if enable else None
+        self.vae_encode_runner = OnnxRunner(threads, export=export_vae_encode) if enable else None
 
     # -- geometry
     @property
@@ -343,9 +346,15 @@ class EditPipelineMixin:
         return torch.cat(embs).to(self.model_dtype), torch.cat(masks)
 
     # -- VAE
-    def vae_encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        out = self.vae.encode(pixels.to(self.vae.dtype))
-        z = out.latent_dist.mode() if hasattr(out, "latent_dist") else out.latents
+    def vae_encode(self, pixels: torch.Tensor, plain: bool = False) -> torch.Tensor:
+        """Scaled latents of ``pixels``. ``plain``: no hooks are on the encoder's modules (no canvas-cache
+        recording or crop encode), so ONNX Runtime may run it when enabled."""
+        x = pixels.to(self.vae.dtype)
+        if plain and self.vae_encode_runner is not None and x.device.type == "cpu" and x.dtype == torch.float32:
+            z = self.vae_encode_runner(self.vae, {"x": x})
+        else:
+            out = self.vae.encode(x)
+            z = out.latent_dist.mode() if hasattr(out, "latent_dist") else out.latents
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
         return ((z - shift) * self.vae.config.scaling_factor).to(self.model_dtype)
 
@@ -440,7 +449,7 @@ class EditPipelineMixin:
         if mode not in CANVAS_CACHE_MODES:
             raise ValueError(f"canvas_cache must be 'off', 'exact' or 'incremental', got {mode!r}")
         if mode == "off":
-            return self.vae_encode(masked_pixels()), {"vae_encode": "full", "encoded_fraction": 1.0}
+            return self.vae_encode(masked_pixels(), plain=True), {"vae_encode": "full", "encoded_fraction": 1.0}
         ident = (rgb.shape, str(torch.device(device)), self.vae.dtype, self.model_dtype, id(self.vae))
         state = self.__dict__.get("_canvas_state")
         if state is not None and state["ident"] == ident:
@@ -479,7 +488,7 @@ class EditPipelineMixin:
             with canvas_cache.record_encoder(self.vae, latent_size) as rec:
                 lat = self.vae_encode(pixels)
         else:
-            lat = self.vae_encode(pixels)
+            lat = self.vae_encode(pixels, plain=True)
         version = next(_CANVAS_VERSIONS)
         self.__dict__["_canvas_state"] = dict(ident=ident, rgb=rgb.copy(), mask=mask.copy(), latents=lat,
                                               version=version, record=rec)
@@ -498,7 +507,8 @@ class EditPipelineMixin:
         if "canvas_version" in info:
             out["canvas_version"] = info["canvas_version"]
         if edit.sketch_rgb is not None:
-            out["sketch_latents"] = self.vae_encode(to_tensor(_pad(edit.sketch_rgb, edit.padded_size), device, torch.float32))
+            out["sketch_latents"] = self.vae_encode(to_tensor(_pad(edit.sketch_rgb, edit.padded_size), device, torch.float32),
+                                                    plain=True)
         s = self.vae_scale_factor
         cells = token_mask_from_pixels(mask_px, s)[:, None]  # pooled once at full resolution, then per patch
         out["mask_latent"] = cells.to(self.model_dtype)
