@@ -161,7 +161,9 @@ class Models:
             raise ModelUnavailable(f"--onnx-runtime / LAZYDIFF_ONNX_RUNTIME must be auto, on or off, got {mode!r}")
         if mode == "off" or not hasattr(pipe, "enable_onnx_runtime"):
             return False
-        on_cpu = pipe.device.type == "cpu" and pipe.decoder.dtype.is_floating_point and pipe.decoder.dtype.itemsize == 4
+        import torch
+
+        on_cpu = pipe.device.type == "cpu" and pipe.decoder.dtype == torch.float32
         if mode == "on":
             if not on_cpu:
                 raise ModelUnavailable("--onnx-runtime on is a CPU fp32 backend; this pipeline is on "

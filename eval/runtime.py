@@ -507,12 +507,13 @@ def validate(opts: RuntimeOptions) -> None:
         raise RuntimeError_("--steps and --repeats must be >= 1 and --warmup >= 0")
     if opts.device and opts.device.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError_("--device cuda requested but no CUDA device is available")
-    if opts.cuda_graphs and not (opts.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda"):
+    device = opts.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if opts.cuda_graphs and not device.startswith("cuda"):
         raise RuntimeError_("--cuda-graphs needs a CUDA device (--device cuda); drop it on the CPU")
     if opts.onnx_runtime:
         from lazydiff.models.onnx_backend import INSTALL_HINT, onnxruntime_available
 
-        if (opts.device or ("cuda" if torch.cuda.is_available() else "cpu")) != "cpu" or opts.dtype != "fp32":
+        if device != "cpu" or opts.dtype != "fp32":
             raise RuntimeError_("--onnx-runtime is a CPU fp32 backend: use it with --device cpu --dtype fp32")
         if not onnxruntime_available():
             raise RuntimeError_(f"--onnx-runtime needs onnxruntime: {INSTALL_HINT}")

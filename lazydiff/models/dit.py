@@ -223,6 +223,21 @@ class PixArtTrunk(nn.Module):
                 memo.popitem(last=False)
         return out
 
+    def _fast_constants(self, timestep: torch.Tensor, b: int, dtype, encoder_hidden_states, encoder_attention_mask,
+                        added_cond_kwargs, text_conditioning) -> Optional[Tuple["TextConditioning", "_StepConstants"]]:
+        """Checks the conditioning, then -> (text constants, timestep constants) for the fused inference
+        path, or None where that path does not apply. Shared by :meth:`forward` and :meth:`step_inputs`."""
+        if self.use_additional_conditions and added_cond_kwargs is None:
+            raise ValueError("this decoder was configured with additional (resolution, aspect ratio) conditions; "
+                             "pass added_cond_kwargs={'resolution': ..., 'aspect_ratio': ...}")
+        if text_conditioning is not None and text_conditioning.batch != b:
+            raise ValueError(f"text_conditioning was prepared for batch {text_conditioning.batch}, got {b}")
+        if not self._fast_ok():
+            return None
+        if text_conditioning is None:
+            text_conditioning = self.prepare_text(encoder_hidden_states, encoder_attention_mask)
+        return text_conditioning, self._step_constants(timestep, added_cond_kwargs, b, dtype)
+
     def step_inputs(self, timestep: torch.Tensor, b: int, dtype, encoder_hidden_states: Optional[torch.Tensor],
                     encoder_attention_mask: Optional[torch.Tensor] = None,
                     added_cond_kwargs: Optional[Dict[str, torch.Tensor]] = None,
@@ -230,17 +245,12 @@ class PixArtTrunk(nn.Module):
         """What one step's blocks need besides the tokens, as the stacked tensors
         :class:`~lazydiff.models.onnx_backend.DecoderStep` takes (timestep constants memoised, text
         constants once per edit); None where the fused inference path does not apply."""
-        if not self._fast_ok():
-            return None
-        if self.use_additional_conditions and added_cond_kwargs is None:
-            raise ValueError("this decoder was configured with additional (resolution, aspect ratio) conditions; "
-                             "pass added_cond_kwargs={'resolution': ..., 'aspect_ratio': ...}")
         timestep = timestep.expand(b) if timestep.ndim <= 1 else timestep
-        if text_conditioning is None:
-            text_conditioning = self.prepare_text(encoder_hidden_states, encoder_attention_mask)
-        elif text_conditioning.batch != b:
-            raise ValueError(f"text_conditioning was prepared for batch {text_conditioning.batch}, got {b}")
-        consts = self._step_constants(timestep, added_cond_kwargs, b, dtype)
+        fast = self._fast_constants(timestep, b, dtype, encoder_hidden_states, encoder_attention_mask,
+                                    added_cond_kwargs, text_conditioning)
+        if fast is None:
+            return None
+        text_conditioning, consts = fast
         return {**consts.stacked(), **text_conditioning.stacked(dtype)}
 
     def forward(self, x: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: Optional[torch.Tensor],
@@ -258,18 +268,13 @@ class PixArtTrunk(nn.Module):
         residuals); set ``fast_inference = False`` for the plain diffusers path.
         """
         b = x.shape[0]
-        if self.use_additional_conditions and added_cond_kwargs is None:
-            raise ValueError("this decoder was configured with additional (resolution, aspect ratio) conditions; "
-                             "pass added_cond_kwargs={'resolution': ..., 'aspect_ratio': ...}")
         timestep = timestep.to(x.device).expand(b) if timestep.ndim <= 1 else timestep
         # Additive biases, as PixArt builds them: 0 keeps a key, -10000 drops it.
         self_bias = None if token_mask is None else ((1 - token_mask.to(x.dtype)) * -10000.0).unsqueeze(1)
-        if text_conditioning is not None and text_conditioning.batch != b:
-            raise ValueError(f"text_conditioning was prepared for batch {text_conditioning.batch}, got {b}")
-        if self._fast_ok():
-            if text_conditioning is None:
-                text_conditioning = self.prepare_text(encoder_hidden_states, encoder_attention_mask)
-            consts = self._step_constants(timestep, added_cond_kwargs, b, x.dtype)
+        fast = self._fast_constants(timestep, b, x.dtype, encoder_hidden_states, encoder_attention_mask,
+                                    added_cond_kwargs, text_conditioning)
+        if fast is not None:
+            text_conditioning, consts = fast
             sbias = None if self_bias is None else self_bias[:, None]            # (B, 1, 1, N)
             for block, (k, v), mod in zip(self.transformer_blocks, text_conditioning.keys_values, consts.blocks):
                 x = _fast_block(block, x, sbias, k, v, text_conditioning.bias, mod)

@@ -20,8 +20,8 @@ forward on the shipped model; ``tests/test_onnx_backend.py``).
 
     pipe.enable_onnx_runtime()          # or decoder.use_onnx_runtime()
 
-The pipelines also run the VAE through ONNX Runtime when it is enabled (:class:`VaeDecode` for the
-hole's crop, :class:`VaeEncode` for whole-canvas encodes; every method alike). Encodes that the
+The pipelines also run the VAE through ONNX Runtime when it is enabled (:class:`VaeCall`: the hole's
+crop decode and whole-canvas encodes; every method alike). Encodes that the
 canvas-latent cache hooks into (recording the encoder's statistics, partial re-encodes of large
 canvases) stay in PyTorch.
 """
@@ -33,7 +33,6 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 INPUT_NAMES = ["x_in", "pos", "mods", "final_shift", "final_scale1", "keys", "values", "cross_bias"]
 INSTALL_HINT = "pip install onnxruntime==1.32.0 onnx==1.23.2 (both in requirements.txt)"
@@ -49,10 +48,10 @@ def onnxruntime_available() -> bool:
 
 
 class DecoderStep(nn.Module):
-    """A decoder's per-step arithmetic as a plain function of tensors (what is exported).
+    """A decoder's per-step arithmetic as a plain function of tensors (what is exported): the
+    decoder's ``proj_in`` + positions, then the trunk's fused blocks (``dit._fast_block``, the code
+    the PyTorch path runs) and final layer.
 
-    The same operations as the decoder's ``proj_in`` + positions followed by ``dit._fast_block`` for
-    every block and the final layer (out of place: an exported graph has no in-place ops).
     Inputs: ``x_in`` (B, N, Din) the decoder's input features; ``pos`` (1 or B, N, D) positions;
     ``mods`` (L, B, 6, 1, D) per block (shift_msa, 1+scale_msa, gate_msa, shift_mlp, 1+scale_mlp,
     gate_mlp); ``final_shift`` / ``final_scale1`` (B, 1, D); ``keys`` / ``values`` (L, B, heads, T,
@@ -65,26 +64,12 @@ class DecoderStep(nn.Module):
         self.proj_in, self.trunk = decoder.proj_in, decoder.trunk
 
     def forward(self, x_in, pos, mods, final_shift, final_scale1, keys, values, cross_bias):
+        from .dit import _fast_block
+
         tr = self.trunk
         x = self.proj_in(x_in) + pos
         for i, block in enumerate(tr.transformer_blocks):
-            shift_msa, scale_msa1, gate_msa, shift_mlp, scale_mlp1, gate_mlp = mods[i].unbind(1)
-            a1, a2 = block.attn1, block.attn2
-            b, n, d = x.shape
-            heads = a1.heads
-
-            def split(t):
-                return t.view(b, n, heads, d // heads).transpose(1, 2)
-
-            h = block.norm1(x) * scale_msa1 + shift_msa
-            o = F.scaled_dot_product_attention(split(a1.to_q(h)), split(a1.to_k(h)), split(a1.to_v(h)))
-            x = a1.to_out[0](o.transpose(1, 2).reshape(b, n, d)) * gate_msa + x
-            o = F.scaled_dot_product_attention(split(a2.to_q(x)), keys[i], values[i], attn_mask=cross_bias)
-            x = a2.to_out[0](o.transpose(1, 2).reshape(b, n, d)) + x
-            h = block.norm2(x) * scale_mlp1 + shift_mlp
-            net = block.ff.net
-            h = F.gelu(net[0].proj(h), approximate=net[0].approximate)
-            x = net[2](h) * gate_mlp + x
+            x = _fast_block(block, x, None, keys[i], values[i], cross_bias, mods[i].unbind(1))
         return tr.proj_out(tr.norm_out(x) * final_scale1 + final_shift)
 
 
@@ -128,48 +113,40 @@ def export_decoder_step(decoder: nn.Module, example: dict) -> bytes:
                    dynamo_shapes)
 
 
-class VaeDecode(nn.Module):
-    """``vae.decode(z).sample`` as a plain function (what is exported for the crop decode)."""
+class VaeCall(nn.Module):
+    """One direction of a diffusers VAE as a plain function of a tensor (what is exported):
+    ``"decode"`` -> ``vae.decode(z).sample``; ``"encode"`` -> the latent the pipelines use (the
+    posterior's mode, or an ``AutoencoderTiny``'s latents)."""
 
-    def __init__(self, vae: nn.Module):
+    def __init__(self, vae: nn.Module, direction: str):
         super().__init__()
-        self.vae = vae
+        self.vae, self.direction = vae, direction
 
-    def forward(self, z):
-        return self.vae.decode(z).sample
-
-
-class VaeEncode(nn.Module):
-    """The latent ``vae.encode(x)`` gives the pipelines (the posterior's mode, or an
-    ``AutoencoderTiny``'s latents), as a plain function (what is exported)."""
-
-    def __init__(self, vae: nn.Module):
-        super().__init__()
-        self.vae = vae
-
-    def forward(self, x):
-        out = self.vae.encode(x)
+    def forward(self, t):
+        if self.direction == "decode":
+            return self.vae.decode(t).sample
+        out = self.vae.encode(t)
         return out.latent_dist.mode() if hasattr(out, "latent_dist") else out.latents
 
 
-def export_vae_encode(vae: nn.Module, example: dict) -> bytes:
-    """ONNX bytes of :class:`VaeEncode` for ``vae``'s current weights; batch and image size dynamic."""
-    def dynamo_shapes():
-        return {"x": {0: torch.export.Dim("B", min=1), 2: torch.export.Dim("H", min=8),
-                      3: torch.export.Dim("W", min=8)}}
+def _export_vae(vae: nn.Module, example: dict, direction: str) -> bytes:
+    """ONNX bytes of :class:`VaeCall` for ``vae``'s current weights; batch and spatial size dynamic."""
+    (name, t), = example.items()
 
-    return _export(VaeEncode(vae).eval(), (example["x"],), ["x"],
-                   {"x": {0: "B", 2: "H", 3: "W"}, "out": {0: "B", 2: "OH", 3: "OW"}}, dynamo_shapes)
+    def dynamo_shapes():
+        return {name: {0: torch.export.Dim("B", min=1), 2: torch.export.Dim("H", min=2),
+                       3: torch.export.Dim("W", min=2)}}
+
+    return _export(VaeCall(vae, direction).eval(), (t,), [name],
+                   {name: {0: "B", 2: "H", 3: "W"}, "out": {0: "B", 2: "OH", 3: "OW"}}, dynamo_shapes)
+
+
+def export_vae_encode(vae: nn.Module, example: dict) -> bytes:
+    return _export_vae(vae, example, "encode")
 
 
 def export_vae_decode(vae: nn.Module, example: dict) -> bytes:
-    """ONNX bytes of :class:`VaeDecode` for ``vae``'s current weights; batch and latent size dynamic."""
-    def dynamo_shapes():
-        return {"z": {0: torch.export.Dim("B", min=1), 2: torch.export.Dim("H", min=2),
-                      3: torch.export.Dim("W", min=2)}}
-
-    return _export(VaeDecode(vae).eval(), (example["z"],), ["z"],
-                   {"z": {0: "B", 2: "H", 3: "W"}, "out": {0: "B", 2: "OH", 3: "OW"}}, dynamo_shapes)
+    return _export_vae(vae, example, "decode")
 
 
 class OnnxRunner:
@@ -250,5 +227,5 @@ class OnnxRuntimeMixin:
         return self.onnx_runner(self, {"x_in": x_in, "pos": positions(), **consts})
 
 
-__all__ = ["DecoderStep", "VaeEncode", "VaeDecode", "OnnxRunner", "OnnxRuntimeMixin", "export_decoder_step",
+__all__ = ["DecoderStep", "VaeCall", "OnnxRunner", "OnnxRuntimeMixin", "export_decoder_step",
            "export_vae_encode", "export_vae_decode", "onnxruntime_available"]
