@@ -126,8 +126,9 @@ class Models:
     def _prepare(self, pipe):
         if hasattr(pipe, "set_progress_bar_config"):
             pipe.set_progress_bar_config(disable=True)
-        if self.use_onnx_runtime(pipe):
-            pipe.enable_onnx_runtime()
+        parts = self.onnx_parts(pipe)
+        if parts:
+            pipe.enable_onnx_runtime(parts=parts)
             self._warm_up(pipe)
         return pipe
 
@@ -148,19 +149,20 @@ class Models:
                  num_inference_steps=1, generator=torch.Generator().manual_seed(0))
         pipe.clear_caches()
 
-    def use_onnx_runtime(self, pipe) -> bool:
-        """Whether ``pipe`` runs its denoising steps in ONNX Runtime (lazydiff.models.onnx_backend).
-        "auto" turns it on for fp32 pipelines on a CPU when onnxruntime is installed and the model's
-        canvas has at most 1,024 tokens: there it made both methods faster (shipped model, 256 tokens);
-        at 4,096 tokens its attention made the full-canvas step 20% slower (docs/BENCHMARKS.md §7),
-        which would tilt the demo's comparison."""
+    def onnx_parts(self, pipe) -> tuple:
+        """What of ``pipe`` runs in ONNX Runtime (lazydiff.models.onnx_backend): ``("decoder", "vae")``,
+        ``("vae",)`` or ``()``. "auto" (fp32 on a CPU, onnxruntime installed) puts the denoising steps
+        there when the model's canvas has at most 1,024 tokens, where it made both methods faster
+        (shipped model, 256 tokens); at 4,096 tokens its attention made the full-canvas step 20% slower
+        (docs/BENCHMARKS.md §7), which would tilt the demo's comparison, so big models get the VAE
+        only (faster at both sizes). "on" puts both there at any size."""
         from lazydiff.models.onnx_backend import INSTALL_HINT, onnxruntime_available
 
         mode = self.spec.onnx_runtime
         if mode not in ("auto", "on", "off"):
             raise ModelUnavailable(f"--onnx-runtime / LAZYDIFF_ONNX_RUNTIME must be auto, on or off, got {mode!r}")
         if mode == "off" or not hasattr(pipe, "enable_onnx_runtime"):
-            return False
+            return ()
         import torch
 
         on_cpu = pipe.device.type == "cpu" and pipe.decoder.dtype == torch.float32
@@ -170,10 +172,11 @@ class Models:
                                        f"{pipe.device} in {pipe.decoder.dtype}. Use --onnx-runtime auto or off.")
             if not onnxruntime_available():
                 raise ModelUnavailable(f"--onnx-runtime on needs onnxruntime: {INSTALL_HINT}")
-            return True
+            return ("decoder", "vae")
+        if not (on_cpu and onnxruntime_available()):
+            return ()
         cfg = pipe.decoder.config
-        tokens = (cfg.sample_size // cfg.patch_size) ** 2
-        return on_cpu and tokens <= 1024 and onnxruntime_available()
+        return ("decoder", "vae") if (cfg.sample_size // cfg.patch_size) ** 2 <= 1024 else ("vae",)
 
     def _device(self) -> str:
         if self.spec.device:

@@ -104,9 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override every pipeline's canvas-latent cache mode")
     r.add_argument("--cuda-graphs", action="store_true",
                    help="replay every method's denoiser from a CUDA graph (GPU only; for launch-bound steps)")
-    r.add_argument("--onnx-runtime", action="store_true",
-                   help="run every method's denoising steps and VAE in ONNX Runtime (CPU, fp32). For small models: at paper "
-                        "shape its full-canvas step is slower than PyTorch's (docs/BENCHMARKS.md section 7)")
+    r.add_argument("--onnx-runtime", nargs="?", const="all", default=None, choices=["all", "vae", "decoder"],
+                   help="run every method's denoising steps and VAE (all, the default), the VAE only, or the steps only "
+                        "in ONNX Runtime (CPU, fp32). At paper shape use vae: ONNX Runtime's full-canvas step is slower "
+                        "than PyTorch's, its VAE faster (docs/BENCHMARKS.md section 7)")
     r.add_argument("--fit-max-ratio", type=float, default=0.4, help="largest mask ratio in the per-step linear fit")
     return p
 

@@ -44,7 +44,7 @@ import platform
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -88,7 +88,18 @@ class RuntimeOptions:
     followup: str = "none"
     canvas_cache: Optional[str] = None   # override every pipeline's canvas_cache ("off" | "exact" | "incremental")
     cuda_graphs: bool = False            # every pipeline replays its denoiser from a CUDA graph (GPU only)
-    onnx_runtime: bool = False           # every pipeline's denoising steps and VAE in ONNX Runtime (CPU, fp32)
+    # ONNX Runtime for every pipeline alike (CPU, fp32): "all" (denoising steps and VAE; True means the
+    # same), "vae" (VAE only: big canvases, where its full-canvas attention is slower), "decoder"
+    onnx_runtime: Union[bool, str, None] = None
+
+    @property
+    def onnx_parts(self) -> Tuple[str, ...]:
+        """The parts ``enable_onnx_runtime`` gets; () when off."""
+        v = self.onnx_runtime
+        if v in (None, False, "off", ""):
+            return ()
+        return {True: ("decoder", "vae"), "all": ("decoder", "vae"), "vae": ("vae",),
+                "decoder": ("decoder",)}.get(v, (str(v),))
 
 
 class RuntimeError_(ValueError):
@@ -124,10 +135,20 @@ def _paper_text_encoder(caption_channels: int, max_length: int, seed: int):
     return T5EncoderModel(cfg).eval(), tok
 
 
+def paper_shape_vae(size: int = 1024):
+    """SD-VAE's architecture (AutoencoderKL 128/256/512/512, 8x down, 4 channels), random weights."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
+                         up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512),
+                         layers_per_block=2, latent_channels=4, norm_num_groups=32, sample_size=size,
+                         scaling_factor=0.18215).eval()
+
+
 def paper_shape_pipelines(methods: Sequence[str], size: int = 1024, width: int = 384, depth: int = 12,
                           heads: Optional[int] = None, encoder_depth: Optional[int] = None, seed: int = 0):
     """Random-weight pipelines with the paper's geometry; shared VAE and text encoder."""
-    from diffusers import AutoencoderKL, DDIMScheduler
+    from diffusers import DDIMScheduler
 
     from lazydiff.models import ContextEncoder, FullCanvasDecoder, LazyDecoder
     from lazydiff.defaults import default_scheduler
@@ -141,10 +162,7 @@ def paper_shape_pipelines(methods: Sequence[str], size: int = 1024, width: int =
         raise RuntimeError_(f"--width {width} is not divisible by --heads {heads}")
     head_dim = width // heads
     torch.manual_seed(seed)
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-                        up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512),
-                        layers_per_block=2, latent_channels=4, norm_num_groups=32, sample_size=size,
-                        scaling_factor=0.18215).eval()
+    vae = paper_shape_vae(size)
     caption = 4096
     text, tok = _paper_text_encoder(caption, 120, seed)
     latent = size // 8
@@ -208,6 +226,7 @@ def build_pipelines(opts: RuntimeOptions, device: str, dtype: torch.dtype):
         size = opts.size or 1024
         pipes, info = paper_shape_pipelines(opts.methods, size, opts.width, opts.depth, opts.heads, opts.encoder_depth,
                                             opts.seed)
+    vae_runners: Dict[int, tuple] = {}
     for m, p in pipes.items():
         p.to(device)
         if dtype != torch.float32:
@@ -217,9 +236,25 @@ def build_pipelines(opts: RuntimeOptions, device: str, dtype: torch.dtype):
             p.canvas_cache = opts.canvas_cache
         if hasattr(p, "cuda_graphs"):  # a lever for every method alike
             p.cuda_graphs = opts.cuda_graphs
-        if opts.onnx_runtime:  # likewise; the graph is exported at the warm-up's first step
-            p.enable_onnx_runtime()
+        if opts.onnx_parts:  # likewise; the step's graph is exported at the warm-up's first step
+            p.enable_onnx_runtime(parts=opts.onnx_parts)
+            if "vae" in opts.onnx_parts:
+                export_vae_graphs(p, vae_runners)
     return pipes, info, size
+
+
+def export_vae_graphs(pipe, shared: Dict[int, tuple]) -> None:
+    """Export ``pipe``'s VAE graphs now, untimed, on small inputs (their sizes are dynamic): load-time
+    work, like the demo's warm-up, which a paper-shape run without warm-up would otherwise count in its
+    first edit (~40 s for the SD-VAE). Pipelines that share one VAE share its runners (one export)."""
+    if id(pipe.vae) in shared:
+        pipe.vae_encode_runner, pipe.vae_decode_runner = shared[id(pipe.vae)]
+        return
+    f, c = pipe.vae_scale_factor, pipe.vae.config.latent_channels
+    with torch.no_grad():
+        pipe.vae_encode(torch.zeros(1, 3, 4 * f, 4 * f, dtype=pipe.vae.dtype), plain=True)
+        pipe.vae_decode(torch.zeros(1, c, 4, 4, dtype=pipe.vae.dtype))
+    shared[id(pipe.vae)] = (pipe.vae_encode_runner, pipe.vae_decode_runner)
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -427,8 +462,9 @@ def write_report(out: Path, summary, fit: Dict, plots: Dict[str, Path], opts: Ru
              if opts.followup == "none" else
              f"cleared, then an untimed 1-step priming edit ({opts.followup}); the timed run is the follow-up edit "
              "on the primed result (canvas-latent, context and prompt caches as an editor would have them)"),
-          f"- CUDA graphs: {'on (every method)' if opts.cuda_graphs else 'off'}; ONNX Runtime (denoising steps, VAE): "
-          f"{'on (every method)' if opts.onnx_runtime else 'off'}",
+          f"- CUDA graphs: {'on (every method)' if opts.cuda_graphs else 'off'}; ONNX Runtime: "
+          + (f"{' and '.join('denoising steps' if x == 'decoder' else 'VAE' for x in opts.onnx_parts)} (every method)"
+             if opts.onnx_parts else "off"),
           f"- canvas-latent cache: {opts.canvas_cache or 'pipeline default'}; VAE encode per timed run: "
           + ", ".join(f"{m} {v}" for m, v in summary.drop_duplicates("method")[["method", "vae_encode_mode"]]
                       .itertuples(index=False)) if "vae_encode_mode" in summary else "",
@@ -510,8 +546,11 @@ def validate(opts: RuntimeOptions) -> None:
     device = opts.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if opts.cuda_graphs and not device.startswith("cuda"):
         raise RuntimeError_("--cuda-graphs needs a CUDA device (--device cuda); drop it on the CPU")
-    if opts.onnx_runtime:
+    if opts.onnx_parts:
         from lazydiff.models.onnx_backend import INSTALL_HINT, onnxruntime_available
+
+        if not set(opts.onnx_parts) <= {"decoder", "vae"}:
+            raise RuntimeError_(f"--onnx-runtime takes all, vae or decoder, got {opts.onnx_runtime!r}")
 
         if device != "cpu" or opts.dtype != "fp32":
             raise RuntimeError_("--onnx-runtime is a CPU fp32 backend: use it with --device cpu --dtype fp32")
@@ -803,6 +842,53 @@ def run_step_sweep(out: str, ratios: Sequence[float] = (0.01, 0.02, 0.05, 0.1, 0
     return res
 
 
+def run_vae_backends(out: str, size: int = 1024, crop_latent: int = 52, encode_size: int = 512,
+                     repeats: int = 3) -> Dict:
+    """The paper-shape VAE (SD-VAE architecture, random weights) in PyTorch and in ONNX Runtime,
+    interleaved: a crop decode (``crop_latent``² latent: the 10% hole's crop at 1024²) and a canvas
+    encode (``encode_size``²; the 1024² encode takes ~4x as long). Medians of ``repeats`` rounds after
+    the exports; writes ``vae_backends.json`` to ``out``."""
+    from tqdm.auto import tqdm
+
+    from lazydiff.models.onnx_backend import OnnxRunner, export_vae_decode, export_vae_encode
+
+    torch.manual_seed(0)
+    vae = paper_shape_vae(size)
+    dec, enc = OnnxRunner(export=export_vae_decode), OnnxRunner(export=export_vae_encode)
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(1, 4, crop_latent, crop_latent, generator=g)
+    x = torch.rand(1, 3, encode_size, encode_size, generator=g) * 2 - 1
+    calls = {("decode", "torch"): lambda: vae.decode(z).sample,
+             ("decode", "onnxruntime"): lambda: dec(vae, {"z": z}),
+             ("encode", "torch"): lambda: vae.encode(x).latent_dist.mode(),
+             ("encode", "onnxruntime"): lambda: enc(vae, {"x": x})}
+    times = {k: [] for k in calls}
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        diff = {d: float((calls[(d, "onnxruntime")]() - calls[(d, "torch")]()).abs().max()) for d in ("decode", "encode")}
+        export_s = time.perf_counter() - t0
+        for _ in tqdm(range(repeats), desc="VAE backends", unit="round"):
+            for k, f in calls.items():
+                t0 = time.perf_counter()
+                f()
+                times[k].append(time.perf_counter() - t0)
+    result = {"vae": "SD-VAE architecture, random weights", "threads": torch.get_num_threads(),
+              "decode_latent": [crop_latent, crop_latent], "encode_pixels": [encode_size, encode_size],
+              "repeats": repeats, "exports_and_first_calls_s": export_s, "max_abs_diff": diff,
+              "ms": {f"{d}/{b}": times[(d, b)] for d, b in calls},
+              "median_ms": {f"{d}/{b}": float(np.median(times[(d, b)])) * 1e3 for d, b in calls},
+              "load_avg": os.getloadavg()}
+    for d in ("decode", "encode"):
+        result[f"{d}_speedup_paired"] = float(np.median([a / b for a, b in zip(times[(d, "torch")],
+                                                                               times[(d, "onnxruntime")])]))
+        print(f"{d}: PyTorch {result['median_ms'][d + '/torch']:,.0f} ms, ONNX Runtime "
+              f"{result['median_ms'][d + '/onnxruntime']:,.0f} ms ({result[d + '_speedup_paired']:.2f}x paired), "
+              f"max diff {diff[d]:.1e}")
+    Path(out).mkdir(parents=True, exist_ok=True)
+    atomic_write_text(Path(out) / "vae_backends.json", json.dumps(result, indent=2))
+    return result
+
+
 def main(argv=None) -> int:
     """``python -m eval.runtime [--followup none|same-mask|new-mask] [--canvas-cache off|exact|incremental]
     <the options of python -m eval runtime>``: the runtime command with the follow-up-edit and
@@ -820,7 +906,20 @@ def main(argv=None) -> int:
                      help="with --levers: only PyTorch vs ONNX Runtime, every other lever on")
     pre.add_argument("--step-sweep", default=None, metavar="OUT",
                      help="instead: per-step time vs hole tokens at paper shape (decoder calls only), written to OUT")
+    pre.add_argument("--vae-backends", default=None, metavar="OUT",
+                     help="instead: the paper-shape VAE in PyTorch vs ONNX Runtime, interleaved, written to OUT")
     ns, rest = pre.parse_known_args(argv)
+    if ns.vae_backends:
+        sub = argparse.ArgumentParser(add_help=False)
+        sub.add_argument("--threads", type=int, default=None)
+        sub.add_argument("--repeats", type=int, default=3)
+        sub.add_argument("--encode-size", type=int, default=512)
+        sub.add_argument("--crop-latent", type=int, default=52)
+        a, _ = sub.parse_known_args(rest)
+        if a.threads:
+            torch.set_num_threads(a.threads)
+        run_vae_backends(ns.vae_backends, crop_latent=a.crop_latent, encode_size=a.encode_size, repeats=a.repeats)
+        return 0
     if ns.levers:
         run_levers(ns.levers, ns.levers_repeats, backends_only=ns.levers_backends)
         return 0

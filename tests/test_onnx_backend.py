@@ -157,13 +157,26 @@ def test_missing_onnxruntime_says_what_to_install(monkeypatch):
         OnnxRunner()
 
 
-def test_runtime_benchmark_flag_runs_every_method_in_onnx_runtime(tmp_path):
+@pytest.mark.parametrize("choice, parts", [([], "denoising steps and VAE"), (["vae"], "VAE")])
+def test_runtime_benchmark_flag_runs_every_method_in_onnx_runtime(tmp_path, choice, parts):
     from eval.cli import main
 
     out = tmp_path / "r"
     assert main(["runtime", "--preset", "tiny", "--mask-ratios", "0.25", "--steps", "2", "--repeats", "1",
-                 "--warmup", "0", "--onnx-runtime", "--out", str(out)]) == 0
-    assert "ONNX Runtime (denoising steps, VAE): on (every method)" in (out / "report.md").read_text()
+                 "--warmup", "0", "--onnx-runtime", *choice, "--out", str(out)]) == 0
+    assert f"ONNX Runtime: {parts} (every method)" in (out / "report.md").read_text()
+
+
+def test_vae_only_keeps_the_steps_in_pytorch_and_bad_parts_are_refused():
+    pipe = tiny_regenerate_pipeline()
+    pipe.enable_onnx_runtime(parts=("vae",))
+    assert pipe.decoder.onnx_runner is None
+    assert pipe.vae_decode_runner is not None and pipe.vae_encode_runner is not None
+    pipe.enable_onnx_runtime(parts="decoder")
+    assert pipe.decoder.onnx_runner is not None and pipe.vae_decode_runner is None
+    with pytest.raises(ValueError, match="subset of"):
+        pipe.enable_onnx_runtime(parts=("vae", "text"))
+    assert pipe.decoder.onnx_runner is not None       # a refused call changes nothing
 
 
 def test_runtime_benchmark_rejects_onnx_runtime_outside_cpu_fp32():
@@ -184,6 +197,21 @@ def test_demo_turns_it_on_for_cpu_pipelines_unless_told_not_to():
     with pytest.raises(ModelUnavailable, match="auto, on or off"):
         Models(ModelSpec(tiny=True, onnx_runtime="fast")).lazy()
     assert ModelSpec.from_env({"LAZYDIFF_ONNX_RUNTIME": "OFF"}).onnx_runtime == "off"
-    # auto stays off for big canvases (4,096 tokens), where its full-canvas step is slower than PyTorch's
-    assert not Models(ModelSpec()).use_onnx_runtime(tiny_lazy_pipeline(sample_size=128))
-    assert Models(ModelSpec(onnx_runtime="on")).use_onnx_runtime(tiny_lazy_pipeline(sample_size=128))
+    # auto keeps the steps in PyTorch for big canvases (4,096 tokens), where its full-canvas step is slower
+    big = tiny_lazy_pipeline(sample_size=128)                  # 4,096 tokens: the VAE only
+    assert Models(ModelSpec()).onnx_parts(big) == ("vae",)
+    assert Models(ModelSpec(onnx_runtime="on")).onnx_parts(big) == ("decoder", "vae")
+    assert Models(ModelSpec(onnx_runtime="off")).onnx_parts(big) == ()
+
+
+@pytest.mark.slow
+def test_vae_backend_benchmark_writes_paired_numbers(tmp_path):
+    """``python -m eval.runtime --vae-backends OUT`` on tiny inputs (the SD-VAE-sized exports take ~1 min)."""
+    import json
+
+    from eval.runtime import main
+
+    assert main(["--vae-backends", str(tmp_path), "--repeats", "1", "--encode-size", "32", "--crop-latent", "4"]) == 0
+    res = json.loads((tmp_path / "vae_backends.json").read_text())
+    assert res["max_abs_diff"]["decode"] < 1e-3 and res["max_abs_diff"]["encode"] < 1e-3
+    assert res["decode_speedup_paired"] > 0 and len(res["ms"]["encode/onnxruntime"]) == 1

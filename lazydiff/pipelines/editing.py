@@ -278,16 +278,27 @@ class EditPipelineMixin:
     vae_decode_runner = None  # set by enable_onnx_runtime
     vae_encode_runner = None
 
-    def enable_onnx_runtime(self, enable: bool = True, threads: Optional[int] = None) -> None:
-        """Run the decoder's denoising steps, the crop's VAE decode and whole-canvas VAE encodes in ONNX
-        Runtime on CPU, fp32 (``decoder.use_onnx_runtime``; :mod:`lazydiff.models.onnx_backend`). The
-        same switch for every pipeline: the lazy decoder and the full-canvas one share the step's
-        code, and all encode and decode alike."""
+    ONNX_PARTS = ("decoder", "vae")
+
+    def enable_onnx_runtime(self, enable: bool = True, threads: Optional[int] = None,
+                            parts: Sequence[str] = ONNX_PARTS) -> None:
+        """Run the decoder's denoising steps (``"decoder"``), the crop's VAE decode and whole-canvas VAE
+        encodes (``"vae"``) in ONNX Runtime on CPU, fp32 (``decoder.use_onnx_runtime``;
+        :mod:`lazydiff.models.onnx_backend`). The same switch for every pipeline: the lazy decoder and
+        the full-canvas one share the step's code, and all encode and decode alike. ``parts=("vae",)``
+        keeps the steps in PyTorch: for big canvases, where ONNX Runtime's full-canvas attention is
+        slower than PyTorch's flash kernel but its convolutions are faster."""
         from ..models.onnx_backend import OnnxRunner, export_vae_decode, export_vae_encode
 
-        self.decoder.use_onnx_runtime(enable, threads)
-        self.vae_decode_runner = OnnxRunner(threads, export=export_vae_decode) if enable else None
-        self.vae_encode_runner = OnnxRunner(threads, export=export_vae_encode) if enable else None
+        parts = (parts,) if isinstance(parts, str) else tuple(parts)
+        unknown = sorted(set(parts) - set(self.ONNX_PARTS))
+        if unknown or not parts:
+            raise ValueError(f"enable_onnx_runtime(parts=...) takes a non-empty subset of {self.ONNX_PARTS}, "
+                             f"got {parts!r}")
+        on_decoder, on_vae = enable and "decoder" in parts, enable and "vae" in parts
+        self.decoder.use_onnx_runtime(on_decoder, threads)
+        self.vae_decode_runner = OnnxRunner(threads, export=export_vae_decode) if on_vae else None
+        self.vae_encode_runner = OnnxRunner(threads, export=export_vae_encode) if on_vae else None
 
     # -- geometry
     @property
@@ -350,7 +361,7 @@ class EditPipelineMixin:
         """Scaled latents of ``pixels``. ``plain``: no hooks are on the encoder's modules (no canvas-cache
         recording or crop encode), so ONNX Runtime may run it when enabled."""
         x = pixels.to(self.vae.dtype)
-        if plain and self.vae_encode_runner is not None and x.device.type == "cpu" and x.dtype == torch.float32:
+        if plain and self._vae_in_onnx(self.vae_encode_runner, x):
             z = self.vae_encode_runner(self.vae, {"x": x})
         else:
             out = self.vae.encode(x)
@@ -361,9 +372,13 @@ class EditPipelineMixin:
     def vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
         z = latents.to(self.vae.dtype) / self.vae.config.scaling_factor + shift
-        if self.vae_decode_runner is not None and z.device.type == "cpu" and z.dtype == torch.float32:
+        if self._vae_in_onnx(self.vae_decode_runner, z):
             return self.vae_decode_runner(self.vae, {"z": z})
         return self.vae.decode(z).sample
+
+    @staticmethod
+    def _vae_in_onnx(runner, t: torch.Tensor) -> bool:
+        return runner is not None and t.device.type == "cpu" and t.dtype == torch.float32
 
     # -- canvas caches
     def clear_caches(self) -> None:
