@@ -37,9 +37,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="largest side the model works at; bigger canvases are edited downscaled and pasted back "
                          "inside the mask at full resolution (default 512, 256 with --tiny) [env LAZYDIFF_MAX_SIDE]")
     ap.add_argument("--onnx-runtime", default=env.onnx_runtime, choices=["auto", "on", "off"],
-                    help="run the denoising steps and the VAE in ONNX Runtime (outputs equal to float32 rounding): "
-                         "auto = on a CPU when onnxruntime is installed, the steps only for models of up to 1,024 "
-                         "canvas tokens (the VAE at any size); on = both at any size [env LAZYDIFF_ONNX_RUNTIME]")
+                    help="run the denoising steps, the VAE and the text encoder in ONNX Runtime (outputs equal to "
+                         "float32 rounding): auto = on a CPU when onnxruntime is installed, all three for models of "
+                         "up to 1,024 canvas tokens, the VAE only above; on = all three at any size "
+                         "[env LAZYDIFF_ONNX_RUNTIME]")
     ap.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
                     help="interface to listen on (0.0.0.0 for all); default 127.0.0.1")
     ap.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))

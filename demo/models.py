@@ -150,12 +150,13 @@ class Models:
         pipe.clear_caches()
 
     def onnx_parts(self, pipe) -> tuple:
-        """What of ``pipe`` runs in ONNX Runtime (lazydiff.models.onnx_backend): ``("decoder", "vae")``,
-        ``("vae",)`` or ``()``. "auto" (fp32 on a CPU, onnxruntime installed) puts the denoising steps
-        there when the model's canvas has at most 1,024 tokens, where it made both methods faster
+        """What of ``pipe`` runs in ONNX Runtime (lazydiff.models.onnx_backend): ``("decoder", "vae",
+        "text_encoder")``, ``("vae",)`` or ``()``. "auto" (fp32 on a CPU, onnxruntime installed) puts the
+        denoising steps and the text encoder there when the model's canvas has at most 1,024 tokens
+        (a big model's text encoder, T5-XXL, does not fit an ONNX graph), where it made both methods faster
         (shipped model, 256 tokens); at 4,096 tokens its attention made the full-canvas step 20% slower
         (docs/BENCHMARKS.md §7), which would tilt the demo's comparison, so big models get the VAE
-        only (faster at both sizes). "on" puts both there at any size."""
+        only (faster at both sizes). "on" puts all three there at any size."""
         from lazydiff.models.onnx_backend import INSTALL_HINT, onnxruntime_available
 
         mode = self.spec.onnx_runtime
@@ -172,11 +173,12 @@ class Models:
                                        f"{pipe.device} in {pipe.decoder.dtype}. Use --onnx-runtime auto or off.")
             if not onnxruntime_available():
                 raise ModelUnavailable(f"--onnx-runtime on needs onnxruntime: {INSTALL_HINT}")
-            return ("decoder", "vae")
+            return ("decoder", "vae", "text_encoder")
         if not (on_cpu and onnxruntime_available()):
             return ()
         cfg = pipe.decoder.config
-        return ("decoder", "vae") if (cfg.sample_size // cfg.patch_size) ** 2 <= 1024 else ("vae",)
+        small = (cfg.sample_size // cfg.patch_size) ** 2 <= 1024
+        return ("decoder", "vae", "text_encoder") if small else ("vae",)
 
     def _device(self) -> str:
         if self.spec.device:

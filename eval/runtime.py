@@ -88,8 +88,9 @@ class RuntimeOptions:
     followup: str = "none"
     canvas_cache: Optional[str] = None   # override every pipeline's canvas_cache ("off" | "exact" | "incremental")
     cuda_graphs: bool = False            # every pipeline replays its denoiser from a CUDA graph (GPU only)
-    # ONNX Runtime for every pipeline alike (CPU, fp32): "all" (denoising steps and VAE; True means the
-    # same), "vae" (VAE only: big canvases, where its full-canvas attention is slower), "decoder"
+    # ONNX Runtime for every pipeline alike (CPU, fp32): "all" (denoising steps, VAE and text encoder;
+    # True means the same), "vae" (VAE only: big canvases, where its full-canvas attention is slower),
+    # "decoder" (steps only)
     onnx_runtime: Union[bool, str, None] = None
 
     @property
@@ -98,8 +99,8 @@ class RuntimeOptions:
         v = self.onnx_runtime
         if v in (None, False, "off", ""):
             return ()
-        return {True: ("decoder", "vae"), "all": ("decoder", "vae"), "vae": ("vae",),
-                "decoder": ("decoder",)}.get(v, (str(v),))
+        every = ("decoder", "vae", "text_encoder")
+        return {True: every, "all": every, "vae": ("vae",), "decoder": ("decoder",)}.get(v, (str(v),))
 
 
 class RuntimeError_(ValueError):
@@ -463,8 +464,8 @@ def write_report(out: Path, summary, fit: Dict, plots: Dict[str, Path], opts: Ru
              f"cleared, then an untimed 1-step priming edit ({opts.followup}); the timed run is the follow-up edit "
              "on the primed result (canvas-latent, context and prompt caches as an editor would have them)"),
           f"- CUDA graphs: {'on (every method)' if opts.cuda_graphs else 'off'}; ONNX Runtime: "
-          + (f"{' and '.join('denoising steps' if x == 'decoder' else 'VAE' for x in opts.onnx_parts)} (every method)"
-             if opts.onnx_parts else "off"),
+          + (", ".join({"decoder": "denoising steps", "vae": "VAE", "text_encoder": "text encoder"}[x]
+                       for x in opts.onnx_parts) + " (every method)" if opts.onnx_parts else "off"),
           f"- canvas-latent cache: {opts.canvas_cache or 'pipeline default'}; VAE encode per timed run: "
           + ", ".join(f"{m} {v}" for m, v in summary.drop_duplicates("method")[["method", "vae_encode_mode"]]
                       .itertuples(index=False)) if "vae_encode_mode" in summary else "",
@@ -549,7 +550,7 @@ def validate(opts: RuntimeOptions) -> None:
     if opts.onnx_parts:
         from lazydiff.models.onnx_backend import INSTALL_HINT, onnxruntime_available
 
-        if not set(opts.onnx_parts) <= {"decoder", "vae"}:
+        if not set(opts.onnx_parts) <= {"decoder", "vae", "text_encoder"}:
             raise RuntimeError_(f"--onnx-runtime takes all, vae or decoder, got {opts.onnx_runtime!r}")
 
         if device != "cpu" or opts.dtype != "fp32":
@@ -694,7 +695,7 @@ def run_levers(out: str, repeats: int = 5, ratio: float = 0.1, steps: int = 20, 
     for k, p in pipes.items():
         if use_onnx:
             p.enable_onnx_runtime()
-            runners[k] = (p.decoder.onnx_runner, p.vae_decode_runner, p.vae_encode_runner)
+            runners[k] = (p.decoder.onnx_runner, p.vae_decode_runner, p.vae_encode_runner, p.text_encoder_runner)
     configs = [c for c in LEVER_CONFIGS if use_onnx or not c[8]]
     if backends_only:
         configs = [c for c in configs if c[2] == 2 and all(c[3:6]) and c[6] == "incremental"]
@@ -703,7 +704,8 @@ def run_levers(out: str, repeats: int = 5, ratio: float = 0.1, steps: int = 20, 
         for r in range(repeats + 1):
             for label, meth, threads, fused, text_once, fast_step, cache, follow, onnx in configs:
                 p = pipes[meth]
-                p.decoder.onnx_runner, p.vae_decode_runner, p.vae_encode_runner = runners[meth] if onnx else (None,) * 3
+                (p.decoder.onnx_runner, p.vae_decode_runner, p.vae_encode_runner,
+                 p.text_encoder_runner) = runners[meth] if onnx else (None,) * 4
                 torch.set_num_threads(threads)
                 p.decoder.trunk.fast_inference, p.precompute_text, p.canvas_cache = fused, text_once, cache
                 p.fast_scheduler_step = fast_step

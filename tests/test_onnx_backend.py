@@ -115,7 +115,7 @@ def test_whole_edit_with_onnx_runtime(make):
     pipe.clear_caches()                     # encode the canvas again, now through ONNX Runtime
     out = np.asarray(edit()).astype(int)
     assert pipe.decoder.onnx_runner.exports == 1 and pipe.vae_decode_runner.exports == 1
-    assert pipe.vae_encode_runner.exports == 1
+    assert pipe.vae_encode_runner.exports == 1 and pipe.text_encoder_runner.exports == 1
     assert np.abs(out - ref).max() <= 2
     outside = mask == 0
     assert np.array_equal(out[outside], np.asarray(img).astype(int)[outside])
@@ -151,13 +151,35 @@ def test_vae_encode_matches_pytorch_and_leaves_hooked_encodes_to_pytorch():
         assert out.shape == ref.shape and torch.allclose(out, ref, atol=1e-5, rtol=1e-4), (out - ref).abs().max()
 
 
+def test_text_encoder_matches_pytorch_at_every_prompt_length():
+    pipe = tiny_lazy_pipeline()
+    prompts = ["", "a red star", "a large blue hexagon on a striped background, near the top left corner"]
+    refs = [pipe._encode_one(p, 120, "cpu")[0] for p in prompts]
+    pipe.clear_caches()
+    pipe.enable_onnx_runtime(parts="text_encoder")
+    outs = [pipe._encode_one(p, 120, "cpu")[0] for p in prompts]
+    assert pipe.text_encoder_runner.exports == 1                  # one graph for every length
+    for out, ref in zip(outs, refs):
+        assert out.shape == ref.shape and torch.allclose(out, ref, atol=1e-5, rtol=1e-4), (out - ref).abs().max()
+
+
+def test_weights_too_big_for_one_graph_say_what_to_do(monkeypatch):
+    import lazydiff.models.onnx_backend as ob
+
+    pipe = tiny_lazy_pipeline()
+    pipe.enable_onnx_runtime(parts="text_encoder")
+    monkeypatch.setattr(ob, "MAX_GRAPH_WEIGHT_BYTES", 1000)
+    with pytest.raises(RuntimeError, match="without \"text_encoder\""):
+        pipe._encode_one("a red star", 120, "cpu")
+
+
 def test_missing_onnxruntime_says_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)   # import fails as if not installed
     with pytest.raises(ImportError, match="pip install onnxruntime"):
         OnnxRunner()
 
 
-@pytest.mark.parametrize("choice, parts", [([], "denoising steps and VAE"), (["vae"], "VAE")])
+@pytest.mark.parametrize("choice, parts", [([], "denoising steps, VAE, text encoder"), (["vae"], "VAE")])
 def test_runtime_benchmark_flag_runs_every_method_in_onnx_runtime(tmp_path, choice, parts):
     from eval.cli import main
 
@@ -191,7 +213,7 @@ def test_demo_turns_it_on_for_cpu_pipelines_unless_told_not_to():
 
     lazy = Models(ModelSpec(tiny=True)).lazy()                                        # auto, on a CPU
     assert lazy.decoder.onnx_runner.exports == 1 and lazy.vae_decode_runner.exports == 1  # warmed up at load
-    assert lazy.vae_encode_runner.exports == 1
+    assert lazy.vae_encode_runner.exports == 1 and lazy.text_encoder_runner.exports == 1
     assert Models(ModelSpec(tiny=True, onnx_runtime="off")).lazy().decoder.onnx_runner is None
     assert Models(ModelSpec(tiny=True, onnx_runtime="on")).baseline().decoder.onnx_runner is not None
     with pytest.raises(ModelUnavailable, match="auto, on or off"):
@@ -200,7 +222,7 @@ def test_demo_turns_it_on_for_cpu_pipelines_unless_told_not_to():
     # auto keeps the steps in PyTorch for big canvases (4,096 tokens), where its full-canvas step is slower
     big = tiny_lazy_pipeline(sample_size=128)                  # 4,096 tokens: the VAE only
     assert Models(ModelSpec()).onnx_parts(big) == ("vae",)
-    assert Models(ModelSpec(onnx_runtime="on")).onnx_parts(big) == ("decoder", "vae")
+    assert Models(ModelSpec(onnx_runtime="on")).onnx_parts(big) == ("decoder", "vae", "text_encoder")
     assert Models(ModelSpec(onnx_runtime="off")).onnx_parts(big) == ()
 
 

@@ -21,9 +21,9 @@ forward on the shipped model; ``tests/test_onnx_backend.py``).
     pipe.enable_onnx_runtime()          # or decoder.use_onnx_runtime()
 
 The pipelines also run the VAE through ONNX Runtime when it is enabled (:class:`VaeCall`: the hole's
-crop decode and whole-canvas encodes; every method alike). Encodes that the
-canvas-latent cache hooks into (recording the encoder's statistics, partial re-encodes of large
-canvases) stay in PyTorch.
+crop decode and whole-canvas encodes; every method alike), and the text encoder
+(:class:`TextEncoderCall`: a new prompt's embedding). Encodes that the canvas-latent cache hooks into
+(recording the encoder's statistics, partial re-encodes of large canvases) stay in PyTorch.
 """
 from __future__ import annotations
 
@@ -149,6 +149,31 @@ def export_vae_decode(vae: nn.Module, example: dict) -> bytes:
     return _export_vae(vae, example, "decode")
 
 
+class TextEncoderCall(nn.Module):
+    """A text encoder's last hidden state as a plain function of token ids and attention mask."""
+
+    def __init__(self, text_encoder: nn.Module):
+        super().__init__()
+        self.text_encoder = text_encoder
+
+    def forward(self, ids, attn):
+        return self.text_encoder(ids, attention_mask=attn)[0]
+
+
+def export_text_encoder(text_encoder: nn.Module, example: dict) -> bytes:
+    """ONNX bytes of :class:`TextEncoderCall`; batch and prompt length dynamic."""
+    def dynamo_shapes():
+        b, t = torch.export.Dim("B", min=1), torch.export.Dim("T", min=2)
+        return {"ids": {0: b, 1: t}, "attn": {0: b, 1: t}}
+
+    return _export(TextEncoderCall(text_encoder).eval(), (example["ids"], example["attn"]), ["ids", "attn"],
+                   {"ids": {0: "B", 1: "T"}, "attn": {0: "B", 1: "T"}, "out": {0: "B", 1: "T"}}, dynamo_shapes)
+
+
+# An ONNX graph with its weights inside is one protobuf message, which is limited to 2 GiB.
+MAX_GRAPH_WEIGHT_BYTES = 2 ** 31 - 2 ** 26
+
+
 class OnnxRunner:
     """An ONNX Runtime session for one module (``export(module, example) -> bytes``), rebuilt when the
     module's weights change."""
@@ -177,6 +202,12 @@ class OnnxRunner:
         key = (_param_key(self.params[1]), tuple(v.dtype for v in example.values()))
         if self.session is None or key != self.key:
             import onnxruntime as ort
+
+            size = sum(p.numel() * p.element_size() for p in self.params[1])
+            if size > MAX_GRAPH_WEIGHT_BYTES:
+                raise RuntimeError(f"{type(module).__name__} has {size / 2 ** 30:.1f} GiB of weights, more than an "
+                                   "ONNX graph can hold (2 GiB): keep it in PyTorch, e.g. "
+                                   "pipe.enable_onnx_runtime(parts=(\"decoder\", \"vae\")) without \"text_encoder\"")
 
             model = self.export(module, example)
             opts = ort.SessionOptions()

@@ -277,18 +277,21 @@ class EditPipelineMixin:
 
     vae_decode_runner = None  # set by enable_onnx_runtime
     vae_encode_runner = None
+    text_encoder_runner = None
 
-    ONNX_PARTS = ("decoder", "vae")
+    ONNX_PARTS = ("decoder", "vae", "text_encoder")
 
     def enable_onnx_runtime(self, enable: bool = True, threads: Optional[int] = None,
                             parts: Sequence[str] = ONNX_PARTS) -> None:
         """Run the decoder's denoising steps (``"decoder"``), the crop's VAE decode and whole-canvas VAE
-        encodes (``"vae"``) in ONNX Runtime on CPU, fp32 (``decoder.use_onnx_runtime``;
-        :mod:`lazydiff.models.onnx_backend`). The same switch for every pipeline: the lazy decoder and
-        the full-canvas one share the step's code, and all encode and decode alike. ``parts=("vae",)``
-        keeps the steps in PyTorch: for big canvases, where ONNX Runtime's full-canvas attention is
-        slower than PyTorch's flash kernel but its convolutions are faster."""
-        from ..models.onnx_backend import OnnxRunner, export_vae_decode, export_vae_encode
+        encodes (``"vae"``) and new prompts' text encoding (``"text_encoder"``) in ONNX Runtime on CPU,
+        fp32 (``decoder.use_onnx_runtime``; :mod:`lazydiff.models.onnx_backend`). The same switch for
+        every pipeline: the lazy decoder and the full-canvas one share the step's code, and all encode
+        and decode alike. ``parts=("vae",)`` keeps the steps in PyTorch: for big canvases, where ONNX
+        Runtime's full-canvas attention is slower than PyTorch's flash kernel but its convolutions are
+        faster. Leave out ``"text_encoder"`` for text encoders over 2 GiB (T5-XXL): an ONNX graph
+        cannot hold them."""
+        from ..models.onnx_backend import OnnxRunner, export_text_encoder, export_vae_decode, export_vae_encode
 
         parts = (parts,) if isinstance(parts, str) else tuple(parts)
         unknown = sorted(set(parts) - set(self.ONNX_PARTS))
@@ -299,6 +302,8 @@ class EditPipelineMixin:
         self.decoder.use_onnx_runtime(on_decoder, threads)
         self.vae_decode_runner = OnnxRunner(threads, export=export_vae_decode) if on_vae else None
         self.vae_encode_runner = OnnxRunner(threads, export=export_vae_encode) if on_vae else None
+        on_text = enable and "text_encoder" in parts
+        self.text_encoder_runner = OnnxRunner(threads, export=export_text_encoder) if on_text else None
 
     # -- geometry
     @property
@@ -331,7 +336,11 @@ class EditPipelineMixin:
         truncated = len(full) > max_length
         tok = self.tokenizer(prompt, truncation=True, max_length=max_length, return_tensors="pt")
         ids, attn = tok["input_ids"].to(device), tok["attention_mask"].to(device)
-        emb = self.text_encoder(ids, attention_mask=attn)[0]
+        if (self.text_encoder_runner is not None and ids.device.type == "cpu"
+                and self.text_encoder.dtype == torch.float32 and bool(attn.all())):  # exported unpadded
+            emb = self.text_encoder_runner(self.text_encoder, {"ids": ids, "attn": attn})
+        else:
+            emb = self.text_encoder(ids, attention_mask=attn)[0]
         cache[key] = (emb, attn, truncated)
         while len(cache) > self.max_cached_prompts:
             cache.popitem(last=False)
