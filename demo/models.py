@@ -38,7 +38,7 @@ class ModelSpec:
     tiny: bool = False
     device: Optional[str] = None
     max_side: Optional[int] = None  # working resolution cap; None = the default for the model kind
-    onnx_runtime: str = "auto"  # denoising steps in ONNX Runtime: "auto" (on a CPU, when installed), "on", "off"
+    onnx_runtime: str = "auto"  # steps, VAE, text encoder in ONNX Runtime: "auto" (on a CPU, when installed), "on", "off"
 
     @classmethod
     def from_env(cls, environ=None) -> "ModelSpec":
@@ -175,12 +175,12 @@ class Models:
                                        f"{pipe.device} in {pipe.decoder.dtype}. Use --onnx-runtime auto or off.")
             if not onnxruntime_available():
                 raise ModelUnavailable(f"--onnx-runtime on needs onnxruntime: {INSTALL_HINT}")
-            return ("decoder", "vae", "text_encoder")
+            return pipe.ONNX_PARTS
         if not (on_cpu and onnxruntime_available()):
             return ()
         cfg = pipe.decoder.config
         small = (cfg.sample_size // cfg.patch_size) ** 2 <= 1024
-        return ("decoder", "vae", "text_encoder") if small else ("vae",)
+        return pipe.ONNX_PARTS if small else ("vae",)
 
     def _device(self) -> str:
         if self.spec.device:

@@ -49,7 +49,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from lazydiff.pipelines.editing import CANVAS_CACHE_MODES
+from lazydiff.pipelines.editing import CANVAS_CACHE_MODES, EditPipelineMixin
 
 from .flops import CallRecorder
 from .suites import atomic_write_text
@@ -99,7 +99,7 @@ class RuntimeOptions:
         v = self.onnx_runtime
         if v in (None, False, "off", ""):
             return ()
-        every = ("decoder", "vae", "text_encoder")
+        every = EditPipelineMixin.ONNX_PARTS
         return {True: every, "all": every, "vae": ("vae",), "decoder": ("decoder",)}.get(v, (str(v),))
 
 
@@ -550,7 +550,7 @@ def validate(opts: RuntimeOptions) -> None:
     if opts.onnx_parts:
         from lazydiff.models.onnx_backend import INSTALL_HINT, onnxruntime_available
 
-        if not set(opts.onnx_parts) <= {"decoder", "vae", "text_encoder"}:
+        if not set(opts.onnx_parts) <= set(EditPipelineMixin.ONNX_PARTS):
             raise RuntimeError_(f"--onnx-runtime takes all, vae or decoder, got {opts.onnx_runtime!r}")
 
         if device != "cpu" or opts.dtype != "fp32":
@@ -911,30 +911,26 @@ def main(argv=None) -> int:
     pre.add_argument("--vae-backends", default=None, metavar="OUT",
                      help="instead: the paper-shape VAE in PyTorch vs ONNX Runtime, interleaved, written to OUT")
     ns, rest = pre.parse_known_args(argv)
-    if ns.vae_backends:
+    def mode_options(**defaults):  # a mode's own options, and --threads for all of them
         sub = argparse.ArgumentParser(add_help=False)
         sub.add_argument("--threads", type=int, default=None)
-        sub.add_argument("--repeats", type=int, default=3)
-        sub.add_argument("--encode-size", type=int, default=512)
-        sub.add_argument("--crop-latent", type=int, default=52)
+        for name, default in defaults.items():
+            sub.add_argument("--" + name.replace("_", "-"), **({"action": "store_true"} if default is False
+                                                               else {"type": type(default), "default": default}))
         a, _ = sub.parse_known_args(rest)
         if a.threads:
             torch.set_num_threads(a.threads)
+        return a
+
+    if ns.vae_backends:
+        a = mode_options(repeats=3, encode_size=512, crop_latent=52)
         run_vae_backends(ns.vae_backends, crop_latent=a.crop_latent, encode_size=a.encode_size, repeats=a.repeats)
         return 0
     if ns.levers:
         run_levers(ns.levers, ns.levers_repeats, backends_only=ns.levers_backends)
         return 0
     if ns.step_sweep:
-        sub = argparse.ArgumentParser(add_help=False)
-        sub.add_argument("--threads", type=int, default=None)
-        sub.add_argument("--width", type=int, default=384)
-        sub.add_argument("--depth", type=int, default=12)
-        sub.add_argument("--size", type=int, default=1024)
-        sub.add_argument("--onnx-runtime", action="store_true")
-        a, _ = sub.parse_known_args(rest)
-        if a.threads:
-            torch.set_num_threads(a.threads)
+        a = mode_options(width=384, depth=12, size=1024, onnx_runtime=False)
         run_step_sweep(ns.step_sweep, size=a.size, width=a.width, depth=a.depth, onnx_runtime=a.onnx_runtime)
         return 0
     from .cli import main as cli_main  # the plain runtime command (it has --followup / --canvas-cache too)

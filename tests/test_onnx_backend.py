@@ -237,3 +237,15 @@ def test_vae_backend_benchmark_writes_paired_numbers(tmp_path):
     res = json.loads((tmp_path / "vae_backends.json").read_text())
     assert res["max_abs_diff"]["decode"] < 1e-3 and res["max_abs_diff"]["encode"] < 1e-3
     assert res["decode_speedup_paired"] > 0 and len(res["ms"]["encode/onnxruntime"]) == 1
+
+
+def test_runtime_modes_parse_their_own_options(monkeypatch):
+    import eval.runtime as rt
+
+    seen = {}
+    monkeypatch.setattr(rt, "run_step_sweep", lambda out, **kw: seen.setdefault("sweep", (out, kw)))
+    monkeypatch.setattr(rt, "run_vae_backends", lambda out, **kw: seen.setdefault("vae", (out, kw)))
+    assert rt.main(["--step-sweep", "S", "--onnx-runtime", "--size", "512"]) == 0
+    assert rt.main(["--vae-backends", "V", "--encode-size", "1024", "--crop-latent", "72"]) == 0
+    assert seen["sweep"] == ("S", {"size": 512, "width": 384, "depth": 12, "onnx_runtime": True})
+    assert seen["vae"] == ("V", {"crop_latent": 72, "encode_size": 1024, "repeats": 3})

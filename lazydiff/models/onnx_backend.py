@@ -258,5 +258,5 @@ class OnnxRuntimeMixin:
         return self.onnx_runner(self, {"x_in": x_in, "pos": positions(), **consts})
 
 
-__all__ = ["DecoderStep", "VaeCall", "OnnxRunner", "OnnxRuntimeMixin", "export_decoder_step",
-           "export_vae_encode", "export_vae_decode", "onnxruntime_available"]
+__all__ = ["DecoderStep", "VaeCall", "TextEncoderCall", "OnnxRunner", "OnnxRuntimeMixin", "export_decoder_step",
+           "export_vae_encode", "export_vae_decode", "export_text_encoder", "onnxruntime_available"]

@@ -298,12 +298,11 @@ class EditPipelineMixin:
         if unknown or not parts:
             raise ValueError(f"enable_onnx_runtime(parts=...) takes a non-empty subset of {self.ONNX_PARTS}, "
                              f"got {parts!r}")
-        on_decoder, on_vae = enable and "decoder" in parts, enable and "vae" in parts
-        self.decoder.use_onnx_runtime(on_decoder, threads)
-        self.vae_decode_runner = OnnxRunner(threads, export=export_vae_decode) if on_vae else None
-        self.vae_encode_runner = OnnxRunner(threads, export=export_vae_encode) if on_vae else None
-        on_text = enable and "text_encoder" in parts
-        self.text_encoder_runner = OnnxRunner(threads, export=export_text_encoder) if on_text else None
+        on = {part: enable and part in parts for part in self.ONNX_PARTS}
+        self.decoder.use_onnx_runtime(on["decoder"], threads)
+        self.vae_decode_runner = OnnxRunner(threads, export=export_vae_decode) if on["vae"] else None
+        self.vae_encode_runner = OnnxRunner(threads, export=export_vae_encode) if on["vae"] else None
+        self.text_encoder_runner = OnnxRunner(threads, export=export_text_encoder) if on["text_encoder"] else None
 
     # -- geometry
     @property
@@ -336,8 +335,8 @@ class EditPipelineMixin:
         truncated = len(full) > max_length
         tok = self.tokenizer(prompt, truncation=True, max_length=max_length, return_tensors="pt")
         ids, attn = tok["input_ids"].to(device), tok["attention_mask"].to(device)
-        if (self.text_encoder_runner is not None and ids.device.type == "cpu"
-                and self.text_encoder.dtype == torch.float32 and bool(attn.all())):  # exported unpadded
+        if self._in_onnx(self.text_encoder_runner, ids.device, self.text_encoder.dtype) and bool(attn.all()):
+            # (exported unpadded; the prompts here never are)
             emb = self.text_encoder_runner(self.text_encoder, {"ids": ids, "attn": attn})
         else:
             emb = self.text_encoder(ids, attention_mask=attn)[0]
@@ -370,7 +369,7 @@ class EditPipelineMixin:
         """Scaled latents of ``pixels``. ``plain``: no hooks are on the encoder's modules (no canvas-cache
         recording or crop encode), so ONNX Runtime may run it when enabled."""
         x = pixels.to(self.vae.dtype)
-        if plain and self._vae_in_onnx(self.vae_encode_runner, x):
+        if plain and self._in_onnx(self.vae_encode_runner, x.device, x.dtype):
             z = self.vae_encode_runner(self.vae, {"x": x})
         else:
             out = self.vae.encode(x)
@@ -381,13 +380,14 @@ class EditPipelineMixin:
     def vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
         z = latents.to(self.vae.dtype) / self.vae.config.scaling_factor + shift
-        if self._vae_in_onnx(self.vae_decode_runner, z):
+        if self._in_onnx(self.vae_decode_runner, z.device, z.dtype):
             return self.vae_decode_runner(self.vae, {"z": z})
         return self.vae.decode(z).sample
 
     @staticmethod
-    def _vae_in_onnx(runner, t: torch.Tensor) -> bool:
-        return runner is not None and t.device.type == "cpu" and t.dtype == torch.float32
+    def _in_onnx(runner, device: torch.device, dtype: torch.dtype) -> bool:
+        """Whether a call runs in ``runner`` (set by enable_onnx_runtime): a CPU fp32 backend."""
+        return runner is not None and device.type == "cpu" and dtype == torch.float32
 
     # -- canvas caches
     def clear_caches(self) -> None:
