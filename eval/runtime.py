@@ -464,7 +464,8 @@ def write_report(out: Path, summary, fit: Dict, plots: Dict[str, Path], opts: Ru
              f"cleared, then an untimed 1-step priming edit ({opts.followup}); the timed run is the follow-up edit "
              "on the primed result (canvas-latent, context and prompt caches as an editor would have them)"),
           f"- CUDA graphs: {'on (every method)' if opts.cuda_graphs else 'off'}; ONNX Runtime: "
-          + (", ".join({"decoder": "denoising steps", "vae": "VAE", "text_encoder": "text encoder"}[x]
+          + (", ".join({"decoder": "denoising steps", "context_encoder": "context encoder", "vae": "VAE",
+                        "text_encoder": "text encoder"}[x]
                        for x in opts.onnx_parts) + " (every method)" if opts.onnx_parts else "off"),
           f"- canvas-latent cache: {opts.canvas_cache or 'pipeline default'}; VAE encode per timed run: "
           + ", ".join(f"{m} {v}" for m, v in summary.drop_duplicates("method")[["method", "vae_encode_mode"]]

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from lazydiff.models.onnx_backend import OnnxRunner, onnxruntime_available
+from lazydiff.pipelines.editing import prepare_edit
 from lazydiff.testing import tiny_lazy_pipeline, tiny_regenerate_pipeline
 from test_fast_inference import decoder_and_args, run
 
@@ -36,6 +37,54 @@ def test_onnx_step_matches_pytorch(which):
         assert a.shape == b.shape
         assert torch.allclose(a, b, atol=1e-5, rtol=1e-4), (a - b).abs().max()
         assert not torch.equal(a, torch.zeros_like(a))
+
+
+def test_the_graph_is_the_documented_step_function():
+    """export_decoder_step is written node by node; DecoderStep is the same function in PyTorch (the
+    readable reference), and both equal the decoder's own forward."""
+    import onnxruntime as ort
+
+    from lazydiff.models.onnx_backend import DecoderStep, export_decoder_step
+
+    dec, args, text, tmask = decoder_and_args("lazy")
+    captured = {}
+    dec.use_onnx_runtime()
+    runner = dec.onnx_runner
+
+    class Spy:  # records what the decoder feeds its graph
+        def __call__(self, module, inputs):
+            captured["inputs"] = inputs
+            return runner(module, inputs)
+
+    dec.onnx_runner = Spy()
+    got = run(dec, args, 500, text, tmask)
+    inputs = captured["inputs"]
+    assert not bool(inputs["key_padding_mask"].all())          # the padded prompt's mask reaches the graph
+    with torch.no_grad():
+        reference = DecoderStep(dec)(**inputs)
+    session = ort.InferenceSession(export_decoder_step(dec), providers=["CPUExecutionProvider"])
+    graph = torch.from_numpy(session.run(None, {k: v.numpy() for k, v in inputs.items()})[0])
+    assert torch.allclose(graph, reference, atol=1e-5, rtol=1e-4), (graph - reference).abs().max()
+    dec.onnx_runner = None
+    assert torch.allclose(got, run(dec, args, 500, text, tmask), atol=1e-5, rtol=1e-4)
+
+
+def test_context_encoder_matches_pytorch():
+    pipe = tiny_lazy_pipeline()
+    rng = np.random.default_rng(1)
+    mask = np.zeros((64, 64), np.uint8)
+    mask[16:40, 20:44] = 255
+    edit = prepare_edit(PIL.Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)),
+                        PIL.Image.fromarray(mask), pipe.token_cell)
+    enc = pipe.encode_canvas(edit, "cpu")
+    with torch.no_grad():
+        ref = pipe.context_encoder(enc["masked_latents"], enc["mask_latent"], enc["hole_index"]).context
+        pipe.enable_onnx_runtime(parts="context_encoder")
+        assert pipe.decoder.onnx_runner is None and pipe.vae_encode_runner is None
+        got = pipe._context_in_onnx(enc)
+    assert pipe.context_encoder_runner.exports == 1
+    assert got.shape == ref.shape and torch.allclose(got, ref, atol=1e-5, rtol=1e-4), (got - ref).abs().max()
+    assert pipe._context_in_onnx(enc) is None                   # with gradients on: PyTorch (training)
 
 
 def test_one_export_serves_every_hole_size_batch_and_prompt_length():
@@ -116,6 +165,10 @@ def test_whole_edit_with_onnx_runtime(make):
     out = np.asarray(edit()).astype(int)
     assert pipe.decoder.onnx_runner.exports == 1 and pipe.vae_decode_runner.exports == 1
     assert pipe.vae_encode_runner.exports == 1 and pipe.text_encoder_runner.exports == 1
+    if hasattr(pipe, "context_encoder"):
+        assert pipe.context_encoder_runner.exports == 1
+    else:
+        assert pipe.context_encoder_runner is None      # the part is ignored where there is nothing to run
     assert np.abs(out - ref).max() <= 2
     outside = mask == 0
     assert np.array_equal(out[outside], np.asarray(img).astype(int)[outside])
@@ -179,7 +232,7 @@ def test_missing_onnxruntime_says_what_to_install(monkeypatch):
         OnnxRunner()
 
 
-@pytest.mark.parametrize("choice, parts", [([], "denoising steps, VAE, text encoder"), (["vae"], "VAE")])
+@pytest.mark.parametrize("choice, parts", [([], "denoising steps, context encoder, VAE, text encoder"), (["vae"], "VAE")])
 def test_runtime_benchmark_flag_runs_every_method_in_onnx_runtime(tmp_path, choice, parts):
     from eval.cli import main
 
@@ -222,7 +275,7 @@ def test_demo_turns_it_on_for_cpu_pipelines_unless_told_not_to():
     # auto keeps the steps in PyTorch for big canvases (4,096 tokens), where its full-canvas step is slower
     big = tiny_lazy_pipeline(sample_size=128)                  # 4,096 tokens: the VAE only
     assert Models(ModelSpec()).onnx_parts(big) == ("vae",)
-    assert Models(ModelSpec(onnx_runtime="on")).onnx_parts(big) == ("decoder", "vae", "text_encoder")
+    assert Models(ModelSpec(onnx_runtime="on")).onnx_parts(big) == ("decoder", "context_encoder", "vae", "text_encoder")
     assert Models(ModelSpec(onnx_runtime="off")).onnx_parts(big) == ()
 
 

@@ -56,6 +56,18 @@ class ContextEncoder(ModelMixin, ConfigMixin):
     def _set_gradient_checkpointing(self, enable: bool = True, gradient_checkpointing_func=None) -> None:
         self.vit.gradient_checkpointing = enable
 
+    def embed(self, masked_latents: torch.Tensor, mask: torch.Tensor):
+        """-> (patches (B, N, (C+1)*p*p) of the masked latent and the mask, positions (N, D)): what the
+        transformer takes, before ``proj_in`` (also the inputs of its ONNX graph,
+        :func:`~lazydiff.models.onnx_backend.export_context_encoder`)."""
+        cfg = self.config
+        p = cfg.patch_size
+        grid = (masked_latents.shape[-2] // p, masked_latents.shape[-1] // p)
+        x = patchify(torch.cat([masked_latents, mask.to(masked_latents.dtype)], dim=1), p)
+        pos = sincos_positions(self.inner_dim, grid, cfg.sample_size // p,
+                               default_interpolation_scale(cfg.sample_size, cfg.interpolation_scale), x.device, x.dtype)
+        return x, pos
+
     def forward(self, masked_latents: torch.Tensor, mask: torch.Tensor,
                 hole_index: Optional[torch.Tensor] = None, return_dict: bool = True):
         """
@@ -64,15 +76,8 @@ class ContextEncoder(ModelMixin, ConfigMixin):
             mask: (B, 1, h, w) hole mask at latent resolution (1 = hole).
             hole_index: (B, |H|) indices of hole tokens in the row-major token grid; None keeps all.
         """
-        cfg = self.config
-        p = cfg.patch_size
-        grid = (masked_latents.shape[-2] // p, masked_latents.shape[-1] // p)
-        x = patchify(torch.cat([masked_latents, mask.to(masked_latents.dtype)], dim=1), p)
-        x = self.proj_in(x)
-        x = x + sincos_positions(self.inner_dim, grid, cfg.sample_size // p,
-                                 default_interpolation_scale(cfg.sample_size, cfg.interpolation_scale),
-                                 x.device, x.dtype)
-        x = self.proj_out(self.vit(x))
+        x, pos = self.embed(masked_latents, mask)
+        x = self.proj_out(self.vit(self.proj_in(x) + pos))
         if hole_index is not None:
             x = gather_tokens(x, hole_index)
         return ContextEncoderOutput(context=x) if return_dict else (x,)

@@ -313,16 +313,18 @@ class TextConditioning:
         return self.context.shape[0]
 
     def stacked(self, dtype) -> Dict[str, torch.Tensor]:
-        """All blocks' keys / values as (L, B, heads, T, head_dim) tensors and the cross bias (zeros
-        when there is none), as :class:`~lazydiff.models.onnx_backend.DecoderStep` takes them; once per edit."""
+        """All blocks' keys / values side by side as (B, heads, T, L*head_dim) tensors and the key
+        padding mask (B, T) int32, as :class:`~lazydiff.models.onnx_backend.DecoderStep` takes them;
+        once per edit."""
         memo = self.__dict__.get("_stacked")
         if memo is None:
             k, _ = self.keys_values[0]
-            bias = self.bias if self.bias is not None else k.new_zeros(k.shape[0], 1, 1, k.shape[2])
+            keep = torch.ones(k.shape[0], k.shape[2], dtype=torch.int32, device=k.device) if self.bias is None \
+                else (self.bias[:, 0, 0] == 0).to(torch.int32)  # the bias is 0 (keep) or -10000 (drop)
             memo = self.__dict__["_stacked"] = {
-                "keys": torch.stack([k for k, _ in self.keys_values]).contiguous(),
-                "values": torch.stack([v for _, v in self.keys_values]).contiguous(),
-                "cross_bias": bias.to(dtype).contiguous()}
+                "keys": torch.cat([k for k, _ in self.keys_values], dim=-1).to(dtype).contiguous(),
+                "values": torch.cat([v for _, v in self.keys_values], dim=-1).to(dtype).contiguous(),
+                "key_padding_mask": keep.contiguous()}
         return memo
 
 
@@ -335,12 +337,12 @@ class _StepConstants:
     final_scale1: torch.Tensor
 
     def stacked(self) -> Dict[str, torch.Tensor]:
-        """The same as one (L, B, 6, 1, D) tensor and the final layer's two, for ONNX Runtime
-        (memoised with the constants themselves)."""
+        """The same as one (B, 1, L*6*D) tensor (every vector side by side) and the final layer's
+        two, for ONNX Runtime (memoised with the constants themselves)."""
         memo = self.__dict__.get("_stacked")
         if memo is None:
             memo = self.__dict__["_stacked"] = {
-                "mods": torch.stack([torch.stack(m, 1) for m in self.blocks]).contiguous(),
+                "mods": torch.cat([v for m in self.blocks for v in m], dim=-1).contiguous(),
                 "final_shift": self.final_shift.contiguous(), "final_scale1": self.final_scale1.contiguous()}
         return memo
 

@@ -31,10 +31,10 @@ import io
 import warnings
 from typing import Optional
 
+import numpy as np
 import torch
 import torch.nn as nn
 
-INPUT_NAMES = ["x_in", "pos", "mods", "final_shift", "final_scale1", "keys", "values", "cross_bias"]
 INSTALL_HINT = "pip install onnxruntime==1.32.0 onnx==1.23.2 (both in requirements.txt)"
 
 
@@ -48,29 +48,195 @@ def onnxruntime_available() -> bool:
 
 
 class DecoderStep(nn.Module):
-    """A decoder's per-step arithmetic as a plain function of tensors (what is exported): the
-    decoder's ``proj_in`` + positions, then the trunk's fused blocks (``dit._fast_block``, the code
-    the PyTorch path runs) and final layer.
+    """A decoder's per-step arithmetic as a plain function of tensors: the decoder's ``proj_in`` +
+    positions, then the trunk's fused blocks (``dit._fast_block``, the code the PyTorch path runs)
+    and final layer. :func:`export_decoder_step` builds the ONNX graph of exactly this function
+    (the tests hold the two against each other).
 
-    Inputs: ``x_in`` (B, N, Din) the decoder's input features; ``pos`` (1 or B, N, D) positions;
-    ``mods`` (L, B, 6, 1, D) per block (shift_msa, 1+scale_msa, gate_msa, shift_mlp, 1+scale_mlp,
-    gate_mlp); ``final_shift`` / ``final_scale1`` (B, 1, D); ``keys`` / ``values`` (L, B, heads, T,
-    head_dim) cross-attention; ``cross_bias`` (B, 1, 1, T) additive. Returns (B, N, out_dim) in
-    PixArt's output layout.
+    Inputs (the layouts :meth:`PixArtTrunk.step_inputs` produces): ``x_in`` (B, N, Din) the decoder's
+    input features; ``pos`` (1 or B, N, D) positions; ``mods`` (B, 1, L*6*D): block i's six modulation
+    vectors (shift_msa, 1+scale_msa, gate_msa, shift_mlp, 1+scale_mlp, gate_mlp) at offsets
+    (6i..6i+5)*D; ``final_shift`` / ``final_scale1`` (B, 1, D); ``keys`` / ``values`` (B, heads, T,
+    L*head_dim) cross-attention, block i at offset i*head_dim; ``key_padding_mask`` (B, T) int32,
+    1 = attend. Returns (B, N, out_dim) in PixArt's output layout.
     """
 
     def __init__(self, decoder: nn.Module):
         super().__init__()
         self.proj_in, self.trunk = decoder.proj_in, decoder.trunk
 
-    def forward(self, x_in, pos, mods, final_shift, final_scale1, keys, values, cross_bias):
+    def forward(self, x_in, pos, mods, final_shift, final_scale1, keys, values, key_padding_mask):
         from .dit import _fast_block
 
         tr = self.trunk
+        n_blocks = len(tr.transformer_blocks)
+        mods = mods.chunk(6 * n_blocks, dim=-1)
+        keys, values = keys.chunk(n_blocks, dim=-1), values.chunk(n_blocks, dim=-1)
+        cross_bias = ((1 - key_padding_mask.to(x_in.dtype)) * -10000.0)[:, None, None]  # PixArt's additive bias
         x = self.proj_in(x_in) + pos
         for i, block in enumerate(tr.transformer_blocks):
-            x = _fast_block(block, x, None, keys[i], values[i], cross_bias, mods[i].unbind(1))
+            x = _fast_block(block, x, None, keys[i], values[i], cross_bias, mods[6 * i:6 * i + 6])
         return tr.proj_out(tr.norm_out(x) * final_scale1 + final_shift)
+
+
+class _GraphBuilder:
+    """A few helpers to write an ONNX graph by hand, with a module's weights as initializers."""
+
+    def __init__(self):
+        self.nodes, self.inits = [], []
+
+    def const(self, name: str, value) -> str:
+        from onnx import numpy_helper
+
+        arr = value.detach().float().cpu().numpy() if torch.is_tensor(value) else value
+        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(arr), name))
+        return name
+
+    def op(self, op_type: str, inputs: list, outputs, domain: str = "", **attrs):
+        from onnx import helper
+
+        outputs = [outputs] if isinstance(outputs, str) else list(outputs)
+        self.nodes.append(helper.make_node(op_type, inputs, outputs, domain=domain or None, **attrs))
+        return outputs[0] if len(outputs) == 1 else outputs
+
+    def linear(self, x: str, lin: nn.Linear, name: str) -> str:
+        y = self.op("MatMul", [x, self.const(name + ".weight_t", lin.weight.t())], name + ".mm")
+        return y if lin.bias is None else self.op("Add", [y, self.const(name + ".bias", lin.bias)], name)
+
+    def layer_norm(self, x: str, norm: nn.LayerNorm, name: str) -> str:
+        weight = norm.weight if norm.weight is not None else torch.ones(norm.normalized_shape)
+        params = [self.const(name + ".weight", weight)] + ([self.const(name + ".bias", norm.bias)] if norm.bias is not None else [])
+        return self.op("LayerNormalization", [x] + params, name, axis=-1, epsilon=float(norm.eps))
+
+    def self_attention(self, h: str, attn: nn.Module, name: str) -> str:
+        """diffusers ``Attention`` (AttnProcessor2_0, no mask) on ``h``: one packed QKV matmul, ONNX
+        Runtime's ``MultiHeadAttention`` (heads split inside the kernel, q/k/v biases added there), the
+        output projection."""
+        d = attn.to_q.out_features
+        qkv = self.op("MatMul", [h, self.const(name + ".qkv.weight_t", torch.cat([attn.to_q.weight, attn.to_k.weight,
+                                                                                attn.to_v.weight]).t())], name + ".qkv")
+        q, k, v = self.op("Split", [qkv, self.const(name + ".split", np.full(3, d, np.int64))],
+                          [name + ".q", name + ".k", name + ".v"], axis=-1)
+        bias = torch.cat([torch.zeros(d) if lin.bias is None else lin.bias for lin in (attn.to_q, attn.to_k, attn.to_v)])
+        o = self.op("MultiHeadAttention", [q, k, v, self.const(name + ".qkv.bias", bias)], name, domain="com.microsoft",
+                    num_heads=attn.heads, scale=float(attn.scale))
+        return self.linear(o, attn.to_out[0], name + ".out")
+
+    def feed_forward(self, h: str, ff: nn.Module, name: str) -> str:
+        """diffusers ``FeedForward`` with a GELU (``FastGelu`` with its bias for the tanh approximation)."""
+        net = ff.net
+        h = self.op("MatMul", [h, self.const(name + ".ff1.weight_t", net[0].proj.weight.t())], name + ".ff1")
+        bias = self.const(name + ".ff1.bias", net[0].proj.bias)
+        if net[0].approximate == "tanh":
+            h = self.op("FastGelu", [h, bias], name + ".gelu", domain="com.microsoft")
+        else:
+            h = self.op("Gelu", [self.op("Add", [h, bias], name + ".ff1.b")], name + ".gelu")
+        return self.linear(h, net[2], name + ".ff2")
+
+    def model(self, name: str, inputs: list, outputs: list) -> bytes:
+        import onnx
+        from onnx import helper
+
+        model = helper.make_model(helper.make_graph(self.nodes, name, inputs, outputs, self.inits),
+                                  opset_imports=[helper.make_opsetid("", 20), helper.make_opsetid("com.microsoft", 1)])
+        onnx.checker.check_model(model)
+        return model.SerializeToString()
+
+
+def export_decoder_step(decoder: nn.Module, example: Optional[dict] = None) -> bytes:
+    """The ONNX graph of :class:`DecoderStep` for ``decoder``'s current weights, written node by node
+    (batch, token count and text length dynamic): per block one packed QKV matmul, ONNX Runtime's
+    ``MultiHeadAttention`` for self- and cross-attention (heads split inside the kernel), ``FastGelu``
+    with its bias, and one ``Split`` for the six modulation vectors; 22 nodes per block where
+    ``torch.onnx.export`` of the same function left ~95 after ONNX Runtime's own optimisations (shape
+    arithmetic for the dynamic head reshapes, per-vector gathers). Shipped lazy decoder, 36 hole
+    tokens, CFG batch 2, interleaved: 8.2-9.2 ms per call instead of 9.1-10.8 ms, max difference 1e-6.
+    (``SkipLayerNormalization`` for the residual adds was slower here: 9.7 vs 9.2 ms.) ``example`` is
+    unused; it keeps :class:`OnnxRunner`'s export signature."""
+    from onnx import TensorProto, helper
+
+    tr = decoder.trunk
+    blocks = tr.transformer_blocks
+    n_blocks, d, din, dout = len(blocks), tr.inner_dim, decoder.proj_in.in_features, tr.proj_out.out_features
+    heads = blocks[0].attn1.heads
+    head_dim = d // heads
+    g = _GraphBuilder()
+    split_d = g.const("split.mods", np.full(6, d, np.int64))
+    split_hd = g.const("split.kv", np.full(n_blocks, head_dim, np.int64))
+    mods = g.op("Split", ["mods", g.const("split.blocks", np.full(n_blocks, 6 * d, np.int64))],
+                [f"mods.{i}" for i in range(n_blocks)], axis=-1)
+    keys = g.op("Split", ["keys", split_hd], [f"keys.{i}" for i in range(n_blocks)], axis=-1)
+    values = g.op("Split", ["values", split_hd], [f"values.{i}" for i in range(n_blocks)], axis=-1)
+    x = g.op("Add", [g.linear("x_in", decoder.proj_in, "proj_in"), "pos"], "x.0")
+
+    for i, blk in enumerate(blocks):
+        p = f"block{i}"
+        shift_msa, scale_msa1, gate_msa, shift_mlp, scale_mlp1, gate_mlp = g.op(
+            "Split", [mods[i], split_d], [f"{p}.mod{j}" for j in range(6)], axis=-1)
+        h = g.layer_norm(x, blk.norm1, p + ".norm1")
+        h = g.op("Add", [g.op("Mul", [h, scale_msa1], p + ".h1.scaled"), shift_msa], p + ".h1")
+        o = g.op("Mul", [g.self_attention(h, blk.attn1, p + ".attn1"), gate_msa], p + ".attn1.gated")
+        x = g.op("Add", [o, x], p + ".x1")
+        a2 = blk.attn2
+        o = g.op("MultiHeadAttention", [g.linear(x, a2.to_q, p + ".attn2.q"), keys[i], values[i], "",
+                                        "key_padding_mask"], p + ".attn2", domain="com.microsoft",
+                 num_heads=heads, scale=float(a2.scale), mask_filter_value=-10000.0)
+        x = g.op("Add", [g.linear(o, a2.to_out[0], p + ".attn2.out"), x], p + ".x2")
+        h = g.layer_norm(x, blk.norm2, p + ".norm2")
+        h = g.op("Add", [g.op("Mul", [h, scale_mlp1], p + ".h2.scaled"), shift_mlp], p + ".h2")
+        x = g.op("Add", [g.op("Mul", [g.feed_forward(h, blk.ff, p), gate_mlp], p + ".ff.gated"), x], p + ".x3")
+    h = g.layer_norm(x, tr.norm_out, "norm_out")
+    h = g.op("Add", [g.op("Mul", [h, "final_scale1"], "final.scaled"), "final_shift"], "final")
+    g.op("Identity", [g.linear(h, tr.proj_out, "proj_out")], "out")
+    f = TensorProto.FLOAT
+    inputs = [helper.make_tensor_value_info("x_in", f, ["B", "N", din]),
+              helper.make_tensor_value_info("pos", f, ["P", "N", d]),
+              helper.make_tensor_value_info("mods", f, ["B", 1, n_blocks * 6 * d]),
+              helper.make_tensor_value_info("final_shift", f, ["B", 1, d]),
+              helper.make_tensor_value_info("final_scale1", f, ["B", 1, d]),
+              helper.make_tensor_value_info("keys", f, ["B", heads, "T", n_blocks * head_dim]),
+              helper.make_tensor_value_info("values", f, ["B", heads, "T", n_blocks * head_dim]),
+              helper.make_tensor_value_info("key_padding_mask", TensorProto.INT32, ["B", "T"])]
+    return g.model("decoder_step", inputs, [helper.make_tensor_value_info("out", f, ["B", "N", dout])])
+
+
+def context_encoder_supported(encoder: nn.Module) -> bool:
+    """Whether :func:`export_context_encoder` covers ``encoder``'s ViT blocks: pre-LN
+    ``BasicTransformerBlock``s with self-attention only (AttnProcessor2_0, no q/k norm) and a plain
+    GELU MLP, in inference."""
+    from .dit import _plain_ff
+
+    if encoder.training or torch.is_grad_enabled():
+        return False
+    for block in encoder.vit.blocks:
+        a = block.attn1
+        if block.norm_type != "layer_norm" or block.attn2 is not None or block.norm3 is None or block.only_cross_attention \
+                or block.pos_embed is not None or block._chunk_size is not None or not _plain_ff(block.ff) \
+                or type(a.processor).__name__ != "AttnProcessor2_0" or a.norm_q is not None or a.residual_connection \
+                or a.rescale_output_factor != 1.0:
+            return False
+    return True
+
+
+def export_context_encoder(encoder: nn.Module, example: Optional[dict] = None) -> bytes:
+    """The ONNX graph of the context encoder's whole-canvas pass after patchifying
+    (``ContextEncoder.embed``): input projection + positions, the ViT blocks (``x + attn(norm1(x))``,
+    ``x + ff(norm3(x))``, as ``BasicTransformerBlock`` runs them), the final norm and the output
+    projection. Inputs ``x`` (B, N, (C+1)*p*p) and ``pos`` (1 or B, N, D); output (B, N, context_dim);
+    batch and token count dynamic. Written node by node like :func:`export_decoder_step`."""
+    from onnx import TensorProto, helper
+
+    g = _GraphBuilder()
+    x = g.op("Add", [g.linear("x", encoder.proj_in, "proj_in"), "pos"], "x.0")
+    for i, blk in enumerate(encoder.vit.blocks):
+        p = f"block{i}"
+        x = g.op("Add", [g.self_attention(g.layer_norm(x, blk.norm1, p + ".norm1"), blk.attn1, p + ".attn1"), x], p + ".x1")
+        x = g.op("Add", [g.feed_forward(g.layer_norm(x, blk.norm3, p + ".norm3"), blk.ff, p), x], p + ".x2")
+    g.op("Identity", [g.linear(g.layer_norm(x, encoder.vit.norm, "norm"), encoder.proj_out, "proj_out")], "out")
+    f = TensorProto.FLOAT
+    return g.model("context_encoder", [helper.make_tensor_value_info("x", f, ["B", "N", encoder.proj_in.in_features]),
+                                       helper.make_tensor_value_info("pos", f, ["P", "N", encoder.inner_dim])],
+                   [helper.make_tensor_value_info("out", f, ["B", "N", encoder.context_dim])])
 
 
 def _export(module: nn.Module, args: tuple, names: list, dynamic: dict, dynamo_shapes) -> bytes:
@@ -94,23 +260,6 @@ def _export(module: nn.Module, args: tuple, names: list, dynamic: dict, dynamo_s
                 raise RuntimeError(f"exporting {type(module).__name__} to ONNX failed ({legacy_err}; then {err}); "
                                    "use the PyTorch backend (pipe.enable_onnx_runtime(False))") from err
     return buf.getvalue()
-
-
-def export_decoder_step(decoder: nn.Module, example: dict) -> bytes:
-    """ONNX bytes of :class:`DecoderStep` for ``decoder``'s current weights; batch, token count and
-    text length are dynamic."""
-    dynamic = {"x_in": {0: "B", 1: "N"}, "pos": {0: "P", 1: "N"}, "mods": {1: "B"}, "final_shift": {0: "B"},
-               "final_scale1": {0: "B"}, "keys": {1: "B", 3: "T"}, "values": {1: "B", 3: "T"},
-               "cross_bias": {0: "B", 3: "T"}, "out": {0: "B", 1: "N"}}
-
-    def dynamo_shapes():
-        b, n, t = torch.export.Dim("B", min=1), torch.export.Dim("N", min=1), torch.export.Dim("T", min=1)
-        return {"x_in": {0: b, 1: n}, "pos": {0: torch.export.Dim("P", min=1), 1: n}, "mods": {1: b},
-                "final_shift": {0: b}, "final_scale1": {0: b}, "keys": {1: b, 3: t}, "values": {1: b, 3: t},
-                "cross_bias": {0: b, 3: t}}
-
-    return _export(DecoderStep(decoder).eval(), tuple(example[k] for k in INPUT_NAMES), INPUT_NAMES, dynamic,
-                   dynamo_shapes)
 
 
 class VaeCall(nn.Module):
@@ -259,4 +408,5 @@ class OnnxRuntimeMixin:
 
 
 __all__ = ["DecoderStep", "VaeCall", "TextEncoderCall", "OnnxRunner", "OnnxRuntimeMixin", "export_decoder_step",
-           "export_vae_encode", "export_vae_decode", "export_text_encoder", "onnxruntime_available"]
+           "export_context_encoder", "context_encoder_supported", "export_vae_encode", "export_vae_decode",
+           "export_text_encoder", "onnxruntime_available"]

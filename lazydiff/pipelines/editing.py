@@ -278,20 +278,21 @@ class EditPipelineMixin:
     vae_decode_runner = None  # set by enable_onnx_runtime
     vae_encode_runner = None
     text_encoder_runner = None
+    context_encoder_runner = None
 
-    ONNX_PARTS = ("decoder", "vae", "text_encoder")
+    ONNX_PARTS = ("decoder", "context_encoder", "vae", "text_encoder")
 
     def enable_onnx_runtime(self, enable: bool = True, threads: Optional[int] = None,
                             parts: Sequence[str] = ONNX_PARTS) -> None:
-        """Run the decoder's denoising steps (``"decoder"``), the crop's VAE decode and whole-canvas VAE
-        encodes (``"vae"``) and new prompts' text encoding (``"text_encoder"``) in ONNX Runtime on CPU,
-        fp32 (``decoder.use_onnx_runtime``; :mod:`lazydiff.models.onnx_backend`). The same switch for
-        every pipeline: the lazy decoder and the full-canvas one share the step's code, and all encode
-        and decode alike. ``parts=("vae",)`` keeps the steps in PyTorch: for big canvases, where ONNX
-        Runtime's full-canvas attention is slower than PyTorch's flash kernel but its convolutions are
-        faster. Leave out ``"text_encoder"`` for text encoders over 2 GiB (T5-XXL): an ONNX graph
-        cannot hold them."""
-        from ..models.onnx_backend import OnnxRunner, export_text_encoder, export_vae_decode, export_vae_encode
+        """Run the decoder's denoising steps (``"decoder"``), the lazy pipeline's context encoder
+        (``"context_encoder"``; ignored by pipelines without one), the crop's VAE decode and whole-canvas
+        VAE encodes (``"vae"``) and new prompts' text encoding (``"text_encoder"``) in ONNX Runtime on
+        CPU, fp32 (``decoder.use_onnx_runtime``; :mod:`lazydiff.models.onnx_backend`). The same switch
+        for every pipeline: the lazy decoder and the full-canvas one share the step's graph, and all
+        encode and decode alike. ``parts=("vae",)`` keeps the transformers in PyTorch. Leave out
+        ``"text_encoder"`` for text encoders over 2 GiB (T5-XXL): an ONNX graph cannot hold them."""
+        from ..models.onnx_backend import (OnnxRunner, export_context_encoder, export_text_encoder, export_vae_decode,
+                                           export_vae_encode)
 
         parts = (parts,) if isinstance(parts, str) else tuple(parts)
         unknown = sorted(set(parts) - set(self.ONNX_PARTS))
@@ -300,6 +301,8 @@ class EditPipelineMixin:
                              f"got {parts!r}")
         on = {part: enable and part in parts for part in self.ONNX_PARTS}
         self.decoder.use_onnx_runtime(on["decoder"], threads)
+        self.context_encoder_runner = OnnxRunner(threads, export=export_context_encoder) \
+            if on["context_encoder"] and getattr(self, "context_encoder", None) is not None else None
         self.vae_decode_runner = OnnxRunner(threads, export=export_vae_decode) if on["vae"] else None
         self.vae_encode_runner = OnnxRunner(threads, export=export_vae_encode) if on["vae"] else None
         self.text_encoder_runner = OnnxRunner(threads, export=export_text_encoder) if on["text_encoder"] else None
@@ -322,7 +325,18 @@ class EditPipelineMixin:
 
     @property
     def model_dtype(self) -> torch.dtype:
-        return self.decoder.dtype
+        return self._dtype_of("decoder")
+
+    def _dtype_of(self, component: str) -> torch.dtype:
+        """``getattr(self, component).dtype``, looked up once per edit while :meth:`run_edit` runs:
+        diffusers' ``ModelMixin.dtype`` walks every submodule for hooks (~1 ms for the shipped decoder),
+        and an edit asks ~10 times."""
+        memo = self.__dict__.get("_edit_dtypes")
+        if memo is None:
+            return getattr(self, component).dtype
+        if component not in memo:
+            memo[component] = getattr(self, component).dtype
+        return memo[component]
 
     # -- text
     def _encode_one(self, prompt: str, max_length: int, device) -> Tuple[torch.Tensor, torch.Tensor, bool]:
@@ -368,7 +382,7 @@ class EditPipelineMixin:
     def vae_encode(self, pixels: torch.Tensor, plain: bool = False) -> torch.Tensor:
         """Scaled latents of ``pixels``. ``plain``: no hooks are on the encoder's modules (no canvas-cache
         recording or crop encode), so ONNX Runtime may run it when enabled."""
-        x = pixels.to(self.vae.dtype)
+        x = pixels.to(self._dtype_of("vae"))
         if plain and self._in_onnx(self.vae_encode_runner, x.device, x.dtype):
             z = self.vae_encode_runner(self.vae, {"x": x})
         else:
@@ -379,7 +393,7 @@ class EditPipelineMixin:
 
     def vae_decode(self, latents: torch.Tensor) -> torch.Tensor:
         shift = getattr(self.vae.config, "shift_factor", None) or 0.0
-        z = latents.to(self.vae.dtype) / self.vae.config.scaling_factor + shift
+        z = latents.to(self._dtype_of("vae")) / self.vae.config.scaling_factor + shift
         if self._in_onnx(self.vae_decode_runner, z.device, z.dtype):
             return self.vae_decode_runner(self.vae, {"z": z})
         return self.vae.decode(z).sample
@@ -474,7 +488,7 @@ class EditPipelineMixin:
             raise ValueError(f"canvas_cache must be 'off', 'exact' or 'incremental', got {mode!r}")
         if mode == "off":
             return self.vae_encode(masked_pixels(), plain=True), {"vae_encode": "full", "encoded_fraction": 1.0}
-        ident = (rgb.shape, str(torch.device(device)), self.vae.dtype, self.model_dtype, id(self.vae))
+        ident = (rgb.shape, str(torch.device(device)), self._dtype_of("vae"), self.model_dtype, id(self.vae))
         state = self.__dict__.get("_canvas_state")
         if state is not None and state["ident"] == ident:
             changed = self._changed_pixels(rgb, mask, state["rgb"], state["mask"])
@@ -732,7 +746,16 @@ class EditPipelineMixin:
         """
         raise NotImplementedError
 
-    def run_edit(self, prompt: str, image: ImageInput, mask_image: ImageInput, negative_prompt: Optional[str] = "",
+    def run_edit(self, *args, **kwargs) -> EditPipelineOutput:
+        """One edit (the pipelines' ``__call__``; arguments as :meth:`_run_edit`), with the components'
+        dtypes looked up once for it."""
+        self.__dict__["_edit_dtypes"] = {}
+        try:
+            return self._run_edit(*args, **kwargs)
+        finally:
+            self.__dict__.pop("_edit_dtypes", None)
+
+    def _run_edit(self, prompt: str, image: ImageInput, mask_image: ImageInput, negative_prompt: Optional[str] = "",
                  num_inference_steps: int = 20, guidance_scale: float = 4.5, generator=None,
                  num_images_per_prompt: int = 1, latents: Optional[torch.Tensor] = None,
                  sketch: Optional[ImageInput] = None, strength: float = 1.0, blend: str = "feather",

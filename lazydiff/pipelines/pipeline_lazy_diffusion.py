@@ -12,6 +12,7 @@ import torch
 from diffusers import DiffusionPipeline
 
 from ..models import ContextEncoder, LazyDecoder
+from ..models.dit import gather_tokens
 from .editing import CALL_DOC, EditPipelineMixin, ImageInput
 
 
@@ -41,11 +42,13 @@ class LazyDiffusionPipeline(DiffusionPipeline, EditPipelineMixin):
         version = enc.get("canvas_version")
         key = None
         if self.context_cache and version is not None:
-            key = (version, id(self.context_encoder), self.context_encoder.dtype)
+            key = (version, id(self.context_encoder), self._dtype_of("context_encoder"))
             hit = self.__dict__.get("_context_cache")
             if hit is not None and hit[0] == key:
                 return hit[1]
-        context = self.context_encoder(enc["masked_latents"], enc["mask_latent"], enc["hole_index"]).context
+        context = self._context_in_onnx(enc)
+        if context is None:
+            context = self.context_encoder(enc["masked_latents"], enc["mask_latent"], enc["hole_index"]).context
         if key is not None:
             self.__dict__["_context_cache"] = (key, context)
         return context
@@ -67,6 +70,18 @@ class LazyDiffusionPipeline(DiffusionPipeline, EditPipelineMixin):
 
         # The sampler only ever holds the hole tokens.
         return (lambda full: self.hole_tokens_of(full, enc["hole_index"])), denoise, (lambda x: x)
+
+    def _context_in_onnx(self, enc) -> Optional[torch.Tensor]:
+        """The context tokens from ONNX Runtime (``enable_onnx_runtime(parts=(..., "context_encoder"))``),
+        or None where that does not apply (GPU, other dtypes, blocks the graph does not cover)."""
+        from ..models.onnx_backend import context_encoder_supported
+
+        ce, latents = self.context_encoder, enc["masked_latents"]
+        if not self._in_onnx(self.context_encoder_runner, latents.device, latents.dtype) \
+                or self._dtype_of("context_encoder") != torch.float32 or not context_encoder_supported(ce):
+            return None
+        x, pos = ce.embed(latents, enc["mask_latent"])
+        return gather_tokens(self.context_encoder_runner(ce, {"x": x, "pos": pos[None]}), enc["hole_index"])
 
     @torch.no_grad()
     def __call__(self, prompt: str, image: ImageInput, mask_image: ImageInput, negative_prompt: Optional[str] = "",
