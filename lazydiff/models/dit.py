@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import functools
 from collections import OrderedDict
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -200,7 +202,7 @@ class PixArtTrunk(nn.Module):
             if params is None:  # the Parameter objects (their values are read at every call, below)
                 params = self.__dict__["_memo_params"] = [*self.adaln_single.parameters(), self.scale_shift_table,
                                                           *(blk.scale_shift_table for blk in self.transformer_blocks)]
-            memo_key = (tuple(timestep.tolist()), b, dtype, extra, _param_key(params))
+            memo_key = (tuple(timestep.tolist()), b, dtype, extra, once_per_edit(self, "params", lambda: _param_key(params)))
             memo = self.__dict__.setdefault("_step_memo", OrderedDict())
             hit = memo.get(memo_key)
             if hit is not None:
@@ -232,7 +234,7 @@ class PixArtTrunk(nn.Module):
                              "pass added_cond_kwargs={'resolution': ..., 'aspect_ratio': ...}")
         if text_conditioning is not None and text_conditioning.batch != b:
             raise ValueError(f"text_conditioning was prepared for batch {text_conditioning.batch}, got {b}")
-        if not self._fast_ok():
+        if not once_per_edit(self, "fast_ok", self._fast_ok):
             return None
         if text_conditioning is None:
             text_conditioning = self.prepare_text(encoder_hidden_states, encoder_attention_mask)
@@ -345,6 +347,35 @@ class _StepConstants:
                 "mods": torch.cat([v for m in self.blocks for v in m], dim=-1).contiguous(),
                 "final_shift": self.final_shift.contiguous(), "final_scale1": self.final_scale1.contiguous()}
         return memo
+
+
+_EDIT_SCOPE: ContextVar[Optional[Dict[Any, Any]]] = ContextVar("lazydiff_edit_scope", default=None)
+
+
+@contextmanager
+def edit_scope():
+    """One edit, inside which the weights do not change: what is derived from them alone (the memo
+    keys of the timestep constants and of the ONNX Runtime graphs, whether the fused path applies,
+    the components' dtypes) is worked out once per module instead of at every step (:func:`once_per_edit`).
+    The pipelines run each edit in one; weights changed from a step callback take effect at the next
+    edit."""
+    token = _EDIT_SCOPE.set({})
+    try:
+        yield
+    finally:
+        _EDIT_SCOPE.reset(token)
+
+
+def once_per_edit(owner: object, what: str, compute: Callable[[], Any]) -> Any:
+    """``compute()``, reused for the same ``owner`` and ``what`` while an :func:`edit_scope` lasts;
+    computed at every call outside one."""
+    scope = _EDIT_SCOPE.get()
+    if scope is None:
+        return compute()
+    key = (id(owner), what)
+    if key not in scope:
+        scope[key] = (owner, compute())  # the owner is kept so that its id is not reused meanwhile
+    return scope[key][1]
 
 
 def _param_key(params) -> tuple:

@@ -344,11 +344,12 @@ class OnnxRunner:
                 "exports": 0}
 
     def _session(self, module: nn.Module, example: dict):
-        from .dit import _param_key
+        from .dit import _param_key, once_per_edit
 
         if self.params is None or self.params[0] is not module:  # the Parameter objects; values are keyed below
             self.params = (module, list(module.parameters()))
-        key = (_param_key(self.params[1]), tuple(v.dtype for v in example.values()))
+        params = self.params[1]
+        key = (once_per_edit(module, "params", lambda: _param_key(params)), tuple(v.dtype for v in example.values()))
         if self.session is None or key != self.key:
             import onnxruntime as ort
 

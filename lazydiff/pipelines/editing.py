@@ -26,7 +26,8 @@ import torch
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from ..models.dit import gather_tokens, hole_indices, patchify, scatter_tokens, token_mask_from_pixels, unpatchify
+from ..models.dit import (edit_scope, gather_tokens, hole_indices, once_per_edit, patchify, scatter_tokens,
+                          token_mask_from_pixels, unpatchify)
 from . import canvas_cache
 from .blending import BLEND_MODES, blend, mask_bbox, paste_masked
 
@@ -328,15 +329,9 @@ class EditPipelineMixin:
         return self._dtype_of("decoder")
 
     def _dtype_of(self, component: str) -> torch.dtype:
-        """``getattr(self, component).dtype``, looked up once per edit while :meth:`run_edit` runs:
-        diffusers' ``ModelMixin.dtype`` walks every submodule for hooks (~1 ms for the shipped decoder),
-        and an edit asks ~10 times."""
-        memo = self.__dict__.get("_edit_dtypes")
-        if memo is None:
-            return getattr(self, component).dtype
-        if component not in memo:
-            memo[component] = getattr(self, component).dtype
-        return memo[component]
+        """``getattr(self, component).dtype``, once per edit: diffusers' ``ModelMixin.dtype`` walks every
+        submodule for hooks (~1 ms for the shipped decoder), and an edit asks ~10 times."""
+        return once_per_edit(self, "dtype:" + component, lambda: getattr(self, component).dtype)
 
     # -- text
     def _encode_one(self, prompt: str, max_length: int, device) -> Tuple[torch.Tensor, torch.Tensor, bool]:
@@ -631,7 +626,7 @@ class EditPipelineMixin:
         """``DDIMScheduler.step`` for the configuration our models ship with (epsilon prediction, no
         clipping or thresholding, eta = 0), inlined: the same tensor operations in the same order on
         the same 0-d coefficients (so bit-identical), with the coefficients computed once per
-        timestep instead of ~15 small tensor ops per step. None when the scheduler is anything else.
+        timestep of the schedule (kept across edits) instead of ~15 small tensor ops per step. None when the scheduler is anything else.
         -> step(eps, t, sample) -> (prev_sample, pred_original_sample)."""
         from diffusers import DDIMScheduler
 
@@ -640,7 +635,14 @@ class EditPipelineMixin:
         if type(s) is not DDIMScheduler or cfg.prediction_type != "epsilon" or cfg.thresholding \
                 or cfg.clip_sample or s.num_inference_steps is None or "step" in s.__dict__:
             return None
-        coeffs: Dict[int, Tuple[torch.Tensor, ...]] = {}
+        # Kept across edits for this scheduler's schedule (they are a function of it alone).
+        memo = self.__dict__.setdefault("_ddim_coeffs", {})
+        schedule = (id(s), id(s.alphas_cumprod), s.alphas_cumprod._version, float(s.final_alpha_cumprod),
+                    cfg.num_train_timesteps, s.num_inference_steps)
+        if memo.get("schedule") != schedule:
+            memo.clear()
+            memo["schedule"] = schedule
+        coeffs: Dict[int, Tuple[torch.Tensor, ...]] = memo.setdefault("coeffs", {})
         eta = 0.0  # DDIMScheduler.step's default, which sample() uses
 
         def step(eps: torch.Tensor, t: torch.Tensor, sample: torch.Tensor):
@@ -747,13 +749,10 @@ class EditPipelineMixin:
         raise NotImplementedError
 
     def run_edit(self, *args, **kwargs) -> EditPipelineOutput:
-        """One edit (the pipelines' ``__call__``; arguments as :meth:`_run_edit`), with the components'
-        dtypes looked up once for it."""
-        self.__dict__["_edit_dtypes"] = {}
-        try:
+        """One edit (the pipelines' ``__call__``; arguments as :meth:`_run_edit`) in an
+        :func:`~lazydiff.models.dit.edit_scope`: what depends on the weights alone is checked once."""
+        with edit_scope():
             return self._run_edit(*args, **kwargs)
-        finally:
-            self.__dict__.pop("_edit_dtypes", None)
 
     def _run_edit(self, prompt: str, image: ImageInput, mask_image: ImageInput, negative_prompt: Optional[str] = "",
                  num_inference_steps: int = 20, guidance_scale: float = 4.5, generator=None,
