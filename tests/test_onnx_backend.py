@@ -302,3 +302,42 @@ def test_runtime_modes_parse_their_own_options(monkeypatch):
     assert rt.main(["--vae-backends", "V", "--encode-size", "1024", "--crop-latent", "72"]) == 0
     assert seen["sweep"] == ("S", {"size": 512, "width": 384, "depth": 12, "onnx_runtime": True})
     assert seen["vae"] == ("V", {"crop_latent": 72, "encode_size": 1024, "repeats": 3})
+
+
+def test_weights_are_checked_once_per_edit_and_again_at_the_next():
+    """Inside an edit (dit.edit_scope) the graphs' weight keys are computed once; a weight change
+    between two edits still rebuilds the graph and changes the result."""
+    from lazydiff.models import dit
+
+    pipe = tiny_lazy_pipeline()
+    pipe.enable_onnx_runtime()
+    rng = np.random.default_rng(0)
+    img = PIL.Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    mask = np.zeros((64, 64), np.uint8)
+    mask[16:40, 20:44] = 255
+    calls = []
+    key = dit._param_key
+
+    def counting(params):
+        calls.append(len(params))
+        return key(params)
+
+    def edit():
+        return np.asarray(pipe("a red star", img, PIL.Image.fromarray(mask), num_inference_steps=4,
+                               generator=torch.Generator().manual_seed(0)).images[0]).astype(int)
+
+    dit._param_key = counting
+    try:
+        before = edit()
+        n_decoder = len(list(pipe.decoder.parameters()))
+        assert calls.count(n_decoder) == 1                  # 4 steps, one check of the decoder's weights
+        with torch.no_grad():
+            pipe.decoder.trunk.proj_out.weight.mul_(1.5)    # in place: only the version counter changes
+        after = edit()
+    finally:
+        dit._param_key = key
+    assert pipe.decoder.onnx_runner.exports == 2
+    assert np.abs(after - before).max() > 0
+    with dit.edit_scope():
+        assert dit.once_per_edit(pipe, "x", lambda: 1) == dit.once_per_edit(pipe, "x", lambda: 2) == 1
+    assert dit.once_per_edit(pipe, "x", lambda: 2) == 2    # outside a scope: computed every time
