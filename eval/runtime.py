@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
+import PIL.Image
 import torch
 
 from lazydiff.pipelines.editing import CANVAS_CACHE_MODES, EditPipelineMixin
@@ -237,25 +238,27 @@ def build_pipelines(opts: RuntimeOptions, device: str, dtype: torch.dtype):
             p.canvas_cache = opts.canvas_cache
         if hasattr(p, "cuda_graphs"):  # a lever for every method alike
             p.cuda_graphs = opts.cuda_graphs
-        if opts.onnx_parts:  # likewise; the step's graph is exported at the warm-up's first step
+        if opts.onnx_parts:  # likewise
             p.enable_onnx_runtime(parts=opts.onnx_parts)
-            if "vae" in opts.onnx_parts:
-                export_vae_graphs(p, vae_runners)
+            export_onnx_graphs(p, vae_runners)
     return pipes, info, size
 
 
-def export_vae_graphs(pipe, shared: Dict[int, tuple]) -> None:
-    """Export ``pipe``'s VAE graphs now, untimed, on small inputs (their sizes are dynamic): load-time
-    work, like the demo's warm-up, which a paper-shape run without warm-up would otherwise count in its
-    first edit (~40 s for the SD-VAE). Pipelines that share one VAE share its runners (one export)."""
+def export_onnx_graphs(pipe, shared: Dict[int, tuple]) -> None:
+    """Export ``pipe``'s ONNX Runtime graphs now, untimed: load-time work, like the demo's warm-up,
+    which a paper-shape run without warm-up would otherwise count in its first edits (~40 s for the
+    SD-VAE). One 1-step edit of a small canvas builds them all (their sizes are dynamic); the caches
+    it fills are cleared. Pipelines that share one VAE share its runners (one export)."""
     if id(pipe.vae) in shared:
         pipe.vae_encode_runner, pipe.vae_decode_runner = shared[id(pipe.vae)]
-        return
-    f, c = pipe.vae_scale_factor, pipe.vae.config.latent_channels
-    with torch.no_grad():
-        pipe.vae_encode(torch.zeros(1, 3, 4 * f, 4 * f, dtype=pipe.vae.dtype), plain=True)
-        pipe.vae_decode(torch.zeros(1, c, 4, 4, dtype=pipe.vae.dtype))
-    shared[id(pipe.vae)] = (pipe.vae_encode_runner, pipe.vae_decode_runner)
+    size = 8 * pipe.token_cell
+    mask = np.zeros((size, size), np.uint8)
+    mask[size // 4: size // 2, size // 4: size // 2] = 255
+    pipe("warm-up", PIL.Image.new("RGB", (size, size), (128, 128, 128)), PIL.Image.fromarray(mask),
+         num_inference_steps=1, generator=torch.Generator().manual_seed(0))
+    pipe.clear_caches()
+    if pipe.vae_encode_runner is not None:
+        shared[id(pipe.vae)] = (pipe.vae_encode_runner, pipe.vae_decode_runner)
 
 
 # ----------------------------------------------------------------------------- inputs
