@@ -38,7 +38,7 @@ class ModelSpec:
     tiny: bool = False
     device: Optional[str] = None
     max_side: Optional[int] = None  # working resolution cap; None = the default for the model kind
-    onnx_runtime: str = "auto"  # steps, VAE, text encoder in ONNX Runtime: "auto" (on a CPU, when installed), "on", "off"
+    onnx_runtime: str = "auto"  # steps, context encoder, VAE, text in ONNX Runtime: "auto" (on a CPU, when installed), "on", "off"
 
     @classmethod
     def from_env(cls, environ=None) -> "ModelSpec":
@@ -152,14 +152,14 @@ class Models:
         pipe.clear_caches()
 
     def onnx_parts(self, pipe) -> tuple:
-        """What of ``pipe`` runs in ONNX Runtime (lazydiff.models.onnx_backend): ``("decoder", "vae",
-        "text_encoder")``, ``("vae",)`` or ``()``. "auto" (fp32 on a CPU, onnxruntime installed) puts the
-        denoising steps and the text encoder there when the model's canvas has at most 1,024 tokens
-        (a big model's text encoder, T5-XXL, does not fit an ONNX graph), where it made both methods faster
-        (shipped model, 256 tokens); at 4,096 tokens its attention made the full-canvas step 20% slower
-        (docs/BENCHMARKS.md §7), which would tilt the demo's comparison, so big models get the VAE
-        only (faster at both sizes). "on" puts all three there at any size."""
-        from lazydiff.models.onnx_backend import INSTALL_HINT, onnxruntime_available
+        """What of ``pipe`` runs in ONNX Runtime (lazydiff.models.onnx_backend): ``pipe.ONNX_PARTS``
+        (denoising steps, context encoder, VAE, text encoder) or ``()``. "auto" (fp32 on a CPU,
+        onnxruntime installed) and "on" put them all there, except a text encoder too big for one ONNX
+        graph (over 2 GiB of weights: T5-XXL), which stays in PyTorch. With the transformer graphs
+        written node by node, ONNX Runtime's step is faster than PyTorch's at every canvas size measured,
+        the 4,096-token full canvas included (docs/BENCHMARKS.md §7), so it is a lever for both methods
+        of the demo's comparison alike."""
+        from lazydiff.models.onnx_backend import INSTALL_HINT, MAX_GRAPH_WEIGHT_BYTES, onnxruntime_available
 
         mode = self.spec.onnx_runtime
         if mode not in ("auto", "on", "off"):
@@ -175,12 +175,10 @@ class Models:
                                        f"{pipe.device} in {pipe.decoder.dtype}. Use --onnx-runtime auto or off.")
             if not onnxruntime_available():
                 raise ModelUnavailable(f"--onnx-runtime on needs onnxruntime: {INSTALL_HINT}")
-            return pipe.ONNX_PARTS
-        if not (on_cpu and onnxruntime_available()):
+        elif not (on_cpu and onnxruntime_available()):
             return ()
-        cfg = pipe.decoder.config
-        small = (cfg.sample_size // cfg.patch_size) ** 2 <= 1024
-        return pipe.ONNX_PARTS if small else ("vae",)
+        text_bytes = sum(p.numel() * p.element_size() for p in pipe.text_encoder.parameters())
+        return tuple(part for part in pipe.ONNX_PARTS if part != "text_encoder" or text_bytes <= MAX_GRAPH_WEIGHT_BYTES)
 
     def _device(self) -> str:
         if self.spec.device:

@@ -38,6 +38,15 @@ def test_runtime_tiny_writes_csv_plots_and_report(tmp_path, capsys):
     assert "speedup_vs_full" in printed and "regenerate-crop" in printed
 
 
+def test_runtime_of_the_lazy_method_alone(tmp_path):
+    """Without the baseline in the run there is no speed-up to plot; the rest is written."""
+    out = tmp_path / "r"
+    assert main(["runtime", "--preset", "tiny", "--methods", "lazy", "--mask-ratios", "0.25", "--steps", "2",
+                 "--repeats", "1", "--warmup", "0", "--out", str(out)]) == 0
+    assert (out / "latency_vs_mask_ratio.png").exists() and (out / "report.md").exists()
+    assert not (out / "speedup_vs_mask_ratio.png").exists()
+
+
 def test_runtime_validation():
     with pytest.raises(RuntimeError_, match="did you mean 'paper-shape'"):
         validate(RuntimeOptions(out="x", preset="paper-shap"))

@@ -272,11 +272,19 @@ def test_demo_turns_it_on_for_cpu_pipelines_unless_told_not_to():
     with pytest.raises(ModelUnavailable, match="auto, on or off"):
         Models(ModelSpec(tiny=True, onnx_runtime="fast")).lazy()
     assert ModelSpec.from_env({"LAZYDIFF_ONNX_RUNTIME": "OFF"}).onnx_runtime == "off"
-    # auto keeps the steps in PyTorch for big canvases (4,096 tokens), where its full-canvas step is slower
-    big = tiny_lazy_pipeline(sample_size=128)                  # 4,096 tokens: the VAE only
-    assert Models(ModelSpec()).onnx_parts(big) == ("vae",)
-    assert Models(ModelSpec(onnx_runtime="on")).onnx_parts(big) == ("decoder", "context_encoder", "vae", "text_encoder")
+    everything = ("decoder", "context_encoder", "vae", "text_encoder")
+    big = tiny_lazy_pipeline(sample_size=128)                  # 4,096 tokens: all parts at any size
+    assert Models(ModelSpec()).onnx_parts(big) == everything
+    assert Models(ModelSpec(onnx_runtime="on")).onnx_parts(big) == everything
     assert Models(ModelSpec(onnx_runtime="off")).onnx_parts(big) == ()
+
+
+def test_demo_keeps_a_text_encoder_too_big_for_one_graph_in_pytorch(monkeypatch):
+    import lazydiff.models.onnx_backend as ob
+    from demo.models import ModelSpec, Models
+
+    monkeypatch.setattr(ob, "MAX_GRAPH_WEIGHT_BYTES", 1000)    # as if the text encoder were T5-XXL
+    assert Models(ModelSpec()).onnx_parts(tiny_lazy_pipeline()) == ("decoder", "context_encoder", "vae")
 
 
 @pytest.mark.slow

@@ -13,15 +13,18 @@ The input projection is in the graph on purpose: a PyTorch matmul between two ON
 wakes PyTorch's OpenMP threads, which then spin on the same cores as ONNX Runtime's (2-core CPU,
 shipped model: 9.4 ms per call back to back, 15.8 ms with a 72x208x192 torch linear in between).
 
-The graph is exported with the weights in it, from the decoder itself (``torch.onnx.export``; nothing
-is downloaded or unpickled), and rebuilt when the weights change (keyed on each parameter's storage
-and version, as the timestep memo is). Outputs match PyTorch's to float32 rounding (max ~2e-6 per
-forward on the shipped model; ``tests/test_onnx_backend.py``).
+The graph is built with the weights in it, from the decoder itself, node by node
+(:func:`export_decoder_step`: ONNX Runtime's fused attention instead of the ~95 nodes per block that
+``torch.onnx.export`` leaves; nothing is downloaded or unpickled), and rebuilt when the weights change
+(keyed on each parameter's storage and version, as the timestep memo is; checked once per edit inside
+a pipeline, ``dit.edit_scope``). Outputs match PyTorch's to float32 rounding (max ~2e-6 per forward on
+the shipped model; ``tests/test_onnx_backend.py``).
 
     pipe.enable_onnx_runtime()          # or decoder.use_onnx_runtime()
 
-The pipelines also run the VAE through ONNX Runtime when it is enabled (:class:`VaeCall`: the hole's
-crop decode and whole-canvas encodes; every method alike), and the text encoder
+The pipelines also run the lazy pipeline's context encoder (:func:`export_context_encoder`, written the
+same way), the VAE (:class:`VaeCall`: the hole's crop decode and whole-canvas encodes; every method
+alike) and the text encoder
 (:class:`TextEncoderCall`: a new prompt's embedding). Encodes that the canvas-latent cache hooks into
 (recording the encoder's statistics, partial re-encodes of large canvases) stay in PyTorch.
 """
@@ -147,19 +150,21 @@ def export_decoder_step(decoder: nn.Module, example: Optional[dict] = None) -> b
     """The ONNX graph of :class:`DecoderStep` for ``decoder``'s current weights, written node by node
     (batch, token count and text length dynamic): per block one packed QKV matmul, ONNX Runtime's
     ``MultiHeadAttention`` for self- and cross-attention (heads split inside the kernel), ``FastGelu``
-    with its bias, and one ``Split`` for the six modulation vectors; 22 nodes per block where
+    with its bias, and one ``Split`` for the six modulation vectors; 27 nodes per block where
     ``torch.onnx.export`` of the same function left ~95 after ONNX Runtime's own optimisations (shape
-    arithmetic for the dynamic head reshapes, per-vector gathers). Shipped lazy decoder, 36 hole
-    tokens, CFG batch 2, interleaved: 8.2-9.2 ms per call instead of 9.1-10.8 ms, max difference 1e-6.
-    (``SkipLayerNormalization`` for the residual adds was slower here: 9.7 vs 9.2 ms.) ``example`` is
+    arithmetic for the dynamic head reshapes, per-vector gathers, the attention scale from shapes).
+    Shipped lazy decoder, 36 hole tokens, CFG batch 2, the two graphs interleaved: 9.2 / 8.2 ms per call
+    instead of 10.3 / 9.1 ms (two runs), max difference 7e-7; at paper shape ONNX Runtime's attention
+    kernel also makes the 4,096-token step faster than PyTorch's (docs/BENCHMARKS.md §7).
+    ``SkipLayerNormalization`` for the residual adds was slower here (9.7 / 8.6 ms). ``example`` is
     unused; it keeps :class:`OnnxRunner`'s export signature."""
     from onnx import TensorProto, helper
 
     tr = decoder.trunk
     blocks = tr.transformer_blocks
     n_blocks, d, din, dout = len(blocks), tr.inner_dim, decoder.proj_in.in_features, tr.proj_out.out_features
-    heads = blocks[0].attn1.heads
-    head_dim = d // heads
+    heads = blocks[0].attn2.heads  # cross-attention: the keys / values arrive head-split
+    head_dim = blocks[0].attn2.to_k.out_features // heads
     g = _GraphBuilder()
     split_d = g.const("split.mods", np.full(6, d, np.int64))
     split_hd = g.const("split.kv", np.full(n_blocks, head_dim, np.int64))
