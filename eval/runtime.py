@@ -658,21 +658,21 @@ LEVER_CONFIGS = [  # label, method, threads, fused blocks, text constants once, 
     ("all levers, follow-up edit, same mask", "lazy", 2, True, True, True, "incremental", True, False),
     ("all levers, fresh edit, 1 thread", "lazy", 1, True, True, True, "incremental", False, False),
     ("all levers, follow-up edit, 1 thread", "lazy", 1, True, True, True, "incremental", True, False),
-    ("all levers + ONNX Runtime (steps, VAE), fresh edit", "lazy", 2, True, True, True, "incremental", False, True),
-    ("all levers + ONNX Runtime (steps, VAE), follow-up edit", "lazy", 2, True, True, True, "incremental", True, True),
+    ("all levers + ONNX Runtime (every part), fresh edit", "lazy", 2, True, True, True, "incremental", False, True),
+    ("all levers + ONNX Runtime (every part), follow-up edit", "lazy", 2, True, True, True, "incremental", True, True),
     ("RegenerateImage before", "regenerate-image", 2, False, False, False, "off", False, False),
     ("RegenerateImage all levers, fresh edit", "regenerate-image", 2, True, True, True, "incremental", False, False),
     ("RegenerateImage all levers, follow-up edit", "regenerate-image", 2, True, True, True, "incremental", True, False),
-    ("RegenerateImage all levers + ONNX Runtime (steps, VAE), fresh edit", "regenerate-image", 2, True, True, True, "incremental", False, True),
-    ("RegenerateImage all levers + ONNX Runtime (steps, VAE), follow-up edit", "regenerate-image", 2, True, True, True, "incremental", True, True),
+    ("RegenerateImage all levers + ONNX Runtime (every part), fresh edit", "regenerate-image", 2, True, True, True, "incremental", False, True),
+    ("RegenerateImage all levers + ONNX Runtime (every part), follow-up edit", "regenerate-image", 2, True, True, True, "incremental", True, True),
 ]
 
 
 ONNX_PAIRS = {  # ONNX Runtime configuration -> the same edit on PyTorch
-    "all levers + ONNX Runtime (steps, VAE), fresh edit": "all levers, fresh edit (caches emptied)",
-    "all levers + ONNX Runtime (steps, VAE), follow-up edit": "all levers, follow-up edit, same mask",
-    "RegenerateImage all levers + ONNX Runtime (steps, VAE), fresh edit": "RegenerateImage all levers, fresh edit",
-    "RegenerateImage all levers + ONNX Runtime (steps, VAE), follow-up edit": "RegenerateImage all levers, follow-up edit",
+    "all levers + ONNX Runtime (every part), fresh edit": "all levers, fresh edit (caches emptied)",
+    "all levers + ONNX Runtime (every part), follow-up edit": "all levers, follow-up edit, same mask",
+    "RegenerateImage all levers + ONNX Runtime (every part), fresh edit": "RegenerateImage all levers, fresh edit",
+    "RegenerateImage all levers + ONNX Runtime (every part), follow-up edit": "RegenerateImage all levers, follow-up edit",
 }
 
 
@@ -699,7 +699,8 @@ def run_levers(out: str, repeats: int = 5, ratio: float = 0.1, steps: int = 20, 
     for k, p in pipes.items():
         if use_onnx:
             p.enable_onnx_runtime()
-            runners[k] = (p.decoder.onnx_runner, p.vae_decode_runner, p.vae_encode_runner, p.text_encoder_runner)
+            runners[k] = (p.decoder.onnx_runner, p.vae_decode_runner, p.vae_encode_runner, p.text_encoder_runner,
+                          p.context_encoder_runner)
     configs = [c for c in LEVER_CONFIGS if use_onnx or not c[8]]
     if backends_only:
         configs = [c for c in configs if c[2] == 2 and all(c[3:6]) and c[6] == "incremental"]
@@ -708,8 +709,8 @@ def run_levers(out: str, repeats: int = 5, ratio: float = 0.1, steps: int = 20, 
         for r in range(repeats + 1):
             for label, meth, threads, fused, text_once, fast_step, cache, follow, onnx in configs:
                 p = pipes[meth]
-                (p.decoder.onnx_runner, p.vae_decode_runner, p.vae_encode_runner,
-                 p.text_encoder_runner) = runners[meth] if onnx else (None,) * 4
+                (p.decoder.onnx_runner, p.vae_decode_runner, p.vae_encode_runner, p.text_encoder_runner,
+                 p.context_encoder_runner) = runners[meth] if onnx else (None,) * 5
                 torch.set_num_threads(threads)
                 p.decoder.trunk.fast_inference, p.precompute_text, p.canvas_cache = fused, text_once, cache
                 p.fast_scheduler_step = fast_step
@@ -745,7 +746,7 @@ def run_levers(out: str, repeats: int = 5, ratio: float = 0.1, steps: int = 20, 
             onnx_label: float(np.median([a["total"] / b["total"] for a, b in zip(rows[torch_label], rows[onnx_label])]))
             for onnx_label, torch_label in ONNX_PAIRS.items() if rows.get(onnx_label) and rows.get(torch_label)}
         summary["max_abs_pixel_diff_onnx_runtime_vs_all_levers"] = int(np.abs(
-            images["all levers + ONNX Runtime (steps, VAE), fresh edit"] - images["all levers, fresh edit (caches emptied)"]).max())
+            images["all levers + ONNX Runtime (every part), fresh edit"] - images["all levers, fresh edit (caches emptied)"]).max())
     Path(out).mkdir(parents=True, exist_ok=True)
     atomic_write_text(Path(out) / "levers.json", json.dumps(summary, indent=1))
     L = [f"| lever ({int(ratio * 100)}% mask, {steps} steps) | total ms | ms/step | text | VAE enc | context enc | VAE dec |",
