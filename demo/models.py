@@ -154,12 +154,12 @@ class Models:
     def onnx_parts(self, pipe) -> tuple:
         """What of ``pipe`` runs in ONNX Runtime (lazydiff.models.onnx_backend): ``pipe.ONNX_PARTS``
         (denoising steps, context encoder, VAE, text encoder) or ``()``. "auto" (fp32 on a CPU,
-        onnxruntime installed) and "on" put them all there, except a text encoder too big for one ONNX
-        graph (over 2 GiB of weights: T5-XXL), which stays in PyTorch. With the transformer graphs
+        onnxruntime installed) and "on" put them all there, except a module too big for one ONNX graph
+        (over 2 GiB of weights: T5-XXL, a real-size PixArt-XL/2 in fp32), which stays in PyTorch. With the transformer graphs
         written node by node, ONNX Runtime's step is faster than PyTorch's at every canvas size measured,
         the 4,096-token full canvas included (docs/BENCHMARKS.md §7), so it is a lever for both methods
         of the demo's comparison alike."""
-        from lazydiff.models.onnx_backend import INSTALL_HINT, MAX_GRAPH_WEIGHT_BYTES, onnxruntime_available
+        from lazydiff.models.onnx_backend import INSTALL_HINT, graph_fits, onnxruntime_available
 
         mode = self.spec.onnx_runtime
         if mode not in ("auto", "on", "off"):
@@ -177,8 +177,9 @@ class Models:
                 raise ModelUnavailable(f"--onnx-runtime on needs onnxruntime: {INSTALL_HINT}")
         elif not (on_cpu and onnxruntime_available()):
             return ()
-        text_bytes = sum(p.numel() * p.element_size() for p in pipe.text_encoder.parameters())
-        return tuple(part for part in pipe.ONNX_PARTS if part != "text_encoder" or text_bytes <= MAX_GRAPH_WEIGHT_BYTES)
+        modules = {"decoder": pipe.decoder, "context_encoder": getattr(pipe, "context_encoder", None), "vae": pipe.vae,
+                   "text_encoder": pipe.text_encoder}
+        return tuple(part for part in pipe.ONNX_PARTS if modules[part] is None or graph_fits(modules[part]))
 
     def _device(self) -> str:
         if self.spec.device:

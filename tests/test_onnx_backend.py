@@ -279,12 +279,17 @@ def test_demo_turns_it_on_for_cpu_pipelines_unless_told_not_to():
     assert Models(ModelSpec(onnx_runtime="off")).onnx_parts(big) == ()
 
 
-def test_demo_keeps_a_text_encoder_too_big_for_one_graph_in_pytorch(monkeypatch):
+def test_demo_keeps_modules_too_big_for_one_graph_in_pytorch(monkeypatch):
     import lazydiff.models.onnx_backend as ob
     from demo.models import ModelSpec, Models
 
-    monkeypatch.setattr(ob, "MAX_GRAPH_WEIGHT_BYTES", 1000)    # as if the text encoder were T5-XXL
-    assert Models(ModelSpec()).onnx_parts(tiny_lazy_pipeline()) == ("decoder", "context_encoder", "vae")
+    pipe = tiny_lazy_pipeline()
+    sizes = {name: ob.weight_bytes(getattr(pipe, name)) for name in ("decoder", "context_encoder", "vae", "text_encoder")}
+    monkeypatch.setattr(ob, "MAX_GRAPH_WEIGHT_BYTES", sizes["text_encoder"] - 1)   # as if it were T5-XXL
+    expected = tuple(n for n in ("decoder", "context_encoder", "vae") if sizes[n] < sizes["text_encoder"])
+    assert Models(ModelSpec()).onnx_parts(pipe) == expected
+    monkeypatch.setattr(ob, "MAX_GRAPH_WEIGHT_BYTES", 0)                           # nothing fits
+    assert Models(ModelSpec(onnx_runtime="on")).onnx_parts(pipe) == ()
 
 
 @pytest.mark.slow

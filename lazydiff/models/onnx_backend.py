@@ -129,11 +129,11 @@ class _GraphBuilder:
         """diffusers ``FeedForward`` with a GELU (``FastGelu`` with its bias for the tanh approximation)."""
         net = ff.net
         h = self.op("MatMul", [h, self.const(name + ".ff1.weight_t", net[0].proj.weight.t())], name + ".ff1")
-        bias = self.const(name + ".ff1.bias", net[0].proj.bias)
+        bias = [] if net[0].proj.bias is None else [self.const(name + ".ff1.bias", net[0].proj.bias)]
         if net[0].approximate == "tanh":
-            h = self.op("FastGelu", [h, bias], name + ".gelu", domain="com.microsoft")
+            h = self.op("FastGelu", [h] + bias, name + ".gelu", domain="com.microsoft")
         else:
-            h = self.op("Gelu", [self.op("Add", [h, bias], name + ".ff1.b")], name + ".gelu")
+            h = self.op("Gelu", [self.op("Add", [h] + bias, name + ".ff1.b") if bias else h], name + ".gelu")
         return self.linear(h, net[2], name + ".ff2")
 
     def model(self, name: str, inputs: list, outputs: list) -> bytes:
@@ -328,6 +328,15 @@ def export_text_encoder(text_encoder: nn.Module, example: dict) -> bytes:
 MAX_GRAPH_WEIGHT_BYTES = 2 ** 31 - 2 ** 26
 
 
+def weight_bytes(module: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def graph_fits(module: nn.Module) -> bool:
+    """Whether ``module``'s weights fit one ONNX graph (T5-XXL or a real-size PixArt-XL/2 in fp32 do not)."""
+    return weight_bytes(module) <= MAX_GRAPH_WEIGHT_BYTES
+
+
 class OnnxRunner:
     """An ONNX Runtime session for one module (``export(module, example) -> bytes``), rebuilt when the
     module's weights change."""
@@ -358,11 +367,12 @@ class OnnxRunner:
         if self.session is None or key != self.key:
             import onnxruntime as ort
 
-            size = sum(p.numel() * p.element_size() for p in self.params[1])
-            if size > MAX_GRAPH_WEIGHT_BYTES:
+            if not graph_fits(module):
+                size = weight_bytes(module)
                 raise RuntimeError(f"{type(module).__name__} has {size / 2 ** 30:.1f} GiB of weights, more than an "
-                                   "ONNX graph can hold (2 GiB): keep it in PyTorch, e.g. "
-                                   "pipe.enable_onnx_runtime(parts=(\"decoder\", \"vae\")) without \"text_encoder\"")
+                                   "ONNX graph can hold (2 GiB): keep it in PyTorch by leaving its part out of "
+                                   "pipe.enable_onnx_runtime(parts=...), e.g. parts=(\"decoder\", \"vae\") without "
+                                   "\"text_encoder\" for T5-XXL")
 
             model = self.export(module, example)
             opts = ort.SessionOptions()
@@ -415,4 +425,4 @@ class OnnxRuntimeMixin:
 
 __all__ = ["DecoderStep", "VaeCall", "TextEncoderCall", "OnnxRunner", "OnnxRuntimeMixin", "export_decoder_step",
            "export_context_encoder", "context_encoder_supported", "export_vae_encode", "export_vae_decode",
-           "export_text_encoder", "onnxruntime_available"]
+           "export_text_encoder", "graph_fits", "onnxruntime_available"]
