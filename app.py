@@ -38,7 +38,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "inside the mask at full resolution (default 512, 256 with --tiny) [env LAZYDIFF_MAX_SIDE]")
     ap.add_argument("--onnx-runtime", default=env.onnx_runtime, choices=["auto", "on", "off"],
                     help="run the denoising steps, the context encoder, the VAE and the text encoder in ONNX "
-                         "Runtime (outputs equal to float32 rounding; a text encoder over 2 GiB stays in PyTorch): "
+                         "Runtime (outputs equal to float32 rounding; a module over 2 GiB stays in PyTorch): "
                          "auto = on a CPU when onnxruntime is installed; on = insist (an error elsewhere) "
                          "[env LAZYDIFF_ONNX_RUNTIME]")
     ap.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
