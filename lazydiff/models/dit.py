@@ -169,14 +169,7 @@ class PixArtTrunk(nn.Module):
         """The fused inference path replaces diffusers' default attention processor only."""
         if not self.fast_inference or torch.is_grad_enabled() or self.training:
             return False
-        for block in self.transformer_blocks:
-            for attn in (block.attn1, block.attn2):
-                if type(attn.processor).__name__ != "AttnProcessor2_0" or attn.norm_q is not None \
-                        or attn.residual_connection or attn.rescale_output_factor != 1.0:
-                    return False
-            if block._chunk_size is not None or block.pos_embed is not None or not _plain_ff(block.ff):
-                return False
-        return True
+        return all(_plain_block(block) for block in self.transformer_blocks)
 
     # -- inference constants derived from the weights (memoised, keyed on the weights' versions)
     def clear_inference_cache(self) -> None:
@@ -382,6 +375,17 @@ def _param_key(params) -> tuple:
     """Identifies the current values of ``params``: storage, dtype and in-place version of each
     (``load_state_dict``, optimizer steps and ``.to()`` all change one of them)."""
     return tuple((p.data_ptr(), p._version, p.dtype) for p in params)
+
+
+def _plain_block(block) -> bool:
+    """A ``BasicTransformerBlock`` whose attentions use diffusers' default processor (AttnProcessor2_0,
+    no q/k norm, no residual or output rescaling inside the attention), unchunked, without positional
+    embedding, with a plain GELU MLP: what the fused path and the hand-written ONNX graphs cover."""
+    for attn in (block.attn1, block.attn2):
+        if attn is not None and (type(attn.processor).__name__ != "AttnProcessor2_0" or attn.norm_q is not None
+                                 or attn.residual_connection or attn.rescale_output_factor != 1.0):
+            return False
+    return block._chunk_size is None and block.pos_embed is None and _plain_ff(block.ff)
 
 
 def _plain_ff(ff) -> bool:

@@ -207,20 +207,14 @@ def export_decoder_step(decoder: nn.Module, example: Optional[dict] = None) -> b
 
 def context_encoder_supported(encoder: nn.Module) -> bool:
     """Whether :func:`export_context_encoder` covers ``encoder``'s ViT blocks: pre-LN
-    ``BasicTransformerBlock``s with self-attention only (AttnProcessor2_0, no q/k norm) and a plain
-    GELU MLP, in inference."""
-    from .dit import _plain_ff
+    ``BasicTransformerBlock``s with self-attention only that the fused path would take
+    (``dit._plain_block``), in inference."""
+    from .dit import _plain_block
 
     if encoder.training or torch.is_grad_enabled():
         return False
-    for block in encoder.vit.blocks:
-        a = block.attn1
-        if block.norm_type != "layer_norm" or block.attn2 is not None or block.norm3 is None or block.only_cross_attention \
-                or block.pos_embed is not None or block._chunk_size is not None or not _plain_ff(block.ff) \
-                or type(a.processor).__name__ != "AttnProcessor2_0" or a.norm_q is not None or a.residual_connection \
-                or a.rescale_output_factor != 1.0:
-            return False
-    return True
+    return all(block.norm_type == "layer_norm" and block.attn2 is None and block.norm3 is not None
+               and not block.only_cross_attention and _plain_block(block) for block in encoder.vit.blocks)
 
 
 def export_context_encoder(encoder: nn.Module, example: Optional[dict] = None) -> bytes:
