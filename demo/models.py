@@ -129,27 +129,8 @@ class Models:
         parts = self.onnx_parts(pipe)
         if parts:
             pipe.enable_onnx_runtime(parts=parts)
-            self._warm_up(pipe)
+            pipe.warm_up(20)  # the UI's default steps: graphs built and timestep constants memoised at load
         return pipe
-
-    @staticmethod
-    def _warm_up(pipe, steps: int = 20) -> None:
-        """One edit on a small blank canvas, so that the ONNX Runtime graphs are exported now and not
-        inside the first user's edit (whose stage timings the UI shows); the caches it fills are
-        emptied again. ``steps`` is the UI's default: the trunk memoises its per-timestep constants,
-        and with a 1-step warm-up the first 20-step edit paid for 19 of them (its denoising 255-303 vs
-        151-222 ms, four alternated runs each, shipped model, 25 hole tokens)."""
-        import numpy as np
-        import PIL.Image
-        import torch
-
-        side = 4 * pipe.token_cell
-        mask = np.zeros((side, side), np.uint8)
-        mask[: side // 2, : side // 2] = 255
-        with torch.no_grad():
-            pipe("", PIL.Image.new("RGB", (side, side), (128, 128, 128)), PIL.Image.fromarray(mask),
-                 num_inference_steps=steps, generator=torch.Generator().manual_seed(0))
-        pipe.clear_caches()
 
     def onnx_parts(self, pipe) -> tuple:
         """What of ``pipe`` runs in ONNX Runtime (lazydiff.models.onnx_backend): ``pipe.ONNX_PARTS``

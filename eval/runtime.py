@@ -47,7 +47,6 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
-import PIL.Image
 import torch
 
 from lazydiff.pipelines.editing import CANVAS_CACHE_MODES, EditPipelineMixin
@@ -245,18 +244,12 @@ def build_pipelines(opts: RuntimeOptions, device: str, dtype: torch.dtype):
 
 
 def export_onnx_graphs(pipe, shared: Dict[int, tuple]) -> None:
-    """Export ``pipe``'s ONNX Runtime graphs now, untimed: load-time work, like the demo's warm-up,
-    which a paper-shape run without warm-up would otherwise count in its first edits (~40 s for the
-    SD-VAE). One 1-step edit of a small canvas builds them all (their sizes are dynamic); the caches
-    it fills are cleared. Pipelines that share one VAE share its runners (one export)."""
+    """Build ``pipe``'s ONNX Runtime graphs now, untimed (``pipe.warm_up(1)``), which a paper-shape run
+    without warm-up would otherwise count in its first edits. Pipelines that share one VAE share its
+    runners (one export)."""
     if id(pipe.vae) in shared:
         pipe.vae_encode_runner, pipe.vae_decode_runner = shared[id(pipe.vae)]
-    size = 8 * pipe.token_cell
-    mask = np.zeros((size, size), np.uint8)
-    mask[size // 4: size // 2, size // 4: size // 2] = 255
-    pipe("warm-up", PIL.Image.new("RGB", (size, size), (128, 128, 128)), PIL.Image.fromarray(mask),
-         num_inference_steps=1, generator=torch.Generator().manual_seed(0))
-    pipe.clear_caches()
+    pipe.warm_up(1)
     if pipe.vae_encode_runner is not None:
         shared[id(pipe.vae)] = (pipe.vae_encode_runner, pipe.vae_decode_runner)
 

@@ -308,6 +308,19 @@ class EditPipelineMixin:
         self.vae_encode_runner = OnnxRunner(threads, export=export_vae_encode) if on["vae"] else None
         self.text_encoder_runner = OnnxRunner(threads, export=export_text_encoder) if on["text_encoder"] else None
 
+    def warm_up(self, num_inference_steps: int = 20, prompt: str = "") -> None:
+        """One edit on a small blank canvas, then the caches it filled emptied again: load-time work that
+        would otherwise land in the first real edit (building the ONNX Runtime graphs, ~40 s for the
+        SD-VAE; the trunk's per-timestep constants, memoised per process: with a 1-step warm-up the
+        shipped model's first 20-step edit denoised in 255-303 ms, with a 20-step one in 151-222 ms)."""
+        side = 4 * self.token_cell
+        mask = np.zeros((side, side), np.uint8)
+        mask[: side // 2, : side // 2] = 255
+        with torch.no_grad():
+            self(prompt, PIL.Image.new("RGB", (side, side), (128, 128, 128)), PIL.Image.fromarray(mask),
+                 num_inference_steps=num_inference_steps, generator=torch.Generator().manual_seed(0))
+        self.clear_caches()
+
     # -- geometry
     @property
     def vae_scale_factor(self) -> int:
