@@ -105,9 +105,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--cuda-graphs", action="store_true",
                    help="replay every method's denoiser from a CUDA graph (GPU only; for launch-bound steps)")
     r.add_argument("--onnx-runtime", nargs="?", const="all", default=None, choices=["all", "vae", "decoder"],
-                   help="run every method's denoising steps, VAE and text encoder (all, the default), the VAE only, or "
-                        "the steps only in ONNX Runtime (CPU, fp32). At paper shape use vae: ONNX Runtime's full-canvas step is slower "
-                        "than PyTorch's, its VAE faster (docs/BENCHMARKS.md section 7)")
+                   help="run every method's denoising steps, context encoder, VAE and text encoder (all, the default), "
+                        "the VAE only, or the steps only in ONNX Runtime (CPU, fp32); faster for both methods at every "
+                        "size measured, paper shape included (docs/BENCHMARKS.md sections 3 and 7)")
     r.add_argument("--fit-max-ratio", type=float, default=0.4, help="largest mask ratio in the per-step linear fit")
     return p
 

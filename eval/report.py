@@ -195,19 +195,17 @@ def runtime_plots(df, out: Path, fit: Optional[Dict] = None) -> Dict[str, Path]:
         _log_axes(ax, "ms", t, 7)
     paths["latency"] = _save(fig, out / "latency_vs_mask_ratio.png")
 
-    # Speed-ups need the full-canvas baseline in the run (``--methods lazy`` alone has none).
-    fig, ax = (plt.subplots(figsize=(6, 3.8)) if any(m.endswith("regenerate-image") for m in methods)
-               and len(methods) > 1 else (None, None))
-    for i, m in enumerate(methods if fig is not None else []):
-        d = df[df.method == m].sort_values("mask_ratio")
-        if m.endswith("regenerate-image"):
-            continue
-        c = color_for(m, i)
-        ax.plot(d.mask_ratio, d.speedup_vs_full, marker="o", color=c, label=f"{m}: end-to-end")
-        ax.plot(d.mask_ratio, d.denoise_speedup_vs_full, marker="s", ls="--", color=c, alpha=0.7, label=f"{m}: per step")
-        if "flops_ratio_vs_full" in d:
-            ax.plot(d.mask_ratio, d.flops_ratio_vs_full, ls=":", color=c, alpha=0.7, label=f"{m}: FLOP ratio (end-to-end)")
-    if fig is not None:
+    # Speed-ups are over the full-canvas baseline: none without it in the run (``--methods lazy``).
+    others = [(i, m) for i, m in enumerate(methods) if not m.endswith("regenerate-image")]
+    if len(others) < len(methods) and others:
+        fig, ax = plt.subplots(figsize=(6, 3.8))
+        for i, m in others:
+            d = df[df.method == m].sort_values("mask_ratio")
+            c = color_for(m, i)
+            ax.plot(d.mask_ratio, d.speedup_vs_full, marker="o", color=c, label=f"{m}: end-to-end")
+            ax.plot(d.mask_ratio, d.denoise_speedup_vs_full, marker="s", ls="--", color=c, alpha=0.7, label=f"{m}: per step")
+            if "flops_ratio_vs_full" in d:
+                ax.plot(d.mask_ratio, d.flops_ratio_vs_full, ls=":", color=c, alpha=0.7, label=f"{m}: FLOP ratio (end-to-end)")
         ax.axhline(1.0, color="k", lw=0.8)
         _log_axes(ax, "speed-up over RegenerateImage (x)", "speed-up vs mask ratio (same backbone, dtype, threads)", 6)
         paths["speedup"] = _save(fig, out / "speedup_vs_mask_ratio.png")

@@ -88,9 +88,8 @@ class RuntimeOptions:
     followup: str = "none"
     canvas_cache: Optional[str] = None   # override every pipeline's canvas_cache ("off" | "exact" | "incremental")
     cuda_graphs: bool = False            # every pipeline replays its denoiser from a CUDA graph (GPU only)
-    # ONNX Runtime for every pipeline alike (CPU, fp32): "all" (denoising steps, VAE and text encoder;
-    # True means the same), "vae" (VAE only: big canvases, where its full-canvas attention is slower),
-    # "decoder" (steps only)
+    # ONNX Runtime for every pipeline alike (CPU, fp32): "all" (every part of EditPipelineMixin.ONNX_PARTS;
+    # True means the same), "vae" (the VAE only), "decoder" (the denoising steps only)
     onnx_runtime: Union[bool, str, None] = None
 
     @property
