@@ -155,7 +155,7 @@ class CallRecorder:
         orig_dec = dec.forward
 
         def dec_forward(x, *args, **kw):
-            if self.enabled:
+            if self._live():
                 if x.ndim == 4:   # full canvas: (B, C, h, w)
                     p = dec.config.patch_size
                     tokens = (x.shape[-2] // p) * (x.shape[-1] // p)
@@ -170,7 +170,7 @@ class CallRecorder:
         dec.forward = dec_forward
 
         def replayed():  # a step replayed from a CUDA graph: the same decoder call as the one recorded
-            if self.enabled:
+            if self._live():
                 last = next((c for c in reversed(self.calls) if c[0] == "decoder"), None)
                 if last is not None:
                     self.calls.append(last)
@@ -179,7 +179,7 @@ class CallRecorder:
         orig_prep = getattr(dec, "prepare_text", None)
         if orig_prep is not None:
             def prepare_text(text, *args, **kw):
-                if self.enabled:
+                if self._live():
                     self.calls.append(("decoder_text", int(text.shape[0]), int(text.shape[1])))
                 return orig_prep(text, *args, **kw)
 
@@ -189,7 +189,7 @@ class CallRecorder:
             orig_enc = enc.forward
 
             def enc_forward(masked, *args, **kw):
-                if self.enabled:
+                if self._live():
                     p = enc.config.patch_size
                     self.calls.append(("context_encoder", int(masked.shape[0]),
                                        int((masked.shape[-2] // p) * (masked.shape[-1] // p))))
@@ -200,12 +200,12 @@ class CallRecorder:
         orig_encode, orig_decode = vae.encode, vae.decode
 
         def encode(x, *a, **kw):
-            if self.enabled:
+            if self._live():
                 self.calls.append(("vae_encode", tuple(x.shape)))
             return orig_encode(x, *a, **kw)
 
         def decode(z, *a, **kw):
-            if self.enabled:
+            if self._live():
                 self.calls.append(("vae_decode", tuple(z.shape)))
             return orig_decode(z, *a, **kw)
 
@@ -215,11 +215,34 @@ class CallRecorder:
         self._orig_text = orig_text
 
         def text_forward(ids, *a, **kw):
-            if self.enabled:   # counted later (outside any timed region), once per input shape
+            if self._live():   # counted later (outside any timed region), once per input shape
                 self.calls.append(("text", ids.detach().clone(), a, dict(kw)))
             return orig_text(ids, *a, **kw)
 
         te.forward = text_forward
+
+    def _live(self) -> bool:
+        """Recording, and not inside an ONNX graph export (whose tracing calls the modules)."""
+        from lazydiff.models.onnx_backend import exporting
+
+        return self.enabled and not exporting()
+
+    def _onnx_call(self, export, module, inputs) -> None:
+        """A call that ran in ONNX Runtime (``pipe.enable_onnx_runtime``), recorded as its module's call
+        would have been. Decoder steps go through the decoder's forward anyway and are recorded there."""
+        from lazydiff.models import onnx_backend as ob
+
+        pipe = self.pipe
+        if not self.enabled:
+            return
+        if module is pipe.vae and export is ob.export_vae_decode:
+            self.calls.append(("vae_decode", tuple(inputs["z"].shape)))
+        elif module is pipe.vae and export is ob.export_vae_encode:
+            self.calls.append(("vae_encode", tuple(inputs["x"].shape)))
+        elif module is getattr(pipe, "context_encoder", None) and export is ob.export_context_encoder:
+            self.calls.append(("context_encoder", int(inputs["x"].shape[0]), int(inputs["x"].shape[1])))
+        elif module is pipe.text_encoder and export is ob.export_text_encoder:
+            self.calls.append(("text", inputs["ids"].detach().clone(), (), {"attention_mask": inputs["attn"]}))
 
     def _text_flops(self, ids, a, kw) -> float:
         key = tuple(ids.shape)
@@ -228,11 +251,19 @@ class CallRecorder:
         return self._text_cache[key]
 
     def start(self):
+        from lazydiff.models.onnx_backend import CALL_OBSERVERS
+
         self.calls = []
         self.enabled = True
+        if self._onnx_call not in CALL_OBSERVERS:
+            CALL_OBSERVERS.append(self._onnx_call)
 
     def stop(self):
+        from lazydiff.models.onnx_backend import CALL_OBSERVERS
+
         self.enabled = False
+        if self._onnx_call in CALL_OBSERVERS:
+            CALL_OBSERVERS.remove(self._onnx_call)
         return list(self.calls)
 
     def flops(self, calls: Optional[list] = None) -> Dict[str, float]:

@@ -44,7 +44,7 @@ import platform
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -145,6 +145,20 @@ def paper_shape_vae(size: int = 1024):
                          scaling_factor=0.18215).eval()
 
 
+def paper_shape_decoder_config(size: int = 1024, width: int = 384, depth: int = 12,
+                               heads: Optional[int] = None) -> Dict[str, Any]:
+    """The keyword arguments both paper-shape decoders share (PixArt's layout at ``width`` x ``depth``):
+    heads of 72 (PixArt-XL/2) where the width allows, else 64; 4096-d captions (T5-XXL)."""
+    if size % 16:
+        raise RuntimeError_(f"--size must be a multiple of 16 (VAE 8x, patch 2), got {size}")
+    head_dim = 72 if width % 72 == 0 else 64
+    heads = heads or max(1, width // head_dim)
+    if width % heads:
+        raise RuntimeError_(f"--width {width} is not divisible by --heads {heads}")
+    return dict(in_channels=4, patch_size=2, num_layers=depth, num_attention_heads=heads,
+                attention_head_dim=width // heads, caption_channels=4096, sample_size=size // 8)
+
+
 def paper_shape_pipelines(methods: Sequence[str], size: int = 1024, width: int = 384, depth: int = 12,
                           heads: Optional[int] = None, encoder_depth: Optional[int] = None, seed: int = 0):
     """Random-weight pipelines with the paper's geometry; shared VAE and text encoder."""
@@ -154,20 +168,12 @@ def paper_shape_pipelines(methods: Sequence[str], size: int = 1024, width: int =
     from lazydiff.defaults import default_scheduler
     from lazydiff.pipelines import LazyDiffusionPipeline, RegenerateCropPipeline, RegenerateImagePipeline
 
-    if size % 16:
-        raise RuntimeError_(f"--size must be a multiple of 16 (VAE 8x, patch 2), got {size}")
-    head_dim = 72 if width % 72 == 0 else 64
-    heads = heads or max(1, width // head_dim)
-    if width % heads:
-        raise RuntimeError_(f"--width {width} is not divisible by --heads {heads}")
-    head_dim = width // heads
+    common = paper_shape_decoder_config(size, width, depth, heads)
+    heads, head_dim, caption, latent = (common[k] for k in ("num_attention_heads", "attention_head_dim",
+                                                             "caption_channels", "sample_size"))
     torch.manual_seed(seed)
     vae = paper_shape_vae(size)
-    caption = 4096
     text, tok = _paper_text_encoder(caption, 120, seed)
-    latent = size // 8
-    common = dict(in_channels=4, patch_size=2, num_layers=depth, num_attention_heads=heads, attention_head_dim=head_dim,
-                  caption_channels=caption, sample_size=latent)
     sched = default_scheduler()
     pipes = {}
     full = None
@@ -691,8 +697,7 @@ def run_levers(out: str, repeats: int = 5, ratio: float = 0.1, steps: int = 20, 
     for k, p in pipes.items():
         if use_onnx:
             p.enable_onnx_runtime()
-            runners[k] = (p.decoder.onnx_runner, p.vae_decode_runner, p.vae_encode_runner, p.text_encoder_runner,
-                          p.context_encoder_runner)
+            runners[k] = p.onnx_runners
     configs = [c for c in LEVER_CONFIGS if use_onnx or not c[8]]
     if backends_only:
         configs = [c for c in configs if c[2] == 2 and all(c[3:6]) and c[6] == "incremental"]
@@ -701,8 +706,7 @@ def run_levers(out: str, repeats: int = 5, ratio: float = 0.1, steps: int = 20, 
         for r in range(repeats + 1):
             for label, meth, threads, fused, text_once, fast_step, cache, follow, onnx in configs:
                 p = pipes[meth]
-                (p.decoder.onnx_runner, p.vae_decode_runner, p.vae_encode_runner, p.text_encoder_runner,
-                 p.context_encoder_runner) = runners[meth] if onnx else (None,) * 5
+                p.onnx_runners = runners[meth] if onnx else {}
                 torch.set_num_threads(threads)
                 p.decoder.trunk.fast_inference, p.precompute_text, p.canvas_cache = fused, text_once, cache
                 p.fast_scheduler_step = fast_step
@@ -841,6 +845,94 @@ def run_step_sweep(out: str, ratios: Sequence[float] = (0.01, 0.02, 0.05, 0.1, 0
     return res
 
 
+# (depth, width): this preset's default, a step towards the paper, PixArt-XL/2 itself
+FLOP_CEILING_MODELS = ((12, 384), (12, 576), (16, 768), (20, 960), (28, 1152))
+
+
+def edit_flops(size: int, width: int, depth: int, ratio: float, steps: int = 20) -> Dict[str, float]:
+    """FLOPs of one paper-shape edit at a centred ``ratio`` mask, counted with the formulas the runtime
+    report uses (:mod:`eval.flops`) on meta-device models (nothing is allocated), CFG batch 2, text
+    constants once per edit, the crop decode of :func:`decode_crop_box`. Keys: ``vae_encode`` (the
+    whole canvas), ``context_encoder``, ``lazy_steps``, ``full_steps``, ``vae_decode``, ``text_constants``;
+    the text encoder itself (the same for both methods, 1-layer here) is left out."""
+    from lazydiff.models import ContextEncoder, FullCanvasDecoder, LazyDecoder
+    from lazydiff.pipelines.editing import EditPipelineMixin, decode_crop_box
+
+    from .flops import context_encoder_flops, decoder_flops, decoder_text_flops, vae_flops
+
+    cfg = paper_shape_decoder_config(size, width, depth)
+    with torch.device("meta"):
+        lazy, full = LazyDecoder(context_dim=width, **cfg), FullCanvasDecoder(**cfg)
+        enc = ContextEncoder(latent_channels=4, patch_size=2, num_layers=depth, num_attention_heads=cfg["num_attention_heads"],
+                             attention_head_dim=cfg["attention_head_dim"], context_dim=width, sample_size=cfg["sample_size"])
+        vae = paper_shape_vae(size)
+    cell = 16
+    mask = centred_mask(size, ratio)
+    hp = size // cell
+    token_mask = mask.reshape(hp, cell, hp, cell).any(axis=(1, 3))
+    y0, y1, x0, x1 = decode_crop_box(token_mask, 2, EditPipelineMixin.decode_margin)
+    return {"hole_tokens": int(token_mask.sum()), "total_tokens": hp * hp,
+            "vae_encode": vae_flops(vae, (1, 3, size, size), "encode"),
+            "context_encoder": context_encoder_flops(enc, hp * hp),
+            "lazy_steps": steps * decoder_flops(lazy, int(token_mask.sum()), 120, 2, text_prepared=True),
+            "full_steps": steps * decoder_flops(full, hp * hp, 120, 2, text_prepared=True),
+            "vae_decode": vae_flops(vae, (1, 4, y1 - y0, x1 - x0), "decode"),
+            "text_constants": decoder_text_flops(lazy, 120, 2)}
+
+def run_flop_ceiling(out: str, size: int = 1024, ratios: Sequence[float] = (0.1, 0.25), steps: int = 20,
+                     models: Sequence[Tuple[int, int]] = FLOP_CEILING_MODELS) -> List[Dict[str, Any]]:
+    """The end-to-end FLOP ratio of RegenerateImage over LazyDiffusion at paper shape for several
+    transformer sizes (the VAE stays SD-VAE): what the speed-up would be if every FLOP cost the same.
+    The VAE's share is fixed while the transformers grow, so the ratio a CPU-sized preset can reach
+    is lower than at PixArt-XL/2's size. Writes ``flop_ceiling.json`` / ``.md`` / ``.png`` to ``out``."""
+    rows = []
+    for depth, width in models:
+        for r in ratios:
+            f = edit_flops(size, width, depth, r, steps)
+            shared = f["vae_decode"] + f["text_constants"]
+            lazy_follow, full_follow = f["lazy_steps"] + shared, f["full_steps"] + shared
+            lazy_first, full_first = lazy_follow + f["vae_encode"] + f["context_encoder"], full_follow + f["vae_encode"]
+            rows.append({"depth": depth, "width": width, "mask_ratio": r, **f,
+                         "step_ratio": f["full_steps"] / f["lazy_steps"],
+                         "first_edit_ratio": full_first / lazy_first, "followup_ratio": full_follow / lazy_follow,
+                         "vae_share_of_lazy_followup": f["vae_decode"] / lazy_follow})
+    Path(out).mkdir(parents=True, exist_ok=True)
+    atomic_write_text(Path(out) / "flop_ceiling.json", json.dumps(rows, indent=1))
+    lines = [f"# End-to-end FLOP ratio, RegenerateImage / LazyDiffusion ({size}², SD-VAE, {steps} steps, CFG)", "",
+             "| decoder (layers x width) | mask | hole tokens | TFLOP: VAE encode / context enc / lazy steps / full steps / "
+             "crop decode | step ratio | first edit | follow-up edit |", "|---|---|---|---|---|---|---|"]
+    for x in rows:
+        tf = " / ".join(f"{x[k] / 1e12:.2f}" for k in ("vae_encode", "context_encoder", "lazy_steps", "full_steps", "vae_decode"))
+        lines.append(f"| {x['depth']} x {x['width']} | {x['mask_ratio']:g} | {x['hole_tokens']} / {x['total_tokens']} | {tf} | "
+                     f"{x['step_ratio']:.1f}x | {x['first_edit_ratio']:.1f}x | {x['followup_ratio']:.1f}x |")
+    atomic_write_text(Path(out) / "flop_ceiling.md", "\n".join(lines) + "\n")
+    print("\n".join(lines))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 3.6))
+        names = [f"{d}x{w}" for d, w in models]
+        for i, r in enumerate(ratios):
+            sel = [x for x in rows if x["mask_ratio"] == r]
+            ax.plot(names, [x["followup_ratio"] for x in sel], "o-", color=f"C{i}", label=f"{r:.0%} mask, follow-up edit")
+            ax.plot(names, [x["first_edit_ratio"] for x in sel], "s--", color=f"C{i}", label=f"{r:.0%} mask, first edit")
+        ax.axhline(10, color="k", lw=0.8, ls=":")
+        ax.set_xlabel("decoder and context encoder (layers x width); PixArt-XL/2 = 28x1152")
+        ax.set_ylabel("FLOP ratio, whole edit")
+        ax.set_title(f"end-to-end FLOP ratio at {size}² (the SD-VAE's cost is fixed)", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(Path(out) / "flop_ceiling.png", dpi=100)
+        plt.close(fig)
+    except Exception as err:  # pragma: no cover - plotting is optional
+        print(f"plot skipped: {err}")
+    return rows
+
+
 def run_vae_backends(out: str, size: int = 1024, crop_latent: int = 52, encode_size: int = 512,
                      repeats: int = 3) -> Dict:
     """The paper-shape VAE (SD-VAE architecture, random weights) in PyTorch and in ONNX Runtime,
@@ -905,6 +997,8 @@ def main(argv=None) -> int:
                      help="with --levers: only PyTorch vs ONNX Runtime, every other lever on")
     pre.add_argument("--step-sweep", default=None, metavar="OUT",
                      help="instead: per-step time vs hole tokens at paper shape (decoder calls only), written to OUT")
+    pre.add_argument("--flop-ceiling", default=None, metavar="OUT",
+                     help="instead: the end-to-end FLOP ratio at paper shape for several transformer sizes (no timing)")
     pre.add_argument("--vae-backends", default=None, metavar="OUT",
                      help="instead: the paper-shape VAE in PyTorch vs ONNX Runtime, interleaved, written to OUT")
     ns, rest = pre.parse_known_args(argv)
@@ -919,6 +1013,10 @@ def main(argv=None) -> int:
             torch.set_num_threads(a.threads)
         return a
 
+    if ns.flop_ceiling:
+        a = mode_options(size=1024, steps=20)
+        run_flop_ceiling(ns.flop_ceiling, size=a.size, steps=a.steps)
+        return 0
     if ns.vae_backends:
         a = mode_options(repeats=3, encode_size=512, crop_latent=52)
         run_vae_backends(ns.vae_backends, crop_latent=a.crop_latent, encode_size=a.encode_size, repeats=a.repeats)

@@ -136,3 +136,44 @@ def test_flop_recorder_counts_cuda_graph_replays(kind, make_canvas, make_mask):
     rec.enabled = False
     pipe.graph_replay_hook()  # outside a recording: nothing is counted
     assert rec.flops(rec.calls)["denoise"] == pytest.approx(replayed["denoise"])
+
+
+@pytest.mark.parametrize("kind", ["lazy", "regenerate-image"])
+def test_decode_crop_box_is_what_the_pipelines_decode(kind, make_canvas, make_mask):
+    """The FLOP ceiling counts the crop decode from decode_crop_box; both pipelines decode exactly it."""
+    from eval.flops import CallRecorder
+    from lazydiff.pipelines.editing import decode_crop_box
+    from lazydiff.testing import tiny_lazy_pipeline, tiny_regenerate_pipeline
+
+    pipe = (tiny_lazy_pipeline if kind == "lazy" else tiny_regenerate_pipeline)(seed=0)
+    rec = CallRecorder(pipe)
+    rec.start()
+    box = (20, 16, 44, 40)  # x0, y0, x1, y1 in pixels
+    pipe("a red star", make_canvas(96, 96), make_mask(96, 96, box), num_inference_steps=1,
+         generator=torch.Generator().manual_seed(0))
+    decoded = [c[1] for c in rec.stop() if c[0] == "vae_decode"]
+    cell = pipe.vae_scale_factor * pipe.patch_size
+    m = np.zeros((96, 96), bool)
+    m[16:40, 20:44] = True
+    token_mask = m.reshape(96 // cell, cell, 96 // cell, cell).any(axis=(1, 3))
+    y0, y1, x0, x1 = decode_crop_box(token_mask, pipe.patch_size, pipe.decode_margin)
+    assert decoded == [(1, decoded[0][1], y1 - y0, x1 - x0)]
+    assert (y1 - y0) < 96 // pipe.vae_scale_factor  # a crop, not the whole canvas
+
+
+def test_flop_ceiling_grows_with_the_transformer(tmp_path):
+    """Counted on meta-device models: the paper-shape preset's own FLOPs, and a larger transformer
+    (fixed SD-VAE) gives a higher end-to-end ratio; a follow-up edit (no encode) beats a first edit."""
+    from eval.runtime import run_flop_ceiling
+
+    rows = run_flop_ceiling(str(tmp_path), ratios=(0.1,), models=((12, 384), (28, 1152)))
+    small, paper = rows
+    assert small["hole_tokens"] == token_count(centred_mask(1024, 0.1), 16) == 484 and small["total_tokens"] == 4096
+    cfg = dict(in_channels=4, patch_size=2, num_layers=12, num_attention_heads=6, attention_head_dim=64,
+               caption_channels=4096, use_additional_conditions=True)
+    assert small["full_steps"] == pytest.approx(20 * decoder_flops(cfg, 4096, 120, 2, text_prepared=True), rel=1e-3)
+    assert small["vae_encode"] == paper["vae_encode"] > small["vae_decode"] > 0
+    for r in rows:
+        assert r["first_edit_ratio"] < r["followup_ratio"] < r["step_ratio"]
+    assert paper["followup_ratio"] > small["followup_ratio"] and paper["first_edit_ratio"] > small["first_edit_ratio"]
+    assert (tmp_path / "flop_ceiling.md").exists() and (tmp_path / "flop_ceiling.png").exists()

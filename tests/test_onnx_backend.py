@@ -172,6 +172,19 @@ def test_whole_edit_with_onnx_runtime(make):
     assert np.abs(out - ref).max() <= 2
     outside = mask == 0
     assert np.array_equal(out[outside], np.asarray(img).astype(int)[outside])
+    # The runners swapped out (PyTorch again, bit-identical to the first edit) and back (no new export).
+    runners = pipe.onnx_runners
+    assert runners["decoder.onnx_runner"] is pipe.decoder.onnx_runner and runners["vae_decode_runner"] is not None
+    pipe.onnx_runners = {}
+    assert all(r is None for r in pipe.onnx_runners.values())
+    pipe.clear_caches()
+    assert np.array_equal(np.asarray(edit()).astype(int), ref)
+    pipe.onnx_runners = runners
+    pipe.clear_caches()
+    assert np.array_equal(np.asarray(edit()).astype(int), out) and pipe.decoder.onnx_runner.exports == 1
+    with pytest.raises(ValueError, match="unknown runner attributes"):
+        pipe.onnx_runners = {"vae_runner": None}
+    assert pipe.onnx_runners == runners                 # a refused assignment changes nothing
 
 
 def test_vae_decode_matches_pytorch_at_every_crop_size():
@@ -354,3 +367,32 @@ def test_weights_are_checked_once_per_edit_and_again_at_the_next():
     with dit.edit_scope():
         assert dit.once_per_edit(pipe, "x", lambda: 1) == dit.once_per_edit(pipe, "x", lambda: 2) == 1
     assert dit.once_per_edit(pipe, "x", lambda: 2) == 2    # outside a scope: computed every time
+
+
+@pytest.mark.parametrize("make", [tiny_lazy_pipeline, tiny_regenerate_pipeline])
+def test_flop_counts_include_what_ran_in_onnx_runtime(make):
+    """The FLOP recorder hooks the modules' forward; ONNX Runtime bypasses it, so the runners report
+    their calls too. The same edit counts the same FLOPs on either backend, stage by stage."""
+    from eval.flops import CallRecorder
+    from lazydiff.models.onnx_backend import CALL_OBSERVERS
+
+    pipe = make()
+    img = PIL.Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    mask = np.zeros((64, 64), np.uint8)
+    mask[16:40, 20:44] = 255
+    rec = CallRecorder(pipe)
+
+    def counted():
+        pipe.clear_caches()
+        rec.start()
+        pipe("a red star", img, PIL.Image.fromarray(mask), num_inference_steps=2, generator=torch.Generator().manual_seed(0))
+        return rec.flops(rec.stop())
+
+    ref = counted()
+    pipe.enable_onnx_runtime()
+    got = counted()
+    assert pipe.vae_decode_runner.exports == 1 and pipe.text_encoder_runner.exports == 1  # it did run there
+    for stage in ("text", "vae_encode", "context_encoder", "denoise", "vae_decode", "total"):
+        assert got[stage] == pytest.approx(ref[stage]), stage
+    assert ref["vae_decode"] > 0 and (ref["context_encoder"] > 0) == hasattr(pipe, "context_encoder")
+    assert not CALL_OBSERVERS  # nothing listens outside a recording

@@ -331,6 +331,17 @@ def graph_fits(module: nn.Module) -> bool:
     return weight_bytes(module) <= MAX_GRAPH_WEIGHT_BYTES
 
 
+# Callables ``(export, module, inputs)`` told of every OnnxRunner call: what ran in ONNX Runtime
+# bypasses the modules' forward, so a FLOP counter (eval.flops.CallRecorder) listens here too.
+CALL_OBSERVERS: list = []
+_exports_running = 0  # graph exports in progress: their tracing runs the modules' forward, not an edit's work
+
+
+def exporting() -> bool:
+    """Whether a graph export is tracing a module now (a FLOP counter must not count those calls)."""
+    return _exports_running > 0
+
+
 class OnnxRunner:
     """An ONNX Runtime session for one module (``export(module, example) -> bytes``), rebuilt when the
     module's weights change."""
@@ -368,7 +379,12 @@ class OnnxRunner:
                                    "pipe.enable_onnx_runtime(parts=...), e.g. parts=(\"decoder\", \"vae\") without "
                                    "\"text_encoder\" for T5-XXL")
 
-            model = self.export(module, example)
+            global _exports_running
+            _exports_running += 1
+            try:
+                model = self.export(module, example)
+            finally:
+                _exports_running -= 1
             opts = ort.SessionOptions()
             opts.intra_op_num_threads = self.threads
             opts.inter_op_num_threads = 1
@@ -384,6 +400,8 @@ class OnnxRunner:
         return self.session
 
     def __call__(self, module: nn.Module, inputs: dict) -> torch.Tensor:
+        for observer in CALL_OBSERVERS:
+            observer(self.export, module, inputs)
         session = self._session(module, inputs)
         feed = {k: v.detach().contiguous().numpy() for k, v in inputs.items()}
         return torch.from_numpy(session.run(None, feed)[0])

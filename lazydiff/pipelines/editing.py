@@ -208,6 +208,16 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
+def decode_crop_box(token_mask, patch_size: int, margin: int) -> Tuple[int, int, int, int]:
+    """The latent box (y0, y1, x0, x1) the VAE decodes for a hole: the hole tokens' bounding box plus
+    ``margin`` latent pixels of context, clipped to the canvas. ``token_mask`` (h, w) over the token
+    grid (torch or numpy, true = hole)."""
+    ys, xs = np.nonzero(np.asarray(token_mask.cpu() if torch.is_tensor(token_mask) else token_mask))
+    h, w = (int(v) * patch_size for v in token_mask.shape[-2:])
+    return (max(int(ys.min()) * patch_size - margin, 0), min((int(ys.max()) + 1) * patch_size + margin, h),
+            max(int(xs.min()) * patch_size - margin, 0), min((int(xs.max()) + 1) * patch_size + margin, w))
+
+
 class CUDAGraphDenoiser:
     """``denoise(x, t)`` replayed from a CUDA graph, for one edit's sampling loop.
 
@@ -307,6 +317,24 @@ class EditPipelineMixin:
         self.vae_decode_runner = OnnxRunner(threads, export=export_vae_decode) if on["vae"] else None
         self.vae_encode_runner = OnnxRunner(threads, export=export_vae_encode) if on["vae"] else None
         self.text_encoder_runner = OnnxRunner(threads, export=export_text_encoder) if on["text_encoder"] else None
+
+    _RUNNER_ATTRS = ("context_encoder_runner", "vae_decode_runner", "vae_encode_runner", "text_encoder_runner")
+
+    @property
+    def onnx_runners(self) -> Dict[str, Any]:
+        """The ONNX Runtime runners ``enable_onnx_runtime`` set, by attribute (None: PyTorch runs that
+        part). Assigning such a dict back swaps them (missing keys: PyTorch), e.g. to time both
+        backends on one pipeline without rebuilding graphs (``eval runtime --levers``)."""
+        return {"decoder.onnx_runner": self.decoder.onnx_runner, **{a: getattr(self, a) for a in self._RUNNER_ATTRS}}
+
+    @onnx_runners.setter
+    def onnx_runners(self, runners: Dict[str, Any]) -> None:
+        unknown = set(runners) - set(self.onnx_runners)
+        if unknown:
+            raise ValueError(f"unknown runner attributes {sorted(unknown)}; known: {sorted(self.onnx_runners)}")
+        self.decoder.onnx_runner = runners.get("decoder.onnx_runner")
+        for a in self._RUNNER_ATTRS:
+            setattr(self, a, runners.get(a))
 
     def warm_up(self, num_inference_steps: int = 20, prompt: str = "") -> None:
         """One edit on a small blank canvas, then the caches it filled emptied again: load-time work that
@@ -685,10 +713,7 @@ class EditPipelineMixin:
         grid = token_mask.shape[-2:]
         tokens = patchify(canvas_latents.expand(b, -1, -1, -1).to(hole_tokens.dtype), p)
         full = unpatchify(scatter_tokens(tokens, hole_index.expand(b, -1), hole_tokens), tuple(grid), p)
-        ys, xs = torch.nonzero(token_mask[0], as_tuple=True)
-        m = self.decode_margin
-        y0, y1 = max(int(ys.min()) * p - m, 0), min((int(ys.max()) + 1) * p + m, full.shape[-2])
-        x0, x1 = max(int(xs.min()) * p - m, 0), min((int(xs.max()) + 1) * p + m, full.shape[-1])
+        y0, y1, x0, x1 = decode_crop_box(token_mask[0], p, self.decode_margin)
         pixels = self.vae_decode(full[:, :, y0:y1, x0:x1])
         return to_uint8(pixels), (y0 * s, x0 * s)
 
