@@ -879,6 +879,7 @@ def edit_flops(size: int, width: int, depth: int, ratio: float, steps: int = 20)
             "vae_decode": vae_flops(vae, (1, 4, y1 - y0, x1 - x0), "decode"),
             "text_constants": decoder_text_flops(lazy, 120, 2)}
 
+
 def run_flop_ceiling(out: str, size: int = 1024, ratios: Sequence[float] = (0.1, 0.25), steps: int = 20,
                      models: Sequence[Tuple[int, int]] = FLOP_CEILING_MODELS) -> List[Dict[str, Any]]:
     """The end-to-end FLOP ratio of RegenerateImage over LazyDiffusion at paper shape for several
