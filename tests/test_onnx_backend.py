@@ -39,6 +39,21 @@ def test_onnx_step_matches_pytorch(which):
         assert not torch.equal(a, torch.zeros_like(a))
 
 
+def test_per_sample_timesteps_stay_in_pytorch():
+    """The graph folds the modulation into its LayerNorms with one vector for the whole batch; a batch
+    whose rows have different timesteps (the pipelines never make one) runs the PyTorch path."""
+    dec, args, text, tmask = decoder_and_args("lazy")
+    t = torch.tensor([999, 500])
+    with torch.no_grad():
+        cond = dec.prepare_text(text, tmask)
+        ref = dec(*args, t, text, tmask, text_conditioning=cond).sample
+        dec.use_onnx_runtime()
+        got = dec(*args, t, text, tmask, text_conditioning=cond).sample
+        assert dec.onnx_runner.exports == 0 and torch.equal(got, ref)
+        dec(*args, torch.tensor([500, 500]), text, tmask, text_conditioning=cond)  # shared: the graph
+    assert dec.onnx_runner.exports == 1
+
+
 def test_the_graph_is_the_documented_step_function():
     """export_decoder_step is written node by node; DecoderStep is the same function in PyTorch (the
     readable reference), and both equal the decoder's own forward."""

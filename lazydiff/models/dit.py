@@ -246,7 +246,8 @@ class PixArtTrunk(nn.Module):
         if fast is None:
             return None
         text_conditioning, consts = fast
-        return {**consts.stacked(), **text_conditioning.stacked(dtype)}
+        mods = consts.stacked()
+        return None if mods is None else {**mods, **text_conditioning.stacked(dtype)}
 
     def forward(self, x: torch.Tensor, timestep: torch.Tensor, encoder_hidden_states: Optional[torch.Tensor],
                 encoder_attention_mask: Optional[torch.Tensor] = None,
@@ -331,14 +332,19 @@ class _StepConstants:
     final_shift: torch.Tensor
     final_scale1: torch.Tensor
 
-    def stacked(self) -> Dict[str, torch.Tensor]:
-        """The same as one (B, 1, L*6*D) tensor (every vector side by side) and the final layer's
-        two, for ONNX Runtime (memoised with the constants themselves)."""
-        memo = self.__dict__.get("_stacked")
-        if memo is None:
-            memo = self.__dict__["_stacked"] = {
-                "mods": torch.cat([v for m in self.blocks for v in m], dim=-1).contiguous(),
-                "final_shift": self.final_shift.contiguous(), "final_scale1": self.final_scale1.contiguous()}
+    def stacked(self) -> Optional[Dict[str, torch.Tensor]]:
+        """The same for ONNX Runtime, shared by the batch: one (L*6*D,) vector (every block's six side by
+        side) and the final layer's two (D,), memoised with the constants themselves. None when the
+        batch's rows differ (per-sample timesteps; the pipelines never make them): the graph folds the
+        modulation into its LayerNorms, which takes one vector for the whole batch."""
+        memo = self.__dict__.get("_stacked", False)
+        if memo is False:
+            mods = torch.cat([v for m in self.blocks for v in m], dim=-1)
+            rows = (mods, self.final_shift, self.final_scale1)
+            shared = all(bool((t == t[:1]).all()) for t in rows)
+            memo = self.__dict__["_stacked"] = None if not shared else {
+                "mods": mods[0, 0].contiguous(), "final_shift": self.final_shift[0, 0].contiguous(),
+                "final_scale1": self.final_scale1[0, 0].contiguous()}
         return memo
 
 

@@ -57,9 +57,9 @@ class DecoderStep(nn.Module):
     (the tests hold the two against each other).
 
     Inputs (the layouts :meth:`PixArtTrunk.step_inputs` produces): ``x_in`` (B, N, Din) the decoder's
-    input features; ``pos`` (1 or B, N, D) positions; ``mods`` (B, 1, L*6*D): block i's six modulation
-    vectors (shift_msa, 1+scale_msa, gate_msa, shift_mlp, 1+scale_mlp, gate_mlp) at offsets
-    (6i..6i+5)*D; ``final_shift`` / ``final_scale1`` (B, 1, D); ``keys`` / ``values`` (B, heads, T,
+    input features; ``pos`` (1 or B, N, D) positions; ``mods`` (L*6*D,), shared by the batch: block i's
+    six modulation vectors (shift_msa, 1+scale_msa, gate_msa, shift_mlp, 1+scale_mlp, gate_mlp) at
+    offsets (6i..6i+5)*D; ``final_shift`` / ``final_scale1`` (D,); ``keys`` / ``values`` (B, heads, T,
     L*head_dim) cross-attention, block i at offset i*head_dim; ``key_padding_mask`` (B, T) int32,
     1 = attend. Returns (B, N, out_dim) in PixArt's output layout.
     """
@@ -111,6 +111,14 @@ class _GraphBuilder:
         params = [self.const(name + ".weight", weight)] + ([self.const(name + ".bias", norm.bias)] if norm.bias is not None else [])
         return self.op("LayerNormalization", [x] + params, name, axis=-1, epsilon=float(norm.eps))
 
+    def modulated_norm(self, x: str, norm: nn.LayerNorm, scale1: str, shift: str, name: str) -> str:
+        """``norm(x) * scale1 + shift`` (adaLN's modulation; ``scale1`` and ``shift`` (D,) vectors). A norm
+        without its own affine (PixArt's) takes them as its scale and bias: one kernel, not three."""
+        if norm.weight is None and norm.bias is None:
+            return self.op("LayerNormalization", [x, scale1, shift], name, axis=-1, epsilon=float(norm.eps))
+        h = self.layer_norm(x, norm, name + ".norm")
+        return self.op("Add", [self.op("Mul", [h, scale1], name + ".scaled"), shift], name)
+
     def self_attention(self, h: str, attn: nn.Module, name: str) -> str:
         """diffusers ``Attention`` (AttnProcessor2_0, no mask) on ``h``: one packed QKV matmul, ONNX
         Runtime's ``MultiHeadAttention`` (heads split inside the kernel, q/k/v biases added there), the
@@ -150,12 +158,14 @@ def export_decoder_step(decoder: nn.Module, example: Optional[dict] = None) -> b
     """The ONNX graph of :class:`DecoderStep` for ``decoder``'s current weights, written node by node
     (batch, token count and text length dynamic): per block one packed QKV matmul, ONNX Runtime's
     ``MultiHeadAttention`` for self- and cross-attention (heads split inside the kernel), ``FastGelu``
-    with its bias, and one ``Split`` for the six modulation vectors; 27 nodes per block where
+    with its bias, one ``Split`` for the six modulation vectors, and adaLN's scale and shift as the
+    LayerNorms' own (one vector for the batch, :meth:`_StepConstants.stacked`); 23 nodes per block where
     ``torch.onnx.export`` of the same function left ~95 after ONNX Runtime's own optimisations (shape
     arithmetic for the dynamic head reshapes, per-vector gathers, the attention scale from shapes).
     Shipped lazy decoder, 36 hole tokens, CFG batch 2, the two graphs interleaved: 9.2 / 8.2 ms per call
-    instead of 10.3 / 9.1 ms (two runs), max difference 7e-7; at paper shape ONNX Runtime's attention
-    kernel also makes the 4,096-token step faster than PyTorch's (docs/BENCHMARKS.md §7).
+    instead of 10.3 / 9.1 ms (two runs), max difference 7e-7; folding the modulation into the norms
+    (27 -> 23 nodes per block) took 1-4% more off (three interleaved runs). At paper shape ONNX Runtime's
+    attention kernel also makes the 4,096-token step faster than PyTorch's (docs/BENCHMARKS.md §7).
     ``SkipLayerNormalization`` for the residual adds was slower here (9.7 / 8.6 ms). ``example`` is
     unused; it keeps :class:`OnnxRunner`'s export signature."""
     from onnx import TensorProto, helper
@@ -178,8 +188,7 @@ def export_decoder_step(decoder: nn.Module, example: Optional[dict] = None) -> b
         p = f"block{i}"
         shift_msa, scale_msa1, gate_msa, shift_mlp, scale_mlp1, gate_mlp = g.op(
             "Split", [mods[i], split_d], [f"{p}.mod{j}" for j in range(6)], axis=-1)
-        h = g.layer_norm(x, blk.norm1, p + ".norm1")
-        h = g.op("Add", [g.op("Mul", [h, scale_msa1], p + ".h1.scaled"), shift_msa], p + ".h1")
+        h = g.modulated_norm(x, blk.norm1, scale_msa1, shift_msa, p + ".h1")
         o = g.op("Mul", [g.self_attention(h, blk.attn1, p + ".attn1"), gate_msa], p + ".attn1.gated")
         x = g.op("Add", [o, x], p + ".x1")
         a2 = blk.attn2
@@ -187,18 +196,16 @@ def export_decoder_step(decoder: nn.Module, example: Optional[dict] = None) -> b
                                         "key_padding_mask"], p + ".attn2", domain="com.microsoft",
                  num_heads=heads, scale=float(a2.scale), mask_filter_value=-10000.0)
         x = g.op("Add", [g.linear(o, a2.to_out[0], p + ".attn2.out"), x], p + ".x2")
-        h = g.layer_norm(x, blk.norm2, p + ".norm2")
-        h = g.op("Add", [g.op("Mul", [h, scale_mlp1], p + ".h2.scaled"), shift_mlp], p + ".h2")
+        h = g.modulated_norm(x, blk.norm2, scale_mlp1, shift_mlp, p + ".h2")
         x = g.op("Add", [g.op("Mul", [g.feed_forward(h, blk.ff, p), gate_mlp], p + ".ff.gated"), x], p + ".x3")
-    h = g.layer_norm(x, tr.norm_out, "norm_out")
-    h = g.op("Add", [g.op("Mul", [h, "final_scale1"], "final.scaled"), "final_shift"], "final")
+    h = g.modulated_norm(x, tr.norm_out, "final_scale1", "final_shift", "final")
     g.op("Identity", [g.linear(h, tr.proj_out, "proj_out")], "out")
     f = TensorProto.FLOAT
     inputs = [helper.make_tensor_value_info("x_in", f, ["B", "N", din]),
               helper.make_tensor_value_info("pos", f, ["P", "N", d]),
-              helper.make_tensor_value_info("mods", f, ["B", 1, n_blocks * 6 * d]),
-              helper.make_tensor_value_info("final_shift", f, ["B", 1, d]),
-              helper.make_tensor_value_info("final_scale1", f, ["B", 1, d]),
+              helper.make_tensor_value_info("mods", f, [n_blocks * 6 * d]),
+              helper.make_tensor_value_info("final_shift", f, [d]),
+              helper.make_tensor_value_info("final_scale1", f, [d]),
               helper.make_tensor_value_info("keys", f, ["B", heads, "T", n_blocks * head_dim]),
               helper.make_tensor_value_info("values", f, ["B", heads, "T", n_blocks * head_dim]),
               helper.make_tensor_value_info("key_padding_mask", TensorProto.INT32, ["B", "T"])]
