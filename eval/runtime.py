@@ -288,12 +288,17 @@ def canvas_image(size: int) -> np.ndarray:
         return (np.stack([x, y, 1 - x], -1) * 255).astype(np.uint8)
 
 
-def token_count(mask: np.ndarray, cell: int) -> int:
+def token_grid(mask: np.ndarray, cell: int) -> np.ndarray:
+    """The tokens (cell x cell pixels; the canvas padded to whole cells) that a pixel mask touches."""
     h, w = mask.shape
     hp, wp = -(-h // cell) * cell, -(-w // cell) * cell
     m = np.zeros((hp, wp), bool)
     m[:h, :w] = mask
-    return int(m.reshape(hp // cell, cell, wp // cell, cell).any(axis=(1, 3)).sum())
+    return m.reshape(hp // cell, cell, wp // cell, cell).any(axis=(1, 3))
+
+
+def token_count(mask: np.ndarray, cell: int) -> int:
+    return int(token_grid(mask, cell).sum())
 
 
 def clear_caches(pipe) -> None:
@@ -819,12 +824,9 @@ def run_step_sweep(out: str, ratios: Sequence[float] = (0.01, 0.02, 0.05, 0.1, 0
     Path(out).mkdir(parents=True, exist_ok=True)
     atomic_write_text(Path(out) / "step_sweep.json", json.dumps(res, indent=1))
     try:
-        import matplotlib
+        from .report import _plt, _save
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(6, 3.6))
+        fig, ax = _plt().subplots(figsize=(6, 3.6))
         ax.plot([x["hole_tokens"] for x in rows], [x["ms_per_step"] for x in rows], "o", label="LazyDiffusion step (median)")
         xx = np.linspace(0, max(x["hole_tokens"] for x in rows), 50)
         ax.plot(xx, icpt + slope * xx, "k--", label=f"fit (ratio <= {fit_max_ratio:g}): {icpt:.0f} ms + "
@@ -836,9 +838,7 @@ def run_step_sweep(out: str, ratios: Sequence[float] = (0.01, 0.02, 0.05, 0.1, 0
                      + (", ONNX Runtime" if onnx_runtime else ""), fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(Path(out) / "step_sweep.png", dpi=100)
-        plt.close(fig)
+        _save(fig, Path(out) / "step_sweep.png")
     except Exception as err:  # pragma: no cover - plotting is optional
         print(f"plot skipped: {err}")
     print(json.dumps(fit))
@@ -866,16 +866,13 @@ def edit_flops(size: int, width: int, depth: int, ratio: float, steps: int = 20)
         enc = ContextEncoder(latent_channels=4, patch_size=2, num_layers=depth, num_attention_heads=cfg["num_attention_heads"],
                              attention_head_dim=cfg["attention_head_dim"], context_dim=width, sample_size=cfg["sample_size"])
         vae = paper_shape_vae(size)
-    cell = 16
-    mask = centred_mask(size, ratio)
-    hp = size // cell
-    token_mask = mask.reshape(hp, cell, hp, cell).any(axis=(1, 3))
+    token_mask = token_grid(centred_mask(size, ratio), 16)
     y0, y1, x0, x1 = decode_crop_box(token_mask, 2, EditPipelineMixin.decode_margin)
-    return {"hole_tokens": int(token_mask.sum()), "total_tokens": hp * hp,
+    return {"hole_tokens": int(token_mask.sum()), "total_tokens": token_mask.size,
             "vae_encode": vae_flops(vae, (1, 3, size, size), "encode"),
-            "context_encoder": context_encoder_flops(enc, hp * hp),
+            "context_encoder": context_encoder_flops(enc, token_mask.size),
             "lazy_steps": steps * decoder_flops(lazy, int(token_mask.sum()), 120, 2, text_prepared=True),
-            "full_steps": steps * decoder_flops(full, hp * hp, 120, 2, text_prepared=True),
+            "full_steps": steps * decoder_flops(full, token_mask.size, 120, 2, text_prepared=True),
             "vae_decode": vae_flops(vae, (1, 4, y1 - y0, x1 - x0), "decode"),
             "text_constants": decoder_text_flops(lazy, 120, 2)}
 
@@ -909,12 +906,9 @@ def run_flop_ceiling(out: str, size: int = 1024, ratios: Sequence[float] = (0.1,
     atomic_write_text(Path(out) / "flop_ceiling.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     try:
-        import matplotlib
+        from .report import _plt, _save
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(6, 3.6))
+        fig, ax = _plt().subplots(figsize=(6, 3.6))
         names = [f"{d}x{w}" for d, w in models]
         for i, r in enumerate(ratios):
             sel = [x for x in rows if x["mask_ratio"] == r]
@@ -926,9 +920,7 @@ def run_flop_ceiling(out: str, size: int = 1024, ratios: Sequence[float] = (0.1,
         ax.set_title(f"end-to-end FLOP ratio at {size}² (the SD-VAE's cost is fixed)", fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(Path(out) / "flop_ceiling.png", dpi=100)
-        plt.close(fig)
+        _save(fig, Path(out) / "flop_ceiling.png")
     except Exception as err:  # pragma: no cover - plotting is optional
         print(f"plot skipped: {err}")
     return rows

@@ -6,7 +6,7 @@ import torch
 
 from eval.cli import main
 from eval.flops import context_encoder_flops, count_with_torch, decoder_flops
-from eval.runtime import RuntimeError_, RuntimeOptions, centred_mask, token_count, validate
+from eval.runtime import RuntimeError_, RuntimeOptions, centred_mask, token_count, token_grid, validate
 
 REQUIRED = ["method", "mask_ratio", "hole_tokens", "total_tokens", "steps", "total_ms", "denoise_ms_per_step",
             "speedup_vs_full", "flops", "total_ms_q1", "total_ms_q3", "total_ms_iqr", "denoise_ms_per_step_iqr",
@@ -152,10 +152,9 @@ def test_decode_crop_box_is_what_the_pipelines_decode(kind, make_canvas, make_ma
     pipe("a red star", make_canvas(96, 96), make_mask(96, 96, box), num_inference_steps=1,
          generator=torch.Generator().manual_seed(0))
     decoded = [c[1] for c in rec.stop() if c[0] == "vae_decode"]
-    cell = pipe.vae_scale_factor * pipe.patch_size
     m = np.zeros((96, 96), bool)
     m[16:40, 20:44] = True
-    token_mask = m.reshape(96 // cell, cell, 96 // cell, cell).any(axis=(1, 3))
+    token_mask = token_grid(m, pipe.token_cell)
     y0, y1, x0, x1 = decode_crop_box(token_mask, pipe.patch_size, pipe.decode_margin)
     assert decoded == [(1, decoded[0][1], y1 - y0, x1 - x0)]
     assert (y1 - y0) < 96 // pipe.vae_scale_factor  # a crop, not the whole canvas
