@@ -885,22 +885,18 @@ def edit_flops(size: int, width: int, depth: int, ratio: float, steps: int = 20)
 def new_mask_encode_flops(vae, hole: np.ndarray, full_encode: float) -> float:
     """VAE-encode FLOPs of a ``new-mask`` follow-up: after the priming edit in :func:`corner_mask`, the
     pixels that changed are that corner (its result) and both holes; the crops the incremental cache
-    re-encodes for them (``EditPipelineMixin._refresh_boxes``), or the whole canvas past
-    ``max_partial_encode``. The whole-canvas statistics the crops are normalised with add no FLOPs
-    worth counting."""
-    from types import SimpleNamespace
-
-    from lazydiff.pipelines.editing import EditPipelineMixin
+    re-encodes for them (:func:`~lazydiff.pipelines.editing.refresh_boxes`, the pipelines' margins), or
+    the whole canvas past ``max_partial_encode``. The whole-canvas statistics the crops are normalised
+    with add no FLOPs worth counting."""
+    from lazydiff.pipelines.editing import EditPipelineMixin as Edit, crop_cells, refresh_boxes
 
     from .flops import vae_flops
 
-    geometry = SimpleNamespace(vae_scale_factor=8, encode_paste_margin=EditPipelineMixin.encode_paste_margin,
-                               encode_context_margin=EditPipelineMixin.encode_context_margin)
-    boxes = EditPipelineMixin._refresh_boxes(geometry, hole | corner_mask(hole.shape[0]))
-    h, w = hole.shape[0] // 8, hole.shape[1] // 8
-    if sum((c[1] - c[0]) * (c[3] - c[2]) for _, c in boxes) > EditPipelineMixin.max_partial_encode * h * w:
+    s = 2 ** (len(vae.config.block_out_channels) - 1)
+    boxes = refresh_boxes(hole | corner_mask(hole.shape[0]), s, Edit.encode_paste_margin, Edit.encode_context_margin)
+    if crop_cells(boxes) > Edit.max_partial_encode * (hole.shape[0] // s) * (hole.shape[1] // s):
         return full_encode
-    return sum(vae_flops(vae, (1, 3, (c[1] - c[0]) * 8, (c[3] - c[2]) * 8), "encode") for _, c in boxes)
+    return sum(vae_flops(vae, (1, 3, (c[1] - c[0]) * s, (c[3] - c[2]) * s), "encode") for _, c in boxes)
 
 
 def run_flop_ceiling(out: str, size: int = 1024, ratios: Sequence[float] = (0.1, 0.25), steps: int = 20,
