@@ -23,6 +23,8 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
 
+from lazydiff.pipelines.cuda_graphs import capturing
+
 
 def _block_flops(n: int, d: int, l: int = 0, cross: bool = True) -> float:
     f = 8 * n * d * d + 4 * n * n * d + 16 * n * d * d
@@ -155,7 +157,8 @@ class CallRecorder:
         orig_dec = dec.forward
 
         def dec_forward(x, *args, **kw):
-            if self._live():
+            live, graph = self._live(), capturing()
+            if live or graph is not None:
                 if x.ndim == 4:   # full canvas: (B, C, h, w)
                     p = dec.config.patch_size
                     tokens = (x.shape[-2] // p) * (x.shape[-1] // p)
@@ -163,17 +166,21 @@ class CallRecorder:
                 else:             # lazy: (B, |H|, D)
                     tokens = x.shape[1]
                     text = args[4] if len(args) > 4 else kw.get("encoder_hidden_states")
-                self.calls.append(("decoder", int(x.shape[0]), int(tokens), int(text.shape[1]),
-                                   kw.get("text_conditioning") is not None))
+                call = ("decoder", int(x.shape[0]), int(tokens), int(text.shape[1]),
+                        kw.get("text_conditioning") is not None)
+                if live:
+                    self.calls.append(call)
+                if graph is not None:  # what every replay of this graph repeats, in this edit or a later one
+                    graph.notes["decoder_call"] = call
             return orig_dec(x, *args, **kw)
 
         dec.forward = dec_forward
 
-        def replayed():  # a step replayed from a CUDA graph: the same decoder call as the one recorded
+        def replayed(graph):  # a step replayed from a CUDA graph: the decoder call made while it was recorded
             if self._live():
-                last = next((c for c in reversed(self.calls) if c[0] == "decoder"), None)
-                if last is not None:
-                    self.calls.append(last)
+                call = graph.notes.get("decoder_call")
+                if call is not None:
+                    self.calls.append(call)
 
         pipe.graph_replay_hook = replayed
         orig_prep = getattr(dec, "prepare_text", None)

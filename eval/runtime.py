@@ -16,7 +16,9 @@ them on its previous output:
   seed (recorded as ``followup/<method>``): a re-roll, or a new prompt for the same region. The
   masked canvas is unchanged, so the canvas-latent cache hits (no VAE encode) for every method, and
   the lazy pipeline's context cache hits; the prompt embedding is cached. Speed-ups of
-  ``followup/*`` rows are against ``followup/regenerate-image``.
+  ``followup/*`` rows are against ``followup/regenerate-image``. With ``cuda_graphs`` the follow-up
+  replays, from its first step, the graph the fresh edit recorded (graphs are kept across edits;
+  ``clear_caches()`` drops them, so every fresh edit records its own).
 * ``new-mask``: the caches are emptied and an untimed 1-step priming edit touches a 1% square at
   (0.25, 0.25); the timed edit (recorded as ``<method>``) then edits the primed result with the
   centred mask, so the VAE re-encodes crops around both regions (``canvas_cache="incremental"``)

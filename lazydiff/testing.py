@@ -102,3 +102,59 @@ def tiny_regenerate_pipeline(seed: int = 0, crop: bool = False, **kw):
                scheduler=c["scheduler"])
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+class FakeCUDA:
+    """Stands in for ``torch.cuda`` in :mod:`lazydiff.pipelines.cuda_graphs` on a CPU.
+
+    Like a real CUDA graph it knows buffers, not values: recording leaves the static output as garbage
+    (NaN), and ``replay()`` re-runs the step function that was recorded on the recording denoiser's
+    static input and constants, into its static output (``replay_computes=False``: writes zeros
+    instead, for tests that count calls and must not run the decoder's Python at a replay).
+    ``fail=True``: every capture raises, as an op that cannot be captured does."""
+
+    def __init__(self, fail: bool = False, replay_computes: bool = True):
+        self.fail, self.replay_computes = fail, replay_computes
+        self.graphs: list = []
+        self.replays = 0
+
+    def CUDAGraph(self):
+        fake = self
+
+        class Graph:
+            denoiser = None
+
+            def replay(self):
+                d = self.denoiser
+                fake.replays += 1
+                if fake.replay_computes:
+                    d.static_out.copy_(d.fn(d.static_x, d.static_t, d.static_consts))
+                else:
+                    d.static_out.zero_()
+
+        g = Graph()
+        self.graphs.append(g)
+        return g
+
+    def graph(self, g):
+        import contextlib
+
+        from .pipelines.cuda_graphs import capturing
+
+        @contextlib.contextmanager
+        def capture():
+            if self.fail:
+                raise RuntimeError("operation not permitted when stream is capturing")
+            yield
+            g.denoiser = capturing()
+            g.denoiser.static_out.fill_(float("nan"))  # captured kernels do not run: garbage until a replay
+
+        return capture()
+
+
+def use_fake_cuda_graphs(pipe, fake: "FakeCUDA", size: int = 4):
+    """Makes ``pipe`` take its CUDA-graph path on the CPU with ``fake`` as the CUDA runtime (tests)."""
+    pipe.cuda_graphs, pipe.max_cached_graphs, pipe.cuda_runtime = True, size, fake
+    pipe._graphs_apply = lambda latents: True
+    pipe.__dict__.pop("_graph_cache", None)
+    return pipe

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The GPU runtime table of docs/BENCHMARKS.md §6, in one command: paper shape at the real PixArt-XL/2 size
 # (28 x 1152, random weights), bf16, LazyDiffusion vs RegenerateImage, first and follow-up edits, once with
-# CUDA-graph replay of the denoising step (every method alike) and once eagerly, one run after the other
+# CUDA-graph replay of the denoising step (every method alike; graphs are kept across edits, so each
+# follow-up replays the graph its fresh edit recorded) and once eagerly, one run after the other
 # on the same machine; then an edit in a new place on an encoded canvas (--followup new-mask, with graphs);
-# then checks that graphed edits equal eager ones (~5 min on an H200).
+# then checks that graphed edits, recorded or replayed in a later edit, equal eager ones (~5 min on an H200).
 # Usage: scripts/bench_gpu.sh [OUT (default runs/bench/gpu)]   Environment: PYTHON (default python)
 set -euo pipefail
 cd "$(dirname "$0")/.."

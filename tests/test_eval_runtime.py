@@ -115,27 +115,34 @@ def test_flop_ratio_tracks_token_ratio():
 @pytest.mark.parametrize("kind", ["lazy", "regenerate-image"])
 def test_flop_recorder_counts_cuda_graph_replays(kind, make_canvas, make_mask):
     """A step replayed from a CUDA graph runs no decoder Python; the pipeline's graph_replay_hook tells
-    the recorder, which counts it as the step it recorded (same shapes), so FLOPs are not undercounted."""
+    the recorder, which counts the decoder call made while that graph was recorded, also when the
+    graph was recorded in an earlier edit (a follow-up replays every step), so FLOPs are not
+    undercounted. (A stand-in CUDA runtime on this CPU; its replays run no decoder code.)"""
     from eval.flops import CallRecorder
-    from lazydiff.testing import tiny_lazy_pipeline, tiny_regenerate_pipeline
+    from lazydiff.testing import FakeCUDA, tiny_lazy_pipeline, tiny_regenerate_pipeline, use_fake_cuda_graphs
 
     pipe = (tiny_lazy_pipeline if kind == "lazy" else tiny_regenerate_pipeline)(seed=0)
     rec = CallRecorder(pipe)
-    rec.start()
-    pipe("a red star", make_canvas(64, 64), make_mask(64, 64, (20, 16, 44, 40)), num_inference_steps=3,
-         generator=torch.Generator().manual_seed(0))
-    eager = rec.flops(rec.stop())
-    rec.start()
-    pipe("a red star", make_canvas(64, 64), make_mask(64, 64, (20, 16, 44, 40)), num_inference_steps=3,
-         generator=torch.Generator().manual_seed(0))
-    for _ in range(2):
-        pipe.graph_replay_hook()
-    replayed = rec.flops(rec.stop())
-    assert replayed["denoise"] == pytest.approx(eager["denoise"] * 5 / 3)
-    assert replayed["denoise_per_step"] == pytest.approx(eager["denoise_per_step"])
+    img, mask = make_canvas(64, 64), make_mask(64, 64, (20, 16, 44, 40))
+
+    def edit(steps):
+        rec.start()
+        pipe("a red star", img, mask, num_inference_steps=steps, generator=torch.Generator().manual_seed(0))
+        return rec.flops(rec.stop())
+
+    eager = edit(3)
+    fake = FakeCUDA(replay_computes=False)
+    use_fake_cuda_graphs(pipe, fake)
+    recorded = edit(3)     # eager step, recording step, one replay
+    followup = edit(5)     # five replays of the graph recorded above
+    assert fake.replays == 2 + 5   # the recording step replays too
+    for counted in (recorded, followup):
+        assert counted["denoise_per_step"] == pytest.approx(eager["denoise_per_step"])
+    assert recorded["denoise"] == pytest.approx(eager["denoise"])
+    assert followup["denoise"] == pytest.approx(eager["denoise"] * 5 / 3)
     rec.enabled = False
-    pipe.graph_replay_hook()  # outside a recording: nothing is counted
-    assert rec.flops(rec.calls)["denoise"] == pytest.approx(replayed["denoise"])
+    pipe("a red star", img, mask, num_inference_steps=2, generator=torch.Generator().manual_seed(0))
+    assert rec.flops(rec.calls)["denoise"] == pytest.approx(followup["denoise"])  # outside a recording: nothing counted
 
 
 @pytest.mark.parametrize("kind", ["lazy", "regenerate-image"])

@@ -216,80 +216,103 @@ def test_pipeline_fast_paths_bit_identical_shipped(kind):
     assert np.array_equal(fast[0], ref[0]) and torch.equal(fast[1], ref[1])
 
 
-class _FakeCuda:
-    """Stands in for torch.cuda in CUDAGraphDenoiser: while "capturing", the denoiser registers the
-    tensors it read and wrote; replay() recomputes into the same output from the same inputs, as a
-    recorded graph does (it knows addresses, not values)."""
-
-    def __init__(self, fail=False):
-        self.fail, self.capturing, self.graphs = fail, None, []
-
-    def CUDAGraph(self):
-        fake = self
-
-        class Graph:
-            recorded = None
-
-            def replay(self):
-                fn, x, t, out = self.recorded
-                out.copy_(fn(x, t))
-
-        g = Graph()
-        fake.graphs.append(g)
-        return g
-
-    def graph(self, g):
-        import contextlib
-
-        @contextlib.contextmanager
-        def ctx():
-            if self.fail:
-                raise RuntimeError("operation not permitted when stream is capturing")
-            self.capturing = g
-            try:
-                yield
-            finally:
-                self.capturing = None
-        return ctx()
-
-
 def test_cuda_graph_denoiser_replays_on_static_inputs():
-    from lazydiff.pipelines.editing import CUDAGraphDenoiser
+    from lazydiff.pipelines.cuda_graphs import CUDAGraphDenoiser, StepFunction
+    from lazydiff.testing import FakeCUDA
 
-    fake, calls = _FakeCuda(), []
+    fake, calls = FakeCUDA(), []
 
-    def f(x, t):
-        return x * 2 + t
+    def fn(x, t, c):
+        calls.append("python")
+        return x * c["scale"] + t
 
-    def denoise(x, t):
-        calls.append("capture" if fake.capturing else "eager")
-        out = f(x, t)
-        if fake.capturing is not None:
-            out = torch.full_like(out, float("nan"))  # captured kernels do not run: the output is garbage until replay
-            fake.capturing.recorded = (f, x, t, out)
-        return out
-
-    g = CUDAGraphDenoiser(denoise, cuda=fake, on_replay=lambda: calls.append("replay"))
+    step = StepFunction(fn, {"scale": torch.tensor(2.0)})
+    g = CUDAGraphDenoiser(step, cuda=fake, on_replay=lambda graph: calls.append("replay"))
     xs = [torch.randn(2, 5, 3) for _ in range(4)]
     ts = [torch.tensor(t) for t in (999.0, 749.0, 499.0, 249.0)]
     outs = [g(x, t) for x, t in zip(xs, ts)]
-    # one recording, then replays only; each step runs the denoiser's Python or reports a replay, never both
-    assert calls == ["eager", "capture", "replay", "replay"] and len(fake.graphs) == 1
+    # step 1 eager, step 2 records (the decoder's Python runs, then a replay computes), then replays only
+    assert len(fake.graphs) == 1 and fake.replays == 3
+    assert [c for c in calls if c == "replay"] == ["replay", "replay"]
     for x, t, o in zip(xs, ts, outs):
-        assert torch.equal(o, f(x, t))
+        assert torch.equal(o, x * 2 + t)
     assert outs[2].data_ptr() != outs[3].data_ptr()  # results are copies: the next replay cannot overwrite them
     assert g.static_x.data_ptr() not in {x.data_ptr() for x in xs}  # the caller's tensors are never recorded
+    assert g.static_consts["scale"] is not step.consts["scale"]     # nor its constants
 
 
 def test_cuda_graph_denoiser_falls_back_to_eager_when_capture_fails():
     from lazydiff.pipelines.editing import CUDAGraphDenoiser
+    from lazydiff.testing import FakeCUDA
 
-    g = CUDAGraphDenoiser(lambda x, t: x + t, cuda=_FakeCuda(fail=True))
+    g = CUDAGraphDenoiser(lambda x, t: x + t, cuda=FakeCUDA(fail=True))
     x = torch.ones(3)
     assert torch.equal(g(x, torch.tensor(1.0)), x + 1)
     with pytest.warns(UserWarning, match="running it eagerly"):
         assert torch.equal(g(x, torch.tensor(2.0)), x + 2)
     assert torch.equal(g(x, torch.tensor(3.0)), x + 3) and g.failed
+
+
+def test_cuda_graph_cache_serves_a_later_edit_from_its_first_step():
+    """A graph recorded in one edit replays the next edit of the same signature with that edit's
+    constants copied in; another shape, plain value or weights key records a new graph (LRU bound)."""
+    from lazydiff.pipelines.cuda_graphs import CUDAGraphCache, StepFunction
+    from lazydiff.testing import FakeCUDA
+
+    def fn(x, t, c):
+        return x * c["w"][0] + c["b"] * t + c["k"]
+
+    def edit(cache, w, b, k=1, n=3, weights="v1", steps=4):
+        step = StepFunction(fn, {"w": [torch.tensor(w)], "b": torch.full((n,), b), "k": k})
+        denoise = cache.denoiser(step, weights=weights)
+        xs = [torch.randn(n) for _ in range(steps)]
+        ts = [torch.tensor(float(s)) for s in range(steps)]
+        for x, t in zip(xs, ts):
+            assert torch.allclose(denoise(x, t), x * w + b * t + k)
+
+    fake = FakeCUDA()
+    cache = CUDAGraphCache(2, cuda=fake)
+    edit(cache, 2.0, 0.5)
+    assert (cache.hits, cache.misses, len(fake.graphs), fake.replays) == (0, 1, 1, 3)
+    edit(cache, -3.0, 7.0)                       # new constants, same signature: replays all 4 steps
+    assert (cache.hits, cache.misses, len(fake.graphs), fake.replays) == (1, 1, 1, 7)
+    edit(cache, 1.0, 1.0, k=2)                   # a plain value differs: new graph
+    edit(cache, 1.0, 1.0, n=5)                   # a shape differs: new graph, the first one evicted
+    edit(cache, 1.0, 1.0, weights="v2")          # other weights: new graph
+    assert cache.misses == 4 and len(cache.graphs) == 2
+    edit(cache, 4.0, -1.0)                       # evicted: recorded again
+    assert cache.misses == 5
+
+
+def test_cuda_graphs_carry_over_to_the_next_edit_of_the_pipeline(make_canvas, make_mask):
+    """With cuda_graphs on (a stand-in CUDA runtime on this CPU), a second edit with the same mask (a
+    new canvas, prompt and seed) replays the graph the first edit recorded at every step, and its
+    result is the eager edit's. Every per-edit tensor reaches the step through its constants."""
+    from lazydiff.testing import FakeCUDA, tiny_lazy_pipeline, tiny_regenerate_pipeline, use_fake_cuda_graphs
+
+    for make in (tiny_lazy_pipeline, tiny_regenerate_pipeline):
+        pipe = make(seed=0)
+        mask = make_mask(64, 64, (20, 16, 44, 40))
+        first, second = make_canvas(64, 64, seed=1), make_canvas(64, 64, seed=2)
+
+        def run(img, prompt, seed):
+            out = pipe(prompt, img, mask, num_inference_steps=5, guidance_scale=4.5,
+                       generator=torch.Generator().manual_seed(seed))
+            return np.asarray(out.images[0])
+
+        ref = run(second, "a large blue square", 5)
+        fake = FakeCUDA()
+        use_fake_cuda_graphs(pipe, fake)
+        replays = []
+        pipe.graph_replay_hook = lambda graph: replays.append(graph)
+        run(first, "a small red star", 3)                    # records (steps 1-2), replays 3 steps
+        assert len(fake.graphs) == 1 and len(replays) == 3
+        out = run(second, "a large blue square", 5)          # same token count: all 5 steps replay
+        cache = pipe.__dict__["_graph_cache"]
+        assert (cache.hits, cache.misses, len(fake.graphs), len(replays)) == (1, 1, 1, 8)
+        assert np.array_equal(out, ref), make.__name__
+        pipe.clear_caches()                                  # forgets the graphs too
+        assert "_graph_cache" not in pipe.__dict__
 
 
 def test_cuda_graphs_flag_leaves_cpu_edits_unchanged(make_canvas, make_mask):

@@ -17,6 +17,22 @@ def test_check_cuda_graphs_says_it_needs_a_gpu():
     assert "no CUDA device" in r.stderr
 
 
+@pytest.mark.slow  # ~30 s: building the paper-shape pipelines (SD-VAE, text encoder) dominates
+def test_check_cuda_graphs_logic_with_a_cpu_stand_in(tmp_path):
+    """The script's three graphed edits per method (recorded, after another edit, again) match the
+    eager edit, and the later two replay the cached graph (FakeCUDA on the CPU: logic, not the GPU)."""
+    out = tmp_path / "check.json"
+    r = subprocess.run([sys.executable, "scripts/check_cuda_graphs.py", "--cpu-stand-in", "--width", "64", "--depth", "2",
+                        "--size", "64", "--steps", "3", "--ratios", "0.1", "--out", str(out)],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert {row["method"] for row in rows} == {"lazy", "regenerate-image"}
+    for row in rows:
+        assert (row["cache_hits"], row["cache_misses"]) == (2, 1)
+        assert row["max_pixel_diff_recorded"] == row["max_pixel_diff_carried_over"] == 0
+
+
 @pytest.mark.slow  # two inductor compiles, ~1 min on 2 cores
 def test_probe_compile_on_cpu(tmp_path):
     out = tmp_path / "probe.json"

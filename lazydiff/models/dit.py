@@ -99,8 +99,27 @@ def sincos_positions(dim: int, grid: Tuple[int, int], base_size: int, interpolat
     """The full 2-D sin-cos table (h*w, dim), as PixArt computes it, cached per grid, device and
     dtype: a host-to-device copy at every step would cost a transfer and cannot be recorded in a
     CUDA graph. The result is shared: do not modify it in place."""
-    return _sincos_on(dim, int(grid[0]), int(grid[1]), int(base_size), float(interpolation_scale),
-                      torch.device(device), dtype)
+    table = _sincos_on(dim, int(grid[0]), int(grid[1]), int(base_size), float(interpolation_scale),
+                       torch.device(device), dtype)
+    refs = _CAPTURE_REFS.get()
+    if refs is not None:  # a CUDA graph being recorded reads it by address: outlive the LRU cache
+        refs.append(table)
+    return table
+
+
+_CAPTURE_REFS: ContextVar[Optional[List[torch.Tensor]]] = ContextVar("lazydiff_capture_refs", default=None)
+
+
+@contextmanager
+def capture_refs():
+    """While a CUDA graph is recorded: collects the cached tensors the recorded step reads (yielded
+    list), for the graph's owner to keep alive as long as the graph."""
+    refs: List[torch.Tensor] = []
+    token = _CAPTURE_REFS.set(refs)
+    try:
+        yield refs
+    finally:
+        _CAPTURE_REFS.reset(token)
 
 
 # ----------------------------------------------------------------------------- the PixArt-style trunk

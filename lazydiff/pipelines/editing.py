@@ -26,10 +26,11 @@ import torch
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from ..models.dit import (edit_scope, gather_tokens, hole_indices, once_per_edit, patchify, scatter_tokens,
-                          token_mask_from_pixels, unpatchify)
+from ..models.dit import (_param_key, edit_scope, gather_tokens, hole_indices, once_per_edit, patchify,
+                          scatter_tokens, token_mask_from_pixels, unpatchify)
 from . import canvas_cache
 from .canvas_cache import Box
+from .cuda_graphs import CUDAGraphCache, CUDAGraphDenoiser, StepFunction  # noqa: F401 (re-exported)
 from .blending import BLEND_MODES, blend, mask_bbox, paste_masked
 
 ImageInput = Union[PIL.Image.Image, np.ndarray]
@@ -260,49 +261,6 @@ def decode_crop_box(token_mask, patch_size: int, margin: int) -> Tuple[int, int,
             max(int(xs.min()) * patch_size - margin, 0), min((int(xs.max()) + 1) * patch_size + margin, w))
 
 
-class CUDAGraphDenoiser:
-    """``denoise(x, t)`` replayed from a CUDA graph, for one edit's sampling loop.
-
-    Within an edit every step has the same shapes (the hole tokens, or the full canvas), so one
-    graph serves all steps. Call 1 runs eagerly (warm-up: cuBLAS handles, the decoder's memos);
-    call 2 records the graph on static copies of ``x`` and ``t`` and replays it; later calls copy
-    their inputs in and replay. The per-edit constants the closure holds (context tokens, text
-    keys/values) live as long as this object. If recording fails, it warns once and runs eagerly.
-    ``on_replay()``, if given, is called at every step that only replays (from call 3 on): such a step
-    runs no Python code of the decoder, so tools that count decoder calls (FLOP counters) hear of it there.
-    """
-
-    def __init__(self, denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], cuda=None,
-                 on_replay: Optional[Callable[[], None]] = None):
-        self.denoise, self.calls, self.graph, self.failed = denoise, 0, None, False
-        self.on_replay = on_replay
-        self.cuda = torch.cuda if cuda is None else cuda  # swappable for tests without a GPU
-
-    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
-        if self.failed or self.calls == 1:
-            return self.denoise(x, t)
-        if self.graph is None:
-            self.static_x, self.static_t = x.clone(), t.clone()
-            try:
-                graph = self.cuda.CUDAGraph()
-                with self.cuda.graph(graph):
-                    self.static_out = self.denoise(self.static_x, self.static_t)
-            except Exception as err:  # an op that cannot be captured: stay correct, just slower
-                warnings.warn(f"CUDA graph capture of the denoiser failed ({type(err).__name__}: {err}); "
-                              "running it eagerly for the rest of this edit")
-                self.failed = True
-                return self.denoise(x, t)
-            self.graph = graph
-        else:
-            self.static_x.copy_(x)
-            self.static_t.copy_(t)
-            if self.on_replay is not None:  # not at the recording call, which ran the decoder's Python
-                self.on_replay()
-        self.graph.replay()
-        return self.static_out.clone()  # the next replay overwrites static_out
-
-
 # ----------------------------------------------------------------------------- the shared pipeline part
 CANVAS_CACHE_MODES = ("off", "exact", "incremental")  # EditPipelineMixin.canvas_cache
 
@@ -323,10 +281,14 @@ class EditPipelineMixin:
     max_partial_encode: float = 0.5  # above this fraction of the canvas, encode the whole canvas
     precompute_text: bool = True     # caption projection + cross-attention K/V once per edit, not per step
     fast_scheduler_step: bool = True  # inlined DDIM update (bit-identical) instead of DDIMScheduler.step
-    # On a CUDA device, replay each edit's denoiser from a CUDA graph (CUDAGraphDenoiser): for small
-    # steps that are bound by kernel launches, not arithmetic. Off by default until measured on a GPU.
+    # On a CUDA device, replay the denoiser from CUDA graphs (.cuda_graphs): for small steps that are
+    # bound by kernel launches, not arithmetic. The last max_cached_graphs graphs are kept across
+    # edits: an edit of the same shapes replays from its first step. Off by default until graphed
+    # edits are checked against eager ones on a GPU (scripts/check_cuda_graphs.py).
     cuda_graphs: bool = False
-    graph_replay_hook: Optional[Callable[[], None]] = None  # CUDAGraphDenoiser's on_replay (eval.flops)
+    max_cached_graphs: int = 4  # 0: a graph per edit, as before graphs were kept
+    graph_replay_hook: Optional[Callable[[CUDAGraphDenoiser], None]] = None  # its on_replay (eval.flops)
+    cuda_runtime = None  # torch.cuda; lazydiff.testing.FakeCUDA in tests without a GPU
 
     vae_decode_runner = None  # set by enable_onnx_runtime
     vae_encode_runner = None
@@ -483,11 +445,11 @@ class EditPipelineMixin:
 
     # -- canvas caches
     def clear_caches(self) -> None:
-        """Forget cached prompt embeddings, canvas latents and (lazy pipeline) context tokens. Call it
+        """Forget cached prompt embeddings, canvas latents, (lazy pipeline) context tokens and CUDA graphs. Call it
         after changing weights in place; every cache is keyed on inputs, not on parameters. (The
         decoder trunk's memoised timestep constants are keyed on the parameters themselves and stay;
         after writing weights through ``param.data`` call ``decoder.trunk.clear_inference_cache()``.)"""
-        for k in ("_prompt_cache", "_canvas_state", "_context_cache"):
+        for k in ("_prompt_cache", "_canvas_state", "_context_cache", "_graph_cache"):
             self.__dict__.pop(k, None)
 
     @staticmethod
@@ -644,8 +606,8 @@ class EditPipelineMixin:
         extra = {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
         fast_step = self._ddim_step_fn() if self.fast_scheduler_step else None
         model_dtype = self.model_dtype  # once: diffusers' ``dtype`` walks every parameter
-        if self.cuda_graphs and latents.is_cuda:
-            denoise = CUDAGraphDenoiser(denoise, on_replay=self.graph_replay_hook)
+        if self.cuda_graphs and self._graphs_apply(latents):
+            denoise = self._graphed(denoise)
         with self.progress_bar(total=len(timesteps)) as bar:
             for i, t in enumerate(timesteps):
                 x = torch.cat([latents] * 2) if do_cfg else latents
@@ -672,6 +634,19 @@ class EditPipelineMixin:
                         timer.ms["callback"] = timer.ms.get("callback", 0.0) + (time.perf_counter() - cb_t0) * 1e3
                 bar.update()
         return latents
+
+    @staticmethod
+    def _graphs_apply(latents: torch.Tensor) -> bool:
+        return latents.is_cuda  # CUDA graphs exist only there
+
+    def _graphed(self, denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
+        """``denoise`` replayed from a CUDA graph of the pipeline's graph cache (see :mod:`.cuda_graphs`)."""
+        cache = self.__dict__.get("_graph_cache")
+        if cache is None or cache.size != self.max_cached_graphs or cache.cuda is not self.cuda_runtime:
+            cache = self.__dict__["_graph_cache"] = CUDAGraphCache(self.max_cached_graphs, self.cuda_runtime)
+        # a graph reads the weights by address: a new storage or an in-place update needs a new graph
+        weights = once_per_edit(self.decoder, "graph weights", lambda: _param_key(list(self.decoder.parameters())))
+        return cache.denoiser(denoise, self.graph_replay_hook, weights)
 
     def _ddim_step_fn(self):
         """``DDIMScheduler.step`` for the configuration our models ship with (epsilon prediction, no

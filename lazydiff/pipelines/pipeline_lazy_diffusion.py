@@ -13,7 +13,7 @@ from diffusers import DiffusionPipeline
 
 from ..models import ContextEncoder, LazyDecoder
 from ..models.dit import gather_tokens
-from .editing import CALL_DOC, EditPipelineMixin, ImageInput
+from .editing import CALL_DOC, EditPipelineMixin, ImageInput, StepFunction
 
 
 class LazyDiffusionPipeline(DiffusionPipeline, EditPipelineMixin):
@@ -62,14 +62,16 @@ class LazyDiffusionPipeline(DiffusionPipeline, EditPipelineMixin):
         with timer("text"):  # per-edit text constants count as text work
             cond = self.text_conditioning(text, text_mask)
 
-        def denoise(tokens, t):
-            # Stage 2, every step: the decoder sees exactly |H| tokens per image.
-            out = self.decoder(tokens, ctx, idx, grid, t.expand(tokens.shape[0]), text, text_mask,
-                               added_cond_kwargs=added, text_conditioning=cond).sample
-            return out[..., : tokens.shape[-1]]  # drop learned-variance channels, if any
-
+        denoise = StepFunction(self._decoder_step, dict(context=ctx, hole_index=idx, grid=grid, text=text,
+                                                        text_mask=text_mask, added=added, text_conditioning=cond))
         # The sampler only ever holds the hole tokens.
         return (lambda full: self.hole_tokens_of(full, enc["hole_index"])), denoise, (lambda x: x)
+
+    def _decoder_step(self, tokens, t, c):
+        """Stage 2, every step: the decoder sees exactly |H| tokens per image (per-edit tensors in ``c``)."""
+        out = self.decoder(tokens, c["context"], c["hole_index"], c["grid"], t.expand(tokens.shape[0]), c["text"],
+                           c["text_mask"], added_cond_kwargs=c["added"], text_conditioning=c["text_conditioning"]).sample
+        return out[..., : tokens.shape[-1]]  # drop learned-variance channels, if any
 
     def _context_in_onnx(self, enc) -> Optional[torch.Tensor]:
         """The context tokens from ONNX Runtime (``enable_onnx_runtime(parts=(..., "context_encoder"))``),

@@ -21,8 +21,8 @@ from diffusers import DiffusionPipeline
 
 from ..models import FullCanvasDecoder
 from .blending import blend as blend_pixels
-from .editing import (CALL_DOC, EditPipelineMixin, EditPipelineOutput, ImageInput, check_sampling_args,
-                      prepare_edit)
+from .editing import (CALL_DOC, EditPipelineMixin, EditPipelineOutput, ImageInput, StepFunction,
+                      check_sampling_args, prepare_edit)
 
 
 class RegenerateImagePipeline(DiffusionPipeline, EditPipelineMixin):
@@ -47,12 +47,15 @@ class RegenerateImagePipeline(DiffusionPipeline, EditPipelineMixin):
         with timer("text"):  # per-edit text constants count as text work
             cond = self.text_conditioning(text, text_mask)
 
-        def denoise(latents, t):
-            out = self.decoder(latents, masked, mask, t.expand(latents.shape[0]), text, text_mask,
-                               added_cond_kwargs=added, text_conditioning=cond).sample
-            return out[:, : latents.shape[1]]
-
+        denoise = StepFunction(self._decoder_step, dict(masked=masked, mask=mask, text=text, text_mask=text_mask,
+                                                        added=added, text_conditioning=cond))
         return (lambda full: full), denoise, (lambda x: self.hole_tokens_of(x, enc["hole_index"]))
+
+    def _decoder_step(self, latents, t, c):
+        """Every step: the whole canvas (per-edit tensors in ``c``)."""
+        out = self.decoder(latents, c["masked"], c["mask"], t.expand(latents.shape[0]), c["text"], c["text_mask"],
+                           added_cond_kwargs=c["added"], text_conditioning=c["text_conditioning"]).sample
+        return out[:, : latents.shape[1]]
 
     @torch.no_grad()
     def __call__(self, prompt: str, image: ImageInput, mask_image: ImageInput, negative_prompt: Optional[str] = "",
