@@ -105,32 +105,40 @@ def tiny_regenerate_pipeline(seed: int = 0, crop: bool = False, **kw):
 
 
 class FakeCUDA:
-    """Stands in for ``torch.cuda`` in :mod:`lazydiff.pipelines.cuda_graphs` on a CPU.
-
-    Like a real CUDA graph it knows buffers, not values: recording leaves the static output as garbage
-    (NaN), and ``replay()`` re-runs the step function that was recorded on the recording denoiser's
-    static input and constants, into its static output (``replay_computes=False``: writes zeros
-    instead, for tests that count calls and must not run the decoder's Python at a replay).
+    """Stands in for ``torch.cuda`` in :mod:`lazydiff.pipelines.cuda_graphs` on a CPU, with a CUDA graph's
+    semantics: recording logs the ATen ops the step runs (a ``TorchDispatchMode``) and leaves the
+    static output as garbage (NaN); ``replay()`` re-runs those ops, not the Python that made them.
+    Tensors made while recording are recomputed; every other tensor is read as it is *now*, by
+    identity, as a graph reads an address. So a step that took a per-edit tensor from anywhere but
+    its recorded buffers replays the recording edit's tensor, as on a GPU.
     ``fail=True``: every capture raises, as an op that cannot be captured does."""
 
-    def __init__(self, fail: bool = False, replay_computes: bool = True):
-        self.fail, self.replay_computes = fail, replay_computes
+    def __init__(self, fail: bool = False):
+        self.fail = fail
         self.graphs: list = []
         self.replays = 0
 
     def CUDAGraph(self):
+        from torch.utils._pytree import tree_flatten, tree_map
+
         fake = self
 
         class Graph:
-            denoiser = None
+            ops, denoiser, captured_out = (), None, None
 
             def replay(self):
-                d = self.denoiser
                 fake.replays += 1
-                if fake.replay_computes:
-                    d.static_out.copy_(d.fn(d.static_x, d.static_t, d.static_consts))
-                else:
-                    d.static_out.zero_()
+                env = {}
+
+                def now(a):
+                    return env.get(id(a), a) if isinstance(a, torch.Tensor) else a
+
+                for func, args, kwargs, out in self.ops:
+                    new = func(*tree_map(now, args), **tree_map(now, kwargs))
+                    for o, n in zip(tree_flatten(out)[0], tree_flatten(new)[0]):
+                        if isinstance(o, torch.Tensor):
+                            env[id(o)] = n
+                self.denoiser.static_out.copy_(env[id(self.captured_out)])
 
         g = Graph()
         self.graphs.append(g)
@@ -139,22 +147,41 @@ class FakeCUDA:
     def graph(self, g):
         import contextlib
 
+        from torch.utils._python_dispatch import TorchDispatchMode
+
         from .pipelines.cuda_graphs import capturing
+
+        class Record(TorchDispatchMode):
+            def __init__(self):
+                super().__init__()
+                self.ops = []  # (func, args, kwargs, out); holding them keeps every id unique
+
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                kwargs = kwargs or {}
+                out = func(*args, **kwargs)
+                self.ops.append((func, args, kwargs, out))
+                return out
 
         @contextlib.contextmanager
         def capture():
             if self.fail:
                 raise RuntimeError("operation not permitted when stream is capturing")
-            yield
-            g.denoiser = capturing()
-            g.denoiser.static_out.fill_(float("nan"))  # captured kernels do not run: garbage until a replay
+            with Record() as rec:
+                yield
+            d = capturing()
+            g.ops, g.denoiser, g.captured_out = rec.ops, d, d.static_out
+            d.static_out = d.static_out.clone().fill_(float("nan"))  # captured kernels do not run
 
         return capture()
 
 
 def use_fake_cuda_graphs(pipe, fake: "FakeCUDA", size: int = 4):
-    """Makes ``pipe`` take its CUDA-graph path on the CPU with ``fake`` as the CUDA runtime (tests)."""
+    """Makes ``pipe`` take its CUDA-graph path on the CPU with ``fake`` as the CUDA runtime (tests). The
+    decoder's timestep constants are not memoised, as on a GPU (the memo is for CPU steps: a recorded
+    memo hit would replay one timestep's constants at every step)."""
     pipe.cuda_graphs, pipe.max_cached_graphs, pipe.cuda_runtime = True, size, fake
+    pipe.decoder.trunk.max_memoised_timesteps = 0
+    pipe.decoder.trunk.clear_inference_cache()
     pipe._graphs_apply = lambda latents: True
     pipe.__dict__.pop("_graph_cache", None)
     return pipe

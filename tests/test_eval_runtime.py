@@ -117,7 +117,7 @@ def test_flop_recorder_counts_cuda_graph_replays(kind, make_canvas, make_mask):
     """A step replayed from a CUDA graph runs no decoder Python; the pipeline's graph_replay_hook tells
     the recorder, which counts the decoder call made while that graph was recorded, also when the
     graph was recorded in an earlier edit (a follow-up replays every step), so FLOPs are not
-    undercounted. (A stand-in CUDA runtime on this CPU; its replays run no decoder code.)"""
+    undercounted. (A stand-in CUDA runtime on this CPU: its replays re-run ATen ops, no decoder code.)"""
     from eval.flops import CallRecorder
     from lazydiff.testing import FakeCUDA, tiny_lazy_pipeline, tiny_regenerate_pipeline, use_fake_cuda_graphs
 
@@ -131,7 +131,7 @@ def test_flop_recorder_counts_cuda_graph_replays(kind, make_canvas, make_mask):
         return rec.flops(rec.stop())
 
     eager = edit(3)
-    fake = FakeCUDA(replay_computes=False)
+    fake = FakeCUDA()
     use_fake_cuda_graphs(pipe, fake)
     recorded = edit(3)     # eager step, recording step, one replay
     followup = edit(5)     # five replays of the graph recorded above

@@ -287,7 +287,8 @@ def test_cuda_graph_cache_serves_a_later_edit_from_its_first_step():
 def test_cuda_graphs_carry_over_to_the_next_edit_of_the_pipeline(make_canvas, make_mask):
     """With cuda_graphs on (a stand-in CUDA runtime on this CPU), a second edit with the same mask (a
     new canvas, prompt and seed) replays the graph the first edit recorded at every step, and its
-    result is the eager edit's. Every per-edit tensor reaches the step through its constants."""
+    result is the eager edit's. FakeCUDA replays recorded ops on recorded tensors, so this fails if a
+    step reads a per-edit tensor from anywhere but its constants (it would replay the first edit's)."""
     from lazydiff.testing import FakeCUDA, tiny_lazy_pipeline, tiny_regenerate_pipeline, use_fake_cuda_graphs
 
     for make in (tiny_lazy_pipeline, tiny_regenerate_pipeline):
