@@ -629,7 +629,8 @@ def run_runtime(opts: RuntimeOptions):
                            "hole_tokens": st.get("hole_tokens"), "total_tokens": st.get("total_tokens"),
                            "steps": st.get("steps", opts.steps), "total_ms": t["total"], "wall_ms": res["wall_ms"],
                            "denoise_ms_per_step": t.get("denoise", float("nan")) / max(st.get("steps", opts.steps), 1),
-                           "vae_encode_mode": st.get("vae_encode"), "vae_encoded_fraction": st.get("encoded_fraction")}
+                           "vae_encode_mode": st.get("vae_encode"), "vae_encoded_fraction": st.get("encoded_fraction"),
+                           "cuda_graph": st.get("cuda_graph")}
                     for s in STAGES + ("crop_resize",):
                         row[f"stage_{s}_ms"] = t.get(s, float("nan"))
                     runs.append(row)

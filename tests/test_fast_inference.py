@@ -296,9 +296,12 @@ def test_cuda_graphs_carry_over_to_the_next_edit_of_the_pipeline(make_canvas, ma
         mask = make_mask(64, 64, (20, 16, 44, 40))
         first, second = make_canvas(64, 64, seed=1), make_canvas(64, 64, seed=2)
 
+        notes = []
+
         def run(img, prompt, seed):
             out = pipe(prompt, img, mask, num_inference_steps=5, guidance_scale=4.5,
                        generator=torch.Generator().manual_seed(seed))
+            notes.append(out.stats.get("cuda_graph"))
             return np.asarray(out.images[0])
 
         ref = run(second, "a large blue square", 5)
@@ -309,6 +312,7 @@ def test_cuda_graphs_carry_over_to_the_next_edit_of_the_pipeline(make_canvas, ma
         run(first, "a small red star", 3)                    # records (steps 1-2), replays 3 steps
         assert len(fake.graphs) == 1 and len(replays) == 3
         out = run(second, "a large blue square", 5)          # same token count: all 5 steps replay
+        assert notes == [None, "recorded", "cached"]
         cache = pipe.__dict__["_graph_cache"]
         assert (cache.hits, cache.misses, len(fake.graphs), len(replays)) == (1, 1, 1, 8)
         assert np.array_equal(out, ref), make.__name__

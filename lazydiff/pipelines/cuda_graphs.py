@@ -179,14 +179,21 @@ class CUDAGraphCache:
         self.graphs: "OrderedDict[Hashable, CUDAGraphDenoiser]" = OrderedDict()
         self.hits = self.misses = 0
 
-    def denoiser(self, denoise, on_replay=None, weights: Hashable = ()) -> Callable:
+    def denoiser(self, denoise, on_replay=None, weights: Hashable = (), notes: Optional[dict] = None) -> Callable:
+        """``notes["cuda_graph"]``, if given: ``"recorded"`` (this edit records its graph), ``"cached"``
+        (it replays one recorded earlier) or ``"eager"`` (that graph's recording failed)."""
+        notes = {} if notes is None else notes
         if not isinstance(denoise, StepFunction) or self.size <= 0:  # closures: a graph per edit, as before
+            notes["cuda_graph"] = "recorded"
             return CUDAGraphDenoiser(denoise, self.cuda, on_replay)
         chosen = []
 
         def first_call_picks(x, t):
             if not chosen:
-                chosen.append(self._lookup(denoise, x, t, on_replay, weights))
+                hits = self.hits
+                g = self._lookup(denoise, x, t, on_replay, weights)
+                notes["cuda_graph"] = "eager" if g.failed else "cached" if self.hits > hits else "recorded"
+                chosen.append(g)
             return chosen[0](x, t)
 
         return first_call_picks

@@ -596,7 +596,7 @@ class EditPipelineMixin:
                timesteps: torch.Tensor, guidance_scale: float, generator,
                callback_on_step_end=None, callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
                preview: Optional[Callable[[torch.Tensor], PIL.Image.Image]] = None,
-               timer: Optional[StageTimer] = None) -> torch.Tensor:
+               timer: Optional[StageTimer] = None, notes: Optional[Dict[str, Any]] = None) -> torch.Tensor:
         """The sampling loop every pipeline shares (k-diffusion style: the denoiser is a function).
 
         ``denoise(model_input, t)`` returns the noise prediction for a batch; with CFG the batch is
@@ -607,7 +607,7 @@ class EditPipelineMixin:
         fast_step = self._ddim_step_fn() if self.fast_scheduler_step else None
         model_dtype = self.model_dtype  # once: diffusers' ``dtype`` walks every parameter
         if self.cuda_graphs and self._graphs_apply(latents):
-            denoise = self._graphed(denoise)
+            denoise = self._graphed(denoise, notes)
         with self.progress_bar(total=len(timesteps)) as bar:
             for i, t in enumerate(timesteps):
                 x = torch.cat([latents] * 2) if do_cfg else latents
@@ -639,14 +639,16 @@ class EditPipelineMixin:
     def _graphs_apply(latents: torch.Tensor) -> bool:
         return latents.is_cuda  # CUDA graphs exist only there
 
-    def _graphed(self, denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
-        """``denoise`` replayed from a CUDA graph of the pipeline's graph cache (see :mod:`.cuda_graphs`)."""
+    def _graphed(self, denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+                 notes: Optional[Dict[str, Any]] = None):
+        """``denoise`` replayed from a CUDA graph of the pipeline's graph cache (see :mod:`.cuda_graphs`);
+        ``notes["cuda_graph"]`` says whether the edit recorded its graph or replayed a cached one."""
         cache = self.__dict__.get("_graph_cache")
         if cache is None or cache.size != self.max_cached_graphs or cache.cuda is not self.cuda_runtime:
             cache = self.__dict__["_graph_cache"] = CUDAGraphCache(self.max_cached_graphs, self.cuda_runtime)
         # a graph reads the weights by address: a new storage or an in-place update needs a new graph
         weights = once_per_edit(self.decoder, "graph weights", lambda: _param_key(list(self.decoder.parameters())))
-        return cache.denoiser(denoise, self.graph_replay_hook, weights)
+        return cache.denoiser(denoise, self.graph_replay_hook, weights, notes)
 
     def _ddim_step_fn(self):
         """``DDIMScheduler.step`` for the configuration our models ship with (epsilon prediction, no
@@ -806,7 +808,7 @@ class EditPipelineMixin:
 
         with timer("denoise"):
             x = self.sample(to_working(full), denoise, timesteps, guidance_scale, generator, callback_on_step_end,
-                            callback_on_step_end_tensor_inputs, preview, timer)
+                            callback_on_step_end_tensor_inputs, preview, timer, edit.notes)
         if "callback" in timer.ms:
             timer.ms["denoise"] -= timer.ms["callback"]
         with timer("vae_decode"):
