@@ -1,4 +1,4 @@
-"""Command line: ``python -m eval {quality,gate,ceiling,runtime} ...`` (see ``eval/README.md``)."""
+"""Command line: ``python -m eval {quality,gate,compare,ceiling,loss,runtime} ...`` (see ``eval/README.md``)."""
 from __future__ import annotations
 
 import argparse
@@ -75,6 +75,25 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--autoencoder", default=None, help="autoencoder folder (default data/models/autoencoder)")
     c.add_argument("--limit", type=int, default=None, help="only the first N edits of the suite")
 
+    lo = sub.add_parser("loss", help="held-out denoising error in the hole, on object and background tokens",
+                        description="Each method's noise-prediction error on the hole tokens of a ShapesWorld suite's "
+                                    "edits at fixed timesteps (the training loss on unseen edits, with each pipeline's "
+                                    "own denoiser), split into tokens of the prompted object and background tokens, "
+                                    "by mask size and kind; ratios to --reference with paired-bootstrap intervals. "
+                                    "No sampling and no classifier: it tracks training progress where prompt accuracy "
+                                    "is too noisy.")
+    lo.add_argument("--suite", required=True, help="ShapesWorld suite YAML (e.g. data/suites/shapes-val.yaml)")
+    lo.add_argument("--out", required=True, help="output folder (report.md, summary.csv, per_edit.csv, loss_ratio.png)")
+    lo.add_argument("--methods", type=_names, default=["lazy", "regenerate-image"],
+                    help="comma-separated: lazy, regenerate-image, tiny-* (tests) or pipeline folders "
+                         "(default lazy,regenerate-image)")
+    lo.add_argument("--reference", default="regenerate-image", help="the method the others are divided by")
+    lo.add_argument("--timesteps", type=lambda s: [int(v) for v in _floats(s)], default=[200, 400, 600],
+                    help="comma-separated diffusion timesteps in [0, 999] (default 200,400,600)")
+    lo.add_argument("--limit", type=int, default=None, help="only the first N edits of the suite")
+    lo.add_argument("--seed", type=int, default=0, help="seed of the noise (the same for every method)")
+    lo.add_argument("--device", default="cpu", help="cpu | cuda")
+
     r = sub.add_parser("runtime", help="latency and FLOPs vs mask ratio against the full-canvas baselines",
                        description="End-to-end and per-step latency of LazyDiffusion vs RegenerateImage (and "
                                    "RegenerateCrop): warm-up, interleaved repeats, medians and IQR, per-stage "
@@ -130,6 +149,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(md)
             print(f"\nwrote {args.out}/compare.md, compare.csv, compare.png")
             return 0
+        if args.command == "loss":
+            from .denoising_loss import main as loss_main
+
+            return loss_main(args)
         if args.command == "ceiling":
             from .ceiling import measure, write_report
 

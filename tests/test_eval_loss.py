@@ -1,0 +1,77 @@
+"""`python -m eval loss`: held-out denoising error in the hole, object vs background tokens."""
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from eval.cli import main
+from eval.denoising_loss import summarise
+
+REPO = Path(__file__).resolve().parents[1]
+SUITES = REPO / "data" / "suites"
+
+
+def test_loss_on_the_shipped_models(tmp_path, capsys):
+    out = tmp_path / "loss"
+    assert main(["loss", "--suite", str(SUITES / "shapes-val.yaml"), "--limit", "10", "--timesteps", "300,600",
+                 "--out", str(out)]) == 0
+    per = pd.read_csv(out / "per_edit.csv")
+    assert len(per) == 10 * 2 * 2 and set(per.method) == {"lazy", "regenerate-image"} and set(per.t) == {300, 600}
+    assert np.allclose(per.object + per.background, per.hole, rtol=1e-5, atol=1e-6)
+    assert (per.object_tokens <= per.hole_tokens).all() and (per.hole_tokens > 0).all()
+    # both methods are scored on the same tokens of each edit
+    tokens = per.pivot_table(index="id", columns="method", values=["hole_tokens", "object_tokens"], aggfunc="first")
+    assert (tokens["hole_tokens"]["lazy"] == tokens["hole_tokens"]["regenerate-image"]).all()
+    assert (tokens["object_tokens"]["lazy"] == tokens["object_tokens"]["regenerate-image"]).all()
+    assert (per[per.intent == "remove"].object_tokens == 0).all() and (per[per.intent == "object"].object_tokens > 0).all()
+    # trained denoisers predict the noise: far below the error of predicting zeros (E[eps^2] = 1). A
+    # misaligned target (other tokens, other noise) would put them near 2.
+    mse = per.groupby("method").hole.sum() / per.groupby("method").hole_tokens.sum()
+    assert (mse < 0.3).all(), mse
+    summary = pd.read_csv(out / "summary.csv")
+    row = summary[(summary.by == "all") & (summary.part == "hole") & (summary.method == "lazy")].iloc[0]
+    assert row.ratio == pytest.approx(mse["lazy"] / mse["regenerate-image"])
+    assert row.ratio_lo <= row.ratio <= row.ratio_hi
+    text = (out / "report.md").read_text()
+    assert "## By mask size" in text and "## By mask kind" in text and (out / "loss_ratio.png").stat().st_size > 0
+    assert "background ratio lazy" in capsys.readouterr().out
+
+
+def test_random_weights_do_not_predict_the_noise(tmp_path):
+    out = tmp_path / "tiny"
+    suite = tmp_path / "tiny.yaml"
+    suite.write_text("dataset: shapesworld\nsize: 64\nseeds: {start: 10000000, count: 6}\n")
+    assert main(["loss", "--suite", str(suite), "--methods", "tiny-lazy,tiny-regenerate-image",
+                 "--reference", "tiny-regenerate-image", "--out", str(out)]) == 0
+    per = pd.read_csv(out / "per_edit.csv")
+    mse = per.groupby("method").hole.sum() / per.groupby("method").hole_tokens.sum()
+    assert (mse > 0.5).all(), mse
+
+
+def test_summary_ratios_and_intervals():
+    rows = []
+    for i in range(8):
+        for m, scale in (("a", 2.0), ("b", 1.0)):
+            rows.append(dict(id=f"e{i}", method=m, t=100, kind="box", intent="object", mask_ratio=0.05 + 0.1 * i,
+                             hole_tokens=10, object_tokens=4, object=scale * (1 + i) * 0.4, background=scale * 0.6,
+                             hole=scale * ((1 + i) * 0.4 + 0.6)))
+    s = summarise(pd.DataFrame(rows), reference="b", rounds=200)
+    a = s[(s.by == "all") & (s.method == "a")].set_index("part")
+    assert a.ratio.tolist() == pytest.approx([2.0, 2.0, 2.0])
+    assert a.ratio_lo.tolist() == pytest.approx([2.0] * 3) and a.ratio_hi.tolist() == pytest.approx([2.0] * 3)
+    assert a.loc["object", "mse"] == pytest.approx(2 * sum(0.4 * (1 + i) for i in range(8)) / 32)
+    assert s[s.method == "b"].ratio.isna().all()
+    assert set(s[s.by == "mask size"].group) == {"0%–10%", "10%–20%", "20%–35%", "≥ 35%"}
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--suite", str(SUITES / "folder_example.yaml")], "needs ShapesWorld ground truth"),
+    (["--suite", str(SUITES / "shapes-val.yaml"), "--methods", "lazy,regenerate-crop"], "Leave it out of --methods"),
+    (["--suite", str(SUITES / "shapes-val.yaml"), "--methods", "lazy,tiny-lazy"], "is not among --methods"),
+    (["--suite", str(SUITES / "shapes-val.yaml"), "--timesteps", "200,1000"], "must lie in [0, 999]"),
+])
+def test_loss_bad_input(tmp_path, capsys, args, message):
+    assert main(["loss", "--out", str(tmp_path / "o")] + args) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
