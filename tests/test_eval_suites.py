@@ -24,6 +24,15 @@ def test_shipped_suites_load():
     v = load_suite(str(SUITES / "shapes-val.yaml"))  # validation edits: disjoint from the test split
     assert v.split == "val" and v.num_samples == 200 and v.steps == s.steps and v.guidance == s.guidance
     assert not {x.id for x in v.samples(limit=20)} & {x.id for x in s.samples(limit=20)}
+    big = load_suite(str(SUITES / "shapes-large-holes.yaml"))  # large holes, seeds in no split, no training stream
+    from lazydiff.shapesworld.tasks import SPLITS
+    from lazydiff.train.data import TRAIN_SEED_BASE
+
+    seeds = big.seed_list()
+    assert not any(set(seeds) & set(r) for r in SPLITS.values()) and max(seeds) < TRAIN_SEED_BASE
+    assert big.steps == s.steps and big.guidance == s.guidance and big.crop_margin == s.crop_margin
+    few = big.samples(limit=5)
+    assert all(x.meta["mask_ratio"] >= 0.35 and x.meta["object_edit"] for x in few)
     f = load_suite(str(SUITES / "folder_example.yaml"))
     samples = f.samples()
     assert len(samples) == 4 and samples[0].image.shape == (128, 128, 3)
