@@ -37,8 +37,10 @@ def breakdown(per, bins: Sequence[float] = MASK_RATIO_BINS):
                 obj = sub[sub.prompt_correct.notna()]
                 rem = sub[sub.bg_mae.notna()]
                 acc = obj.prompt_correct.astype(float).mean() if len(obj) else math.nan
+                ceiling = obj.gt_prompt_correct.astype(float).mean() if len(obj) and "gt_prompt_correct" in obj \
+                    else math.nan  # the classifier on the ground truth: what a perfect edit scores here
                 rows.append({"by": by, "group": group, "method": method, "n_object_edits": len(obj),
-                             "prompt_acc": acc,
+                             "prompt_acc": acc, "prompt_acc_ceiling": ceiling,
                              "prompt_acc_ci95": 1.96 * math.sqrt(acc * (1 - acc) / len(obj)) if len(obj) else math.nan,
                              "shape_acc": obj.shape_correct.astype(float).mean() if len(obj) and "shape_correct" in obj
                              else math.nan,
@@ -54,14 +56,17 @@ def markdown(df) -> List[str]:
     L = []
     for by in dict.fromkeys(df.by):
         sub = df[df.by == by]
-        head = ([by, "object edits"] + [f"{m} prompt acc." for m in methods] + ["remove edits"]
-                + [f"{m} bg MAE" for m in methods])
+        ceil = "prompt_acc_ceiling" in sub and np.isfinite(sub.prompt_acc_ceiling.astype(float)).any()
+        head = ([by, "object edits"] + (["ceiling (ground truth)"] if ceil else []) + [f"{m} prompt acc." for m in methods]
+                + ["remove edits"] + [f"{m} bg MAE" for m in methods])
         L += ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
         for group in dict.fromkeys(sub.group):
             g = sub[sub.group == group].set_index("method")
             acc = [f"{g.prompt_acc[m]:.1%}" if np.isfinite(g.prompt_acc[m]) else "–" for m in methods]
             bg = [f"{g.bg_mae[m]:.2f}" if np.isfinite(g.bg_mae[m]) else "–" for m in methods]
-            L.append("| " + " | ".join([str(group), str(int(g.n_object_edits.iloc[0]))] + acc
+            c = g.prompt_acc_ceiling.astype(float).iloc[0] if ceil else math.nan
+            L.append("| " + " | ".join([str(group), str(int(g.n_object_edits.iloc[0]))]
+                                       + ([f"{c:.1%}" if np.isfinite(c) else "–"] if ceil else []) + acc
                                        + [str(int(g.n_remove.iloc[0]))] + bg) + " |")
         L.append("")
     return L
@@ -85,8 +90,12 @@ def plot(df, path: Path) -> Optional[Path]:
             series = {m: (g[col].to_numpy(dtype=float) * scale, g[f"{col}_ci95"].to_numpy(dtype=float) * scale)
                       for m, g in cells.items()}
             counts = cells[methods[0]][ncol]
-            grouped_bars(axes[i_row][j], [f"{g}\n(n={int(c)})" for g, c in zip(groups, counts)], series,
-                         f"{label} by {by}")
+            ax = axes[i_row][j]
+            grouped_bars(ax, [f"{g}\n(n={int(c)})" for g, c in zip(groups, counts)], series, f"{label} by {by}")
+            if i_row == 0 and "prompt_acc_ceiling" in sub:  # the classifier on the ground truth, per group
+                ceil = cells[methods[0]].prompt_acc_ceiling.to_numpy(dtype=float) * 100
+                ax.scatter(np.arange(len(groups)), ceil, marker="_", s=900, color="black", zorder=3,
+                           label="ceiling (ground truth)")
             if i_row == 0 and j == 0:
                 axes[i_row][j].legend(fontsize=7)
     return _save(fig, path)

@@ -61,7 +61,7 @@ def measure(suite_path: str, shapes_clip: Optional[str] = None, autoencoder: Opt
             preds[name] = zs.predict(to_batch(crops))
         for k, s in enumerate(chunk):
             row = {"sample_id": s.id, "size": s.meta["size"], "kind": s.meta["kind"], "shape": s.meta["shape"],
-                   "color": s.meta["color"]}
+                   "color": s.meta["color"], "mask_ratio": s.meta["mask_ratio"]}
             for name, p in preds.items():
                 row[f"{name}_shape"], row[f"{name}_color"] = p[k]
                 row[f"{name}_correct"] = p[k] == (s.meta["shape"], s.meta["color"])
@@ -96,8 +96,12 @@ def write_report(df, out: Path, suite_path: str) -> Path:
 
     out.mkdir(parents=True, exist_ok=True)
     df.to_csv(out / "ceiling.csv", index=False)
+    from .breakdown import MASK_RATIO_BINS, _size_labels
+
+    holes = pd.cut(df.mask_ratio, list(MASK_RATIO_BINS), labels=_size_labels(MASK_RATIO_BINS), right=False)
     groups = [("all", df)] + [(f"{size}", d) for size, d in df.groupby("size")] + \
-        [(f"{size} / {kind}", d) for (size, kind), d in df.groupby(["size", "kind"])]
+        [(f"{size} / {kind}", d) for (size, kind), d in df.groupby(["size", "kind"])] + \
+        [(f"mask {g}", d) for g, d in df.groupby(holes, observed=True)]
     table = [{"objects": name, "n": len(d), "real": f"{100 * d.real_correct.mean():.1f}%",
               "autoencoder": f"{100 * d.autoencoder_correct.mean():.1f}%",
               "real shape": f"{100 * (d.real_shape == d['shape']).mean():.1f}%",
@@ -106,7 +110,8 @@ def write_report(df, out: Path, suite_path: str) -> Path:
     text = ["# ShapesCLIP zero-shot ceiling", "",
             f"`python -m eval ceiling --suite {suite_path}`: the object edits' ground truth, cropped around the hole as "
             "`python -m eval quality` crops it; *real* = the rendered ground truth, *autoencoder* = the same after the "
-            "shipped autoencoder (encode, decode).", "",
+            "shipped autoencoder (encode, decode). *mask …*: by the hole's share of the canvas (the crop grows with "
+            "the hole, so a small object is a smaller part of what the classifier sees).", "",
             df_table(pd.DataFrame(table), ["objects", "n", "real", "autoencoder", "real shape", "real colour"]), ""]
     text += [f"![shape confusion]({plot.name})", ""]
     atomic_write_text(out / "ceiling.md", "\n".join(text))

@@ -264,3 +264,11 @@ def test_breakdown_by_mask_kind_and_size():
     assert math.isnan(df.loc[("mask size", "≥ 35%", "a"), "prompt_acc"])
     assert list(dict.fromkeys(df.reset_index().query("by == 'mask kind'").group)) == ["object", "box", "brush"]
     assert breakdown(per.drop(columns=["kind"])) is None   # folder suites have no mask kinds
+    assert df.prompt_acc_ceiling.isna().all()              # no ground-truth scores in this table
+    per["gt_prompt_correct"] = [True, True, False, None, None, True] * 2
+    df = breakdown(per).set_index(["by", "group", "method"])
+    assert df.loc[("mask kind", "box", "a"), "prompt_acc_ceiling"] == 1.0   # over the group's object edits
+    assert df.loc[("mask size", "10%–20%", "b"), "prompt_acc_ceiling"] == 1.0   # b's object edit there: the 6th
+    assert df.loc[("mask size", "10%–20%", "a"), "prompt_acc_ceiling"] == 0.5
+    from eval.breakdown import markdown
+    assert "| box | 2 | 100.0% | 50.0% | 100.0% |" in "\n".join(markdown(df.reset_index()))
