@@ -32,6 +32,8 @@ def breakdown(per, bins: Sequence[float] = MASK_RATIO_BINS):
     for by, col, order in (("mask kind", "kind", [k for k in KIND_ORDER if k in set(per.kind)]),
                            ("mask size", "size", _size_labels(bins))):
         for group in order:
+            if not (per[col] == group).any():  # e.g. a suite of large holes only
+                continue
             for method in dict.fromkeys(per.method):
                 sub = per[(per[col] == group) & (per.method == method)]
                 obj = sub[sub.prompt_correct.notna()]
@@ -73,29 +75,36 @@ def markdown(df) -> List[str]:
 
 
 def plot(df, path: Path) -> Optional[Path]:
-    """2x2 bars: prompt accuracy and background error, by mask kind and by mask size, one bar per method;
-    the error bars are 95% normal intervals of each cell's mean (small cells are noisy)."""
+    """Bars of prompt accuracy (with each group's ceiling) and, where there are remove edits, background
+    error, by mask kind and by mask size, one bar per method; the error bars are 95% normal intervals
+    of each cell's mean (small cells are noisy)."""
     if df is None or df.empty:
         return None
     plt = _plt()
     methods = list(dict.fromkeys(df.method))
     groupings = list(dict.fromkeys(df.by))
-    fig, axes = plt.subplots(2, len(groupings), figsize=(4.6 * len(groupings), 6.0), squeeze=False)
+    panels = [("prompt_acc", "n_object_edits", "prompt accuracy (%)", 100)]
+    if df.n_remove.sum() > 0:
+        panels.append(("bg_mae", "n_remove", "bg MAE in hole (0-255)", 1))
+    fig, axes = plt.subplots(len(panels), len(groupings), figsize=(4.6 * len(groupings), 3.0 * len(panels) + 0.4),
+                             squeeze=False)
     for j, by in enumerate(groupings):
         sub = df[df.by == by]
         groups = list(dict.fromkeys(sub.group))
-        for i_row, (col, ncol, label, scale) in enumerate((("prompt_acc", "n_object_edits", "prompt accuracy (%)", 100),
-                                                           ("bg_mae", "n_remove", "bg MAE in hole (0-255)", 1))):
+        for i_row, (col, ncol, label, scale) in enumerate(panels):
             cells = {m: sub[sub.method == m].set_index("group").reindex(groups) for m in methods}
             series = {m: (g[col].to_numpy(dtype=float) * scale, g[f"{col}_ci95"].to_numpy(dtype=float) * scale)
                       for m, g in cells.items()}
             counts = cells[methods[0]][ncol]
             ax = axes[i_row][j]
             grouped_bars(ax, [f"{g}\n(n={int(c)})" for g, c in zip(groups, counts)], series, f"{label} by {by}")
-            if i_row == 0 and "prompt_acc_ceiling" in sub:  # the classifier on the ground truth, per group
-                ceil = cells[methods[0]].prompt_acc_ceiling.to_numpy(dtype=float) * 100
-                ax.scatter(np.arange(len(groups)), ceil, marker="_", s=900, color="black", zorder=3,
-                           label="ceiling (ground truth)")
-            if i_row == 0 and j == 0:
-                axes[i_row][j].legend(fontsize=7)
+            if col == "prompt_acc":
+                if "prompt_acc_ceiling" in sub:  # the classifier on the ground truth, per group
+                    ceil = cells[methods[0]].prompt_acc_ceiling.to_numpy(dtype=float) * 100
+                    ax.scatter(np.arange(len(groups)), ceil, marker="_", s=900, color="black", zorder=3,
+                               label="ceiling (ground truth)")
+                ax.set_ylim(0, 125)  # room for the legend above the bars and ceilings
+                ax.set_yticks(range(0, 101, 20))
+                if j == 0:
+                    ax.legend(fontsize=7, loc="upper left", ncol=len(methods) + 1, markerscale=0.3)
     return _save(fig, path)

@@ -87,8 +87,9 @@ def evaluate(run_dir: str, lazy: str = "lazy", full: str = "regenerate-image",
          acc_l >= MIN_PROMPT_ACC),
         ("LazyDiffusion vs RegenerateImage accuracy gap", f"{(acc_f - acc_l) * 100:+.1f} pts",
          f"<= {MAX_ACC_GAP * 100:.0f} pts", acc_f - acc_l <= MAX_ACC_GAP),
-        ("Background MAE in the hole, LazyDiffusion / RegenerateImage", f"{bg_l:.2f} / {bg_f:.2f} = {ratio:.2f}x",
-         f"<= {MAX_BG_RATIO}x", ratio <= MAX_BG_RATIO),
+        ("Background MAE in the hole, LazyDiffusion / RegenerateImage",
+         "not measured: no remove edits in this run" if math.isnan(ratio) else f"{bg_l:.2f} / {bg_f:.2f} = {ratio:.2f}x",
+         f"<= {MAX_BG_RATIO}x", ratio <= MAX_BG_RATIO),   # unmeasured fails: the gate needs the test split
     ]
     ci = intervals(Path(run_dir) / "per_sample.csv", lazy, full)
     shown = [f"{ci['prompt_acc'][0]:.1%} – {ci['prompt_acc'][1]:.1%}" if "prompt_acc" in ci else "",
@@ -117,8 +118,9 @@ def evaluate(run_dir: str, lazy: str = "lazy", full: str = "regenerate-image",
         if name in rows:
             lines.append(f"| {name} | " + " | ".join(cell(rows[name], k, f) for k, _, f in cols) + " |")
     ceiling = L.get("prompt_acc_ceiling")
+    bg_input = L.get("bg_mae_input", float("nan"))
     lines.append(f"| real renders (ceiling) | | {L.get('n_object_edits', float('nan')):.0f} | {ceiling:.1%} | | | | "
-                 f"{L.get('bg_mae_input', float('nan')):.2f} (input, unedited) | | | | | | |")
+                 + ("" if math.isnan(bg_input) else f"{bg_input:.2f} (input, unedited)") + " | | | | | | |")
     return checks, "\n".join(lines)
 
 
