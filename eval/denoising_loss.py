@@ -5,7 +5,8 @@ for every edit of a ShapesWorld suite and a few fixed timesteps, the target canv
 seeded noise and the pipeline's denoiser (``make_denoiser``, the same step a pipeline samples with:
 context encoder + hole tokens for LazyDiffusion, the whole canvas for RegenerateImage) predicts the
 noise. The squared error on the hole's tokens is split into tokens that cover the prompted object
-(the ground truth differs from the analytic background there) and pure-background tokens.
+(the ground truth differs from the analytic background there) and pure-background tokens, and the
+background tokens at the hole's edge (next to a known token; chessboard distance 1) are reported too.
 
 It needs no sampling and no classifier, so it moves with training long before prompt accuracy does,
 and it tells which part of the hole a model fills worse. Ratios against ``--reference`` come with
@@ -26,7 +27,9 @@ from .report import _plt, _save, md_table
 from .suites import SuiteError, atomic_write_text, load_suite
 
 DEFAULT_TIMESTEPS = (200, 400, 600)
-PARTS = ("object", "background", "hole")
+PARTS = ("object", "background", "edge", "hole")   # "edge": background tokens next to a known token
+PART_LABELS = {"object": "object tokens", "background": "background tokens", "edge": "background at the edge",
+               "hole": "whole hole"}
 BOOTSTRAP_ROUNDS = 2000
 
 
@@ -45,8 +48,9 @@ class LossOptions:
 def token_errors(pipe, sample, timesteps: Sequence[int], seed: int, device: str = "cpu") -> Dict[str, np.ndarray]:
     """Squared noise-prediction error per hole token of one edit, at each timestep (a batch of them).
 
-    -> {"error": (T, |H|) mean over channels, "object": (|H|,) bool}: which hole tokens touch the
-    prompted object (where the reference differs from the analytic background)."""
+    -> {"error": (T, |H|) mean over channels, "object": (|H|,) bool: which hole tokens touch the
+    prompted object (where the reference differs from the analytic background), "edge": (|H|,) bool:
+    which touch a token outside the hole (8-neighbourhood)}."""
     from lazydiff.models.dit import gather_tokens, token_mask_from_pixels
     from lazydiff.pipelines.editing import StageTimer, prepare_edit, to_tensor
 
@@ -73,7 +77,14 @@ def token_errors(pipe, sample, timesteps: Sequence[int], seed: int, device: str 
         (sample.reference != background).any(-1) & sample.mask
     obj_tokens = token_mask_from_pixels(torch.from_numpy(obj_px)[None, None].float(), pipe.token_cell).flatten(1)
     is_obj = gather_tokens(obj_tokens.float()[..., None], enc["hole_index"])[0, :, 0] > 0
-    return {"error": err.cpu().numpy(), "object": is_obj.cpu().numpy()}
+    hole = enc["token_mask"][0].cpu().numpy().astype(bool)                       # (gh, gw)
+    known = np.pad(~hole, 1, constant_values=False)  # outside the canvas is not known content
+    near = np.zeros_like(hole)
+    for dy in (0, 1, 2):
+        for dx in (0, 1, 2):
+            near |= known[dy:dy + hole.shape[0], dx:dx + hole.shape[1]]
+    edge = near.reshape(-1)[enc["hole_index"][0].cpu().numpy()]
+    return {"error": err.cpu().numpy(), "object": is_obj.cpu().numpy(), "edge": edge}
 
 
 def measure(opts: LossOptions):
@@ -103,12 +114,13 @@ def measure(opts: LossOptions):
             for i, s in enumerate(tqdm(samples, desc=f"denoising loss, {m.label}", unit="edit")):
                 res = token_errors(pipe, s, opts.timesteps, opts.seed * 1_000_003 + i, opts.device)
                 err, obj = res["error"], res["object"]
+                edge = res["edge"] & ~obj
                 for k, ts in enumerate(opts.timesteps):
                     rows.append(dict(id=s.id, method=m.label, t=int(ts), kind=s.meta.get("kind"),
                                      intent=s.meta.get("intent"), mask_ratio=float(s.meta.get("mask_ratio", s.mask.mean())),
-                                     hole_tokens=int(len(obj)), object_tokens=int(obj.sum()),
+                                     hole_tokens=int(len(obj)), object_tokens=int(obj.sum()), edge_tokens=int(edge.sum()),
                                      object=float(err[k][obj].sum()), background=float(err[k][~obj].sum()),
-                                     hole=float(err[k].sum())))
+                                     edge=float(err[k][edge].sum()), hole=float(err[k].sum())))
         del pipe
     return pd.DataFrame(rows)
 
@@ -122,20 +134,24 @@ def summarise(per, reference: str, rounds: int = BOOTSTRAP_ROUNDS, seed: int = 0
     per = per.assign(size=pd.cut(per.mask_ratio, list(MASK_RATIO_BINS), labels=_size_labels(MASK_RATIO_BINS),
                                  right=False).astype(str),
                      background_tokens=per.hole_tokens - per.object_tokens)
-    counts = {"object": "object_tokens", "background": "background_tokens", "hole": "hole_tokens"}
-    edits = per.groupby(["id", "method"], sort=False)[["object", "background", "hole", "object_tokens",
-                                                      "background_tokens", "hole_tokens"]].sum().reset_index()
+    counts = {p: f"{p}_tokens" for p in PARTS}
     info = per.drop_duplicates("id").set_index("id")[["kind", "size"]]
-    edits = edits.join(info, on="id")
+
+    def per_edit(rows):  # sums over the timesteps of each (edit, method)
+        return rows.groupby(["id", "method"], sort=False)[list(PARTS) + list(counts.values())].sum() \
+            .reset_index().join(info, on="id")
+
+    edits = per_edit(per)
     rng = np.random.default_rng(seed)
     groupings = [("all", None, ["all"]),
                  ("mask size", "size", [g for g in _size_labels(MASK_RATIO_BINS) if g in set(edits["size"])]),
-                 ("mask kind", "kind", [k for k in KIND_ORDER if k in set(edits.kind)])]
+                 ("mask kind", "kind", [k for k in KIND_ORDER if k in set(edits.kind)]),
+                 ("timestep", "t", sorted(set(per.t)))]
     methods = list(dict.fromkeys(edits.method))
     out = []
     for by, col, groups in groupings:
         for group in groups:
-            sub = edits if col is None else edits[edits[col] == group]
+            sub = edits if col is None else per_edit(per[per.t == group]) if col == "t" else edits[edits[col] == group]
             for part in PARTS:
                 err = sub.pivot(index="id", columns="method", values=part)
                 tok = sub.pivot(index="id", columns="method", values=counts[part])
@@ -166,25 +182,31 @@ def write_report(per, summary, out: Path, opts: LossOptions) -> Path:
          f"`python -m eval loss --suite {opts.suite} --methods {','.join(opts.methods)} --reference {opts.reference}"
          f" --timesteps {','.join(map(str, opts.timesteps))}" + (f" --limit {opts.limit}" if opts.limit else "") + "`", "",
          f"Mean squared noise-prediction error per hole token (fixed seeded noise, timesteps "
-         f"{', '.join(map(str, opts.timesteps))}), on tokens that cover the prompted object and on the rest of "
-         f"the hole. *ratio* = method / {opts.reference} on the same tokens; in brackets its 95% interval "
+         f"{', '.join(map(str, opts.timesteps))}), on tokens that cover the prompted object, on the rest of "
+         f"the hole (background) and on the background tokens at the hole's edge (next to a token outside the "
+         f"hole). *ratio* = method / {opts.reference} on the same tokens; in brackets its 95% interval "
          f"(paired bootstrap over the edits, {BOOTSTRAP_ROUNDS} rounds).", ""]
+    methods = list(dict.fromkeys(summary.method))
+    overall = summary[summary.by == "all"]
+    mse_rows = [{"tokens": PART_LABELS[part], **{m: f"{overall[(overall.part == part) & (overall.method == m)].mse.iloc[0]:.4f}"
+                                                 for m in methods}} for part in PARTS]
+    L += ["## Mean squared error per token, all edits", "", md_table(mse_rows, ["tokens"] + methods), ""]
     for by in dict.fromkeys(summary.by):
         sub = summary[summary.by == by]
         rows = []
         for group in dict.fromkeys(sub.group):
             g = sub[sub.group == group]
-            row = {by: group, "edits": int(g.edits.max())}
-            for part in PARTS:
-                p = g[g.part == part].set_index("method")
-                for m in dict.fromkeys(summary.method):
-                    row[f"{part} mse {m}"] = f"{p.mse[m]:.4f}" if np.isfinite(p.mse[m]) else "–"
-                for m in others:
-                    r = p.loc[m]
-                    row[f"{part} ratio {m}"] = "–" if not np.isfinite(r.ratio) else (
+            for m in others:
+                row = {by: group, "edits": int(g.edits.max())}
+                if len(others) > 1:
+                    row["method"] = m
+                for part in PARTS:
+                    r = g[(g.part == part) & (g.method == m)].iloc[0]
+                    row[PART_LABELS[part]] = "–" if not np.isfinite(r.ratio) else (
                         f"{r.ratio:.2f}" + (f" ({r.ratio_lo:.2f}–{r.ratio_hi:.2f})" if np.isfinite(r.ratio_lo) else ""))
-            rows.append(row)
-        L += [f"## By {by}" if by != "all" else "## All edits", "", md_table(rows, list(rows[0])), ""]
+                rows.append(row)
+        title = "All edits" if by == "all" else f"By {by}"
+        L += [f"## {title}: error ratio to {opts.reference}", "", md_table(rows, list(rows[0])), ""]
     plot = _plot(summary, others, out / "loss_ratio.png", opts.reference)
     if plot is not None:
         L += [f"![ratio to {opts.reference} by mask size]({plot.name})", ""]
@@ -204,8 +226,8 @@ def _plot(summary, others: Sequence[str], path: Path, reference: str) -> Optiona
         for i, part in enumerate(PARTS):
             p = s[s.part == part].set_index("group").loc[groups]
             err = np.vstack([p.ratio - p.ratio_lo, p.ratio_hi - p.ratio]).clip(min=0)
-            ax.errorbar(x + (i - 1) * 0.12, p.ratio, yerr=np.nan_to_num(err), fmt="o-", capsize=3,
-                        label=f"{part} tokens")
+            ax.errorbar(x + (i - 1.5) * 0.1, p.ratio, yerr=np.nan_to_num(err), fmt="o-", capsize=3,
+                        label=PART_LABELS[part])
         ax.axhline(1.0, color="grey", lw=0.8, ls="--")
         ax.set_xticks(x, groups)
         ax.set_xlabel("mask size")

@@ -4,6 +4,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from eval.cli import main
 from eval.denoising_loss import summarise
@@ -20,6 +21,8 @@ def test_loss_on_the_shipped_models(tmp_path, capsys):
     assert len(per) == 10 * 2 * 2 and set(per.method) == {"lazy", "regenerate-image"} and set(per.t) == {300, 600}
     assert np.allclose(per.object + per.background, per.hole, rtol=1e-5, atol=1e-6)
     assert (per.object_tokens <= per.hole_tokens).all() and (per.hole_tokens > 0).all()
+    assert (per.edge_tokens <= per.hole_tokens - per.object_tokens).all() and (per.edge <= per.background + 1e-9).all()
+    assert (per.edge_tokens > 0).all()  # every hole has an edge
     # both methods are scored on the same tokens of each edit
     tokens = per.pivot_table(index="id", columns="method", values=["hole_tokens", "object_tokens"], aggfunc="first")
     assert (tokens["hole_tokens"]["lazy"] == tokens["hole_tokens"]["regenerate-image"]).all()
@@ -34,8 +37,8 @@ def test_loss_on_the_shipped_models(tmp_path, capsys):
     assert row.ratio == pytest.approx(mse["lazy"] / mse["regenerate-image"])
     assert row.ratio_lo <= row.ratio <= row.ratio_hi
     text = (out / "report.md").read_text()
-    assert "## By mask size" in text and "## By mask kind" in text and (out / "loss_ratio.png").stat().st_size > 0
-    assert "background ratio lazy" in capsys.readouterr().out
+    assert "## By mask size" in text and "## By mask kind" in text and "## By timestep" in text and (out / "loss_ratio.png").stat().st_size > 0
+    assert "| background tokens | background at the edge |" in capsys.readouterr().out
 
 
 def test_random_weights_do_not_predict_the_noise(tmp_path):
@@ -54,15 +57,17 @@ def test_summary_ratios_and_intervals():
     for i in range(8):
         for m, scale in (("a", 2.0), ("b", 1.0)):
             rows.append(dict(id=f"e{i}", method=m, t=100, kind="box", intent="object", mask_ratio=0.05 + 0.1 * i,
-                             hole_tokens=10, object_tokens=4, object=scale * (1 + i) * 0.4, background=scale * 0.6,
-                             hole=scale * ((1 + i) * 0.4 + 0.6)))
+                             hole_tokens=10, object_tokens=4, edge_tokens=3, object=scale * (1 + i) * 0.4,
+                             background=scale * 0.6, edge=scale * 0.3, hole=scale * ((1 + i) * 0.4 + 0.6)))
     s = summarise(pd.DataFrame(rows), reference="b", rounds=200)
     a = s[(s.by == "all") & (s.method == "a")].set_index("part")
-    assert a.ratio.tolist() == pytest.approx([2.0, 2.0, 2.0])
-    assert a.ratio_lo.tolist() == pytest.approx([2.0] * 3) and a.ratio_hi.tolist() == pytest.approx([2.0] * 3)
+    assert a.ratio.tolist() == pytest.approx([2.0] * 4)
+    assert a.ratio_lo.tolist() == pytest.approx([2.0] * 4) and a.ratio_hi.tolist() == pytest.approx([2.0] * 4)
+    assert a.loc["edge", "mse"] == pytest.approx(2 * 0.3 * 8 / 24)
     assert a.loc["object", "mse"] == pytest.approx(2 * sum(0.4 * (1 + i) for i in range(8)) / 32)
     assert s[s.method == "b"].ratio.isna().all()
     assert set(s[s.by == "mask size"].group) == {"0%–10%", "10%–20%", "20%–35%", "≥ 35%"}
+    assert s[(s.by == "timestep") & (s.method == "a")].ratio.tolist() == pytest.approx([2.0] * 4)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -75,3 +80,31 @@ def test_loss_bad_input(tmp_path, capsys, args, message):
     assert main(["loss", "--out", str(tmp_path / "o")] + args) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_token_errors_edge_and_object_tokens():
+    """A 4x4-token square hole: its 12 outer tokens touch known content, the 4 inner ones do not; an
+    object drawn in one corner token of the ground truth marks exactly that token."""
+    from types import SimpleNamespace
+
+    from eval.denoising_loss import token_errors
+    from lazydiff.testing import tiny_lazy_pipeline
+
+    pipe = tiny_lazy_pipeline(seed=0)
+    c = pipe.token_cell
+    size = 8 * c
+    rng = np.random.default_rng(0)
+    background = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
+    mask = np.zeros((size, size), bool)
+    mask[2 * c:6 * c, 2 * c:6 * c] = True
+    reference = background.copy()
+    reference[2 * c + 1:3 * c - 1, 2 * c + 1:3 * c - 1] = 255   # inside the hole's top-left token only
+    sample = SimpleNamespace(id="s", image=background, mask=mask, reference=reference, background=background,
+                             prompt="a red star")
+    with torch.no_grad():
+        r = token_errors(pipe, sample, (100, 500), seed=0)
+    assert r["error"].shape == (2, 16) and (r["error"] > 0).all()
+    grid = np.zeros((4, 4), bool)
+    grid[1:3, 1:3] = True                    # the inner four, in row-major hole order
+    assert r["edge"].tolist() == (~grid).reshape(-1).tolist()
+    assert r["object"].tolist() == [True] + [False] * 15
