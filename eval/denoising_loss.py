@@ -242,6 +242,8 @@ def main(args) -> int:
                        timesteps=args.timesteps, limit=args.limit, seed=args.seed, device=args.device)
     if opts.limit is not None and opts.limit < 1:
         raise SuiteError("--limit must be >= 1")
+    if opts.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SuiteError(f"--device {opts.device}: no CUDA device on this machine; use --device cpu")
     if any(not 0 <= t < 1000 for t in opts.timesteps):
         raise SuiteError(f"--timesteps must lie in [0, 999], got {','.join(map(str, opts.timesteps))}")
     per = measure(opts)

@@ -75,6 +75,8 @@ def test_summary_ratios_and_intervals():
     (["--suite", str(SUITES / "shapes-val.yaml"), "--methods", "lazy,regenerate-crop"], "Leave it out of --methods"),
     (["--suite", str(SUITES / "shapes-val.yaml"), "--methods", "lazy,tiny-lazy"], "is not among --methods"),
     (["--suite", str(SUITES / "shapes-val.yaml"), "--timesteps", "200,1000"], "must lie in [0, 999]"),
+    pytest.param(["--suite", str(SUITES / "shapes-val.yaml"), "--device", "cuda"], "no CUDA device",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU message")),
 ])
 def test_loss_bad_input(tmp_path, capsys, args, message):
     assert main(["loss", "--out", str(tmp_path / "o")] + args) == 2
