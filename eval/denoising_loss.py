@@ -88,8 +88,9 @@ def token_errors(pipe, sample, timesteps: Sequence[int], seed: int, device: str 
 
 
 def measure(opts: LossOptions):
-    """-> per-edit DataFrame: id, method, t, kind, intent, mask_ratio, hole / object token counts and the
-    summed squared error on object, background and all hole tokens."""
+    """-> DataFrame, a row per (edit, method, timestep): id, method, t, kind, intent, mask_ratio, the hole's
+    token counts (hole, object, edge) and the summed squared error on its object, background, edge
+    (background tokens next to a known token) and all tokens."""
     import pandas as pd
     from tqdm.auto import tqdm
 
