@@ -15,8 +15,16 @@ KIND_ORDER = ("object", "box", "brush")
 NEEDED = ("method", "mask_ratio", "kind", "prompt_correct", "bg_mae")
 
 
-def _size_labels(bins: Sequence[float]) -> List[str]:
+def size_labels(bins: Sequence[float] = MASK_RATIO_BINS) -> List[str]:
+    """The mask-size groups' names: "0%–10%", ..., "≥ 35%"."""
     return [f"{lo:.0%}–{hi:.0%}" if hi < 1 else f"≥ {lo:.0%}" for lo, hi in zip(bins[:-1], bins[1:])]
+
+
+def size_groups(mask_ratio, bins: Sequence[float] = MASK_RATIO_BINS):
+    """Each mask ratio's group of :func:`size_labels` (a pandas Categorical)."""
+    import pandas as pd
+
+    return pd.cut(mask_ratio.astype(float), list(bins), labels=size_labels(bins), right=False)
 
 
 def breakdown(per, bins: Sequence[float] = MASK_RATIO_BINS):
@@ -27,10 +35,10 @@ def breakdown(per, bins: Sequence[float] = MASK_RATIO_BINS):
 
     if per is None or not all(c in per.columns for c in NEEDED) or per.kind.isna().all():
         return None
-    per = per.assign(size=pd.cut(per.mask_ratio.astype(float), list(bins), labels=_size_labels(bins), right=False))
+    per = per.assign(size=size_groups(per.mask_ratio, bins))
     rows = []
     for by, col, order in (("mask kind", "kind", [k for k in KIND_ORDER if k in set(per.kind)]),
-                           ("mask size", "size", _size_labels(bins))):
+                           ("mask size", "size", size_labels(bins))):
         for group in order:
             if not (per[col] == group).any():  # e.g. a suite of large holes only
                 continue

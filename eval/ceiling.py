@@ -96,9 +96,9 @@ def write_report(df, out: Path, suite_path: str) -> Path:
 
     out.mkdir(parents=True, exist_ok=True)
     df.to_csv(out / "ceiling.csv", index=False)
-    from .breakdown import MASK_RATIO_BINS, _size_labels
+    from .breakdown import size_groups
 
-    holes = pd.cut(df.mask_ratio, list(MASK_RATIO_BINS), labels=_size_labels(MASK_RATIO_BINS), right=False)
+    holes = size_groups(df.mask_ratio)
     groups = [("all", df)] + [(f"{size}", d) for size, d in df.groupby("size")] + \
         [(f"{size} / {kind}", d) for (size, kind), d in df.groupby(["size", "kind"])] + \
         [(f"mask {g}", d) for g, d in df.groupby(holes, observed=True)]

@@ -22,7 +22,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from .breakdown import KIND_ORDER, MASK_RATIO_BINS, _size_labels
+from .breakdown import KIND_ORDER, size_groups, size_labels
 from .report import _plt, _save, md_table
 from .suites import SuiteError, atomic_write_text, load_suite
 
@@ -77,12 +77,10 @@ def token_errors(pipe, sample, timesteps: Sequence[int], seed: int, device: str 
         (sample.reference != background).any(-1) & sample.mask
     obj_tokens = token_mask_from_pixels(torch.from_numpy(obj_px)[None, None].float(), pipe.token_cell).flatten(1)
     is_obj = gather_tokens(obj_tokens.float()[..., None], enc["hole_index"])[0, :, 0] > 0
+    from scipy import ndimage
+
     hole = enc["token_mask"][0].cpu().numpy().astype(bool)                       # (gh, gw)
-    known = np.pad(~hole, 1, constant_values=False)  # outside the canvas is not known content
-    near = np.zeros_like(hole)
-    for dy in (0, 1, 2):
-        for dx in (0, 1, 2):
-            near |= known[dy:dy + hole.shape[0], dx:dx + hole.shape[1]]
+    near = ndimage.binary_dilation(~hole, np.ones((3, 3), bool))  # outside the canvas is not known content
     edge = near.reshape(-1)[enc["hole_index"][0].cpu().numpy()]
     return {"error": err.cpu().numpy(), "object": is_obj.cpu().numpy(), "edge": edge}
 
@@ -132,9 +130,7 @@ def summarise(per, reference: str, rounds: int = BOOTSTRAP_ROUNDS, seed: int = 0
     (edits resampled; both methods keep their own errors on each resampled edit)."""
     import pandas as pd
 
-    per = per.assign(size=pd.cut(per.mask_ratio, list(MASK_RATIO_BINS), labels=_size_labels(MASK_RATIO_BINS),
-                                 right=False).astype(str),
-                     background_tokens=per.hole_tokens - per.object_tokens)
+    per = per.assign(size=size_groups(per.mask_ratio).astype(str), background_tokens=per.hole_tokens - per.object_tokens)
     counts = {p: f"{p}_tokens" for p in PARTS}
     info = per.drop_duplicates("id").set_index("id")[["kind", "size"]]
 
@@ -145,7 +141,7 @@ def summarise(per, reference: str, rounds: int = BOOTSTRAP_ROUNDS, seed: int = 0
     edits = per_edit(per)
     rng = np.random.default_rng(seed)
     groupings = [("all", None, ["all"]),
-                 ("mask size", "size", [g for g in _size_labels(MASK_RATIO_BINS) if g in set(edits["size"])]),
+                 ("mask size", "size", [g for g in size_labels() if g in set(edits["size"])]),
                  ("mask kind", "kind", [k for k in KIND_ORDER if k in set(edits.kind)]),
                  ("timestep", "t", sorted(set(per.t)))]
     methods = list(dict.fromkeys(edits.method))
@@ -157,7 +153,7 @@ def summarise(per, reference: str, rounds: int = BOOTSTRAP_ROUNDS, seed: int = 0
                 err = sub.pivot(index="id", columns="method", values=part)
                 tok = sub.pivot(index="id", columns="method", values=counts[part])
                 idx = rng.integers(0, len(err), (rounds, len(err))) if len(err) > 1 else None
-                ref_e, ref_n = err[reference].to_numpy(), tok[reference].to_numpy()
+                ref_e = err[reference].to_numpy()
                 for m in methods:
                     e, n = err[m].to_numpy(), tok[m].to_numpy()
                     mse = e.sum() / n.sum() if n.sum() else math.nan

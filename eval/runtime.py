@@ -888,10 +888,11 @@ def edit_flops(size: int, width: int, depth: int, ratio: float, steps: int = 20)
 def new_mask_encode_flops(vae, hole: np.ndarray, full_encode: float) -> float:
     """VAE-encode FLOPs of a ``new-mask`` follow-up: after the priming edit in :func:`corner_mask`, the
     pixels that changed are that corner (its result) and both holes; the crops the incremental cache
-    re-encodes for them (:func:`~lazydiff.pipelines.editing.refresh_boxes`, the pipelines' margins), or
+    re-encodes for them (:func:`~lazydiff.pipelines.canvas_cache.refresh_boxes`, the pipelines' margins), or
     the whole canvas past ``max_partial_encode``. The whole-canvas statistics the crops are normalised
     with add no FLOPs worth counting."""
-    from lazydiff.pipelines.editing import EditPipelineMixin as Edit, crop_cells, refresh_boxes
+    from lazydiff.pipelines.canvas_cache import crop_cells, refresh_boxes
+    from lazydiff.pipelines.editing import EditPipelineMixin as Edit
 
     from .flops import vae_flops
 

@@ -11,19 +11,61 @@ statistics of the *whole new canvas* (recorded sums outside the refreshed region
 sums inside it) and attends over the recorded keys/values with the crop's fresh ones inside the
 refreshed region; the record is updated with the fresh values, so it always describes the current
 canvas (SIGE-style incremental statistics). What remains is the crop's boundary effect on the
-activations of the refreshed region, kept small by the context margin.
+activations of the refreshed region, kept small by the context margin. Which crops: :func:`refresh_boxes`.
 """
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 Box = Tuple[int, int, int, int]  # (y0, y1, x0, x1) in latent cells
+
+
+def refresh_boxes(changed: np.ndarray, scale: int, paste_margin: int, context_margin: int) -> List[Tuple[Box, Box]]:
+    """Latent-cell boxes the incremental canvas cache re-encodes for changed pixels ``changed`` (Hp, Wp)
+    bool, with a VAE of ``scale``x downsampling.
+
+    -> [(paste box, crop box)], each (y0, y1, x0, x1) in latent cells: the paste box covers the changed
+    cells plus ``paste_margin``; the crop box adds ``context_margin`` cells of context for the encoder.
+    Boxes whose crops overlap are merged."""
+    hp, wp = changed.shape
+    h, w = hp // scale, wp // scale
+    cells = changed.reshape(h, scale, w, scale).any(axis=(1, 3))
+    pm, cm = int(paste_margin), int(context_margin)
+
+    def grow(b, m):
+        return (max(b[0] - m, 0), min(b[1] + m, h), max(b[2] - m, 0), min(b[3] + m, w))
+
+    from scipy import ndimage
+
+    labels, _ = ndimage.label(cells)
+    boxes = [grow((sl[0].start, sl[0].stop, sl[1].start, sl[1].stop), pm) for sl in ndimage.find_objects(labels)]
+
+    def overlap(a, b):
+        a, b = grow(a, cm), grow(b, cm)
+        return a[0] < b[1] and b[0] < a[1] and a[2] < b[3] and b[2] < a[3]
+
+    merged = []  # merge boxes whose crops overlap, until none do
+    while boxes:
+        box = boxes.pop()
+        hit = next((i for i, other in enumerate(merged) if overlap(box, other)), None)
+        if hit is None:
+            merged.append(box)
+        else:  # the union may now overlap others: put it back in the queue
+            other = merged.pop(hit)
+            boxes.append((min(box[0], other[0]), max(box[1], other[1]), min(box[2], other[2]), max(box[3], other[3])))
+    return [(b, grow(b, cm)) for b in merged]
+
+
+def crop_cells(boxes: List[Tuple[Box, Box]]) -> int:
+    """Latent cells the crops of :func:`refresh_boxes` cover (what a partial re-encode encodes)."""
+    return sum((c[1] - c[0]) * (c[3] - c[2]) for _, c in boxes)
 
 
 @dataclass

@@ -20,7 +20,7 @@ import dataclasses
 import warnings
 from collections import OrderedDict
 from contextvars import ContextVar
-from typing import Any, Callable, Hashable, Optional
+from typing import Any, Callable, Hashable, Optional, Tuple
 
 import torch
 
@@ -190,15 +190,15 @@ class CUDAGraphCache:
 
         def first_call_picks(x, t):
             if not chosen:
-                hits = self.hits
-                g = self._lookup(denoise, x, t, on_replay, weights)
-                notes["cuda_graph"] = "eager" if g.failed else "cached" if self.hits > hits else "recorded"
+                g, hit = self._lookup(denoise, x, t, on_replay, weights)
+                notes["cuda_graph"] = "eager" if g.failed else "cached" if hit else "recorded"
                 chosen.append(g)
             return chosen[0](x, t)
 
         return first_call_picks
 
-    def _lookup(self, step: StepFunction, x, t, on_replay, weights) -> CUDAGraphDenoiser:
+    def _lookup(self, step: StepFunction, x, t, on_replay, weights) -> Tuple[CUDAGraphDenoiser, bool]:
+        """-> (the graph for this key, whether it was recorded by an earlier edit)."""
         fn = step.fn
         # a bound method is created anew at each attribute access: key on what it binds
         fn_key = (id(fn.__self__), fn.__func__) if hasattr(fn, "__func__") else fn
@@ -208,9 +208,9 @@ class CUDAGraphCache:
             self.hits += 1
             self.graphs.move_to_end(key)
             g.rebind(step, on_replay)
-            return g
+            return g, True
         self.misses += 1
         g = self.graphs[key] = CUDAGraphDenoiser(step, self.cuda, on_replay)
         while len(self.graphs) > self.size:
             self.graphs.popitem(last=False)
-        return g
+        return g, False

@@ -29,7 +29,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from ..models.dit import (_param_key, edit_scope, gather_tokens, hole_indices, once_per_edit, patchify,
                           scatter_tokens, token_mask_from_pixels, unpatchify)
 from . import canvas_cache
-from .canvas_cache import Box
+from .canvas_cache import Box, crop_cells, refresh_boxes
 from .cuda_graphs import CUDAGraphCache, CUDAGraphDenoiser, StepFunction  # noqa: F401 (re-exported)
 from .blending import BLEND_MODES, blend, mask_bbox, paste_masked
 
@@ -208,47 +208,6 @@ def to_tensor(rgb: np.ndarray, device, dtype) -> torch.Tensor:
 def to_uint8(x: torch.Tensor) -> np.ndarray:
     """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8."""
     return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
-
-def refresh_boxes(changed: np.ndarray, scale: int, paste_margin: int, context_margin: int) -> List[Tuple[Box, Box]]:
-    """Latent-cell boxes the incremental canvas cache re-encodes for changed pixels ``changed`` (Hp, Wp)
-    bool, with a VAE of ``scale``x downsampling.
-
-    -> [(paste box, crop box)], each (y0, y1, x0, x1) in latent cells: the paste box covers the changed
-    cells plus ``paste_margin``; the crop box adds ``context_margin`` cells of context for the encoder.
-    Boxes whose crops overlap are merged."""
-    hp, wp = changed.shape
-    h, w = hp // scale, wp // scale
-    cells = changed.reshape(h, scale, w, scale).any(axis=(1, 3))
-    pm, cm = int(paste_margin), int(context_margin)
-
-    def grow(b, m):
-        return (max(b[0] - m, 0), min(b[1] + m, h), max(b[2] - m, 0), min(b[3] + m, w))
-
-    from scipy import ndimage
-
-    labels, _ = ndimage.label(cells)
-    boxes = [grow((sl[0].start, sl[0].stop, sl[1].start, sl[1].stop), pm) for sl in ndimage.find_objects(labels)]
-
-    def overlap(a, b):
-        a, b = grow(a, cm), grow(b, cm)
-        return a[0] < b[1] and b[0] < a[1] and a[2] < b[3] and b[2] < a[3]
-
-    merged = []  # merge boxes whose crops overlap, until none do
-    while boxes:
-        box = boxes.pop()
-        hit = next((i for i, other in enumerate(merged) if overlap(box, other)), None)
-        if hit is None:
-            merged.append(box)
-        else:  # the union may now overlap others: put it back in the queue
-            other = merged.pop(hit)
-            boxes.append((min(box[0], other[0]), max(box[1], other[1]), min(box[2], other[2]), max(box[3], other[3])))
-    return [(b, grow(b, cm)) for b in merged]
-
-
-def crop_cells(boxes: List[Tuple[Box, Box]]) -> int:
-    """Latent cells the crops of :func:`refresh_boxes` cover (what a partial re-encode encodes)."""
-    return sum((c[1] - c[0]) * (c[3] - c[2]) for _, c in boxes)
 
 
 def decode_crop_box(token_mask, patch_size: int, margin: int) -> Tuple[int, int, int, int]:
