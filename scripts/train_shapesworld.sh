@@ -11,10 +11,13 @@
 #   stage4:   LazyDiffusion and RegenerateImage anneal (configs/train/*_stage4.yaml: the stage-3 recipe with a
 #             cosine LR to 10% over 1450 steps, fresh data) from the stage-3 exports ($INIT_DIR, or
 #             $RUNS/*_stage3/export)
+#   stage5:   LazyDiffusion and RegenerateImage, one more cosine cycle (configs/train/*_stage5.yaml, fresh data)
+#             from the stage-4 exports ($INIT_DIR, or $RUNS/*_stage4/export); LazyDiffusion runs the 1578 steps
+#             the baseline got more in the time-boxed stages 2 and 3 on top, so both end with the same steps
 #   clip:     ShapesCLIP stage 3 from its stage-2 export (configs/train/shapes_clip_holes.yaml: half
 #             the samples are hole crops of edit tasks, the inputs of the prompt-accuracy metric)
 # Each run resumes from its latest checkpoint if interrupted; run this script again to continue.
-# Usage: scripts/train_shapesworld.sh [stage1|stage2|all|continue|diffusion|stage4|clip]
+# Usage: scripts/train_shapesworld.sh [stage1|stage2|all|continue|diffusion|stage4|stage5|clip]
 # Environment:
 #   EXTRA="--set key=value ..."          applies to every run (e.g. mixed_precision=bf16 on a CPU)
 #   RUNS, MODELS                          run folders (runs/train) and where exports are published (data/models)
@@ -35,8 +38,8 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 STAGE=${1:-all}
 case $STAGE in
-  stage1|stage2|all|continue|diffusion|stage4|clip) ;;
-  *) echo "unknown stage '$STAGE'; usage: $0 [stage1|stage2|all|continue|diffusion|stage4|clip]" >&2; exit 2 ;;
+  stage1|stage2|all|continue|diffusion|stage4|stage5|clip) ;;
+  *) echo "unknown stage '$STAGE'; usage: $0 [stage1|stage2|all|continue|diffusion|stage4|stage5|clip]" >&2; exit 2 ;;
 esac
 EXTRA=${EXTRA:-}
 RUNS=${RUNS:-runs/train}; MODELS=${MODELS:-data/models}
@@ -74,12 +77,13 @@ fi
 if [[ $STAGE == stage1 || $STAGE == all ]]; then
   wait $C; publish "$RUNS/shapes_clip" shapes-clip
 fi
-if [[ $STAGE == continue || $STAGE == diffusion || $STAGE == stage4 ]]; then
+if [[ $STAGE == continue || $STAGE == diffusion || $STAGE == stage4 || $STAGE == stage5 ]]; then
   W=${WORKERS_DIFFUSION:-2}; M=${MINUTES_DIFFUSION:-}
   S=""; [[ -n ${STEPS_DIFFUSION:-} ]] && S="--max-steps-this-run $STEPS_DIFFUSION --export-at-stop"
   if [[ $STAGE == continue ]]; then L_RUN=lazy_continue; R_RUN=regenerate_image_continue; FROM=""
   elif [[ $STAGE == diffusion ]]; then L_RUN=lazy_stage3; R_RUN=regenerate_image_stage3; FROM=_continue
-  else L_RUN=lazy_stage4; R_RUN=regenerate_image_stage4; FROM=_stage3; fi
+  elif [[ $STAGE == stage4 ]]; then L_RUN=lazy_stage4; R_RUN=regenerate_image_stage4; FROM=_stage3
+  else L_RUN=lazy_stage5; R_RUN=regenerate_image_stage5; FROM=_stage4; fi
   run $L_RUN $L_RUN "$W" "$M" --set "$(init lazy$FROM lazy)" --set "autoencoder=$MODELS/autoencoder" $TEXT $S &
   L=$!
   run $R_RUN $R_RUN "$W" "$M" --set "$(init regenerate_image$FROM regenerate-image)" \

@@ -48,3 +48,37 @@ def test_probe_compile_on_cpu(tmp_path):
         assert res[m]["batch"] == 2  # batched CFG
         assert res[m]["eager_ms"] > 0 and res[m]["compiled_ms"] > 0
         assert res[m]["compiled_max_abs_diff"] < 1e-3  # fp32: the compiled decoder computes the same
+
+
+@pytest.mark.slow  # ~2 min: prompt features, two traced training steps of each model, the same again as checked
+def test_gpu_kit_and_the_stage5_script_run_on_the_cpu(tmp_path):
+    """scripts/gpu_kit.py writes a kit that fits a device call, and scripts/gpu_stage5.sh trains both models
+    with it under a python that has no diffusers (as on the GPU machine), time-boxed, and packs the exports."""
+    import os
+    import tarfile
+
+    kit = tmp_path / "kit"
+    r = subprocess.run([sys.executable, "scripts/gpu_kit.py", "--out", str(kit)], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "MiB of the 64 MiB limit" in r.stdout
+    assert sorted(p.name for p in kit.iterdir()) == ["diffusers-min.zip", "text_features.safetensors.xz"]
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import gpu_kit
+        site = gpu_kit.site_without(gpu_kit.ABSENT_THERE, tmp_path)
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHONPATH=str(site), PYTHON=f"{sys.executable} -S", KIT=str(kit), OUT=str(out),
+               RUNS=str(tmp_path / "runs"), MODELS=str(tmp_path / "models"), MINUTES="2", WORKERS="0",
+               EXTRA="--set batch_size=2 --set data_echo=1 --set steps=3 --set checkpoint_every=2")
+    r = subprocess.run(["bash", "scripts/gpu_stage5.sh"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    for name in ("lazy", "regenerate-image"):
+        with tarfile.open(out / f"{name}.tar") as tar:
+            members = tar.getnames()
+            info = json.load(tar.extractfile(f"{name}/training/stage5/train_info.json"))
+        assert f"{name}/decoder/diffusion_pytorch_model.safetensors" in members
+        assert info["steps"] == 3 and (out / f"{name}.tar").stat().st_size < 16 * 2**20  # the device's per-file limit
+    assert "lazy steps 3 of 3" in (out / "train.log").read_text()

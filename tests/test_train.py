@@ -165,10 +165,13 @@ def test_config_latent_diffusion_needs_autoencoder(model):
                                              ("hole_crops", 1.5, "between 0 and 1"),
                                              ("hole_crops", 0.5, "applies to model"),
                                              ("data_echo", 0, "data_echo is how many steps"),
-                                             ("snr_gamma", 5, "snr_gamma weights the diffusion loss")])
+                                             ("snr_gamma", 5, "snr_gamma weights the diffusion loss"),
+                                             ("object_loss_weight", -1.0, "non-negative weight"),
+                                             ("object_loss_weight", 5.0, "for model 'autoencoder' only")])
 def test_config_rejects_bad_values(key, value, match):
+    model = "lazy" if (key, value) == ("object_loss_weight", 5.0) else "autoencoder"
     with pytest.raises(ValueError, match=match):
-        TrainConfig.from_dict({"model": "autoencoder", "output_dir": "x", key: value})
+        TrainConfig.from_dict({"model": model, "output_dir": "x", "autoencoder": "a", key: value})
 
 
 def test_config_missing_file_says_where_to_look(tmp_path):
@@ -188,8 +191,8 @@ def test_shipped_configs_validate_and_overrides_win(name):
                          if p.parent.name == "train" else f"{p.parent.name}/{p.stem}")
 def test_every_config_in_the_repo_validates(path):
     cfg = TrainConfig.load(str(path))
-    stem = path.stem.removesuffix("_continue").removesuffix("_stage3").removesuffix("_stage4").removesuffix("_holes") \
-        .removesuffix("_decoder")
+    stem = path.stem.removesuffix("_continue").removesuffix("_stage3").removesuffix("_stage4").removesuffix("_stage5") \
+        .removesuffix("_holes").removesuffix("_decoder_objects").removesuffix("_decoder")
     assert cfg.model == stem
     base = TrainConfig.load(str(REPO / "configs" / "train" / f"{stem}.yaml"))
     assert cfg.arch == base.arch  # variants (CPU recipe, stage 2) train the shipped architecture
@@ -203,7 +206,12 @@ def test_every_config_in_the_repo_validates(path):
         s3 = TrainConfig.load(str(REPO / "configs" / "train" / f"{stem}_stage3.yaml"))
         assert cfg.init_from == s3.output_dir + "/export" and cfg.seed not in (base.seed, cont.seed, s3.seed)
         assert cfg.lr_schedule == "cosine" and cfg.lr == s3.lr and cfg.batch_size == s3.batch_size
-    if path.stem.endswith("_decoder"):
+    if path.stem.endswith("_stage5"):  # one more cosine cycle from the stage-4 export, on unseen data
+        earlier = [base] + [TrainConfig.load(str(REPO / "configs" / "train" / f"{stem}_{s}.yaml"))
+                            for s in ("continue", "stage3", "stage4")]
+        assert cfg.init_from == earlier[-1].output_dir + "/export" and cfg.seed not in {c.seed for c in earlier}
+        assert cfg.lr_schedule == "cosine" and cfg.batch_size == earlier[-1].batch_size
+    if path.stem.endswith(("_decoder", "_decoder_objects")):
         assert cfg.train_decoder_only and cfg.init_from and cfg.seed != base.seed
     if path.stem.endswith("_holes"):
         assert cfg.init_from and cfg.hole_crops > 0 and cfg.seed != base.seed
@@ -730,6 +738,7 @@ def _fake_python(tmp_path) -> Path:
     ("clip", ["shapes_clip_holes.yaml"], ["shapes-clip"]),
     ("diffusion", ["lazy_stage3.yaml", "regenerate_image_stage3.yaml"], ["lazy", "regenerate-image"]),
     ("stage4", ["lazy_stage4.yaml", "regenerate_image_stage4.yaml"], ["lazy", "regenerate-image"]),
+    ("stage5", ["lazy_stage5.yaml", "regenerate_image_stage5.yaml"], ["lazy", "regenerate-image"]),
     ("continue", ["lazy_continue.yaml", "regenerate_image_continue.yaml", "shapes_clip_continue.yaml"],
      ["lazy", "regenerate-image", "shapes-clip"])])
 def test_training_script_stages_run_their_configs_and_publish(tmp_path, stage, configs, published):
@@ -865,3 +874,51 @@ def test_min_snr_weighting(tmp_path, autoencoder_export):
         with torch.no_grad():
             losses[gamma] = float(o.loss(batch, 0, 0))
     assert losses[1e12] == losses[None] and losses[1e-3] < losses[None]
+
+
+def test_stage5_gives_both_diffusion_models_the_same_total_steps():
+    """The shipped models' stage logs say how many steps each stage ran; the stage-5 configs must make up
+    the difference that the time-boxed stages left, so both models end with the same number of steps."""
+    total = {}
+    for model, config in (("lazy", "lazy"), ("regenerate-image", "regenerate_image")):
+        done = sum(json.loads(f.read_text())["steps"]
+                   for f in sorted((REPO / "data/models" / model / "training").glob("stage*/train_info.json")))
+        total[model] = done + TrainConfig.load(str(REPO / f"configs/train/{config}_stage5.yaml")).steps
+    assert total["lazy"] == total["regenerate-image"], total
+
+
+def test_object_masks_cover_the_objects_and_their_outline():
+    from lazydiff.shapesworld.scenes import render_scene
+    from lazydiff.train.data import image_batch
+
+    seeds = np.arange(3, 9)
+    plain, with_masks = image_batch(seeds, 64), image_batch(seeds, 64, object_masks=True)
+    assert torch.equal(plain["image"], with_masks["image"]) and "objects" not in plain
+    masks = with_masks["objects"]
+    assert masks.dtype == torch.bool and masks.shape == (6, 1, 64, 64)
+    for s, m in zip(seeds, masks[:, 0].numpy()):
+        scene = render_scene(int(s), size=(64, 64))
+        inside = np.logical_or.reduce([o.mask for o in scene.objects]) if scene.objects else np.zeros((64, 64), bool)
+        assert m[inside].all()                      # every object pixel
+        assert m.sum() > inside.sum() or not inside.any()  # and a rim around them
+        assert m.sum() < 64 * 64                    # not the whole canvas
+
+
+def test_object_loss_weight_weights_object_pixels(autoencoder_export, tmp_path):
+    """0 keeps the plain loss; with a weight the loss is a weighted MEAN: a uniform mask (no objects, or
+    all objects) gives the plain loss back, a real one moves it."""
+    from lazydiff.train.data import image_batch
+
+    batch = image_batch(np.arange(20, 24), 64, object_masks=True)
+    assert batch["objects"].any() and not batch["objects"].all()
+
+    def loss(weight, objects):
+        cfg = _cfg("autoencoder", tmp_path / f"w{weight}", init_from=str(autoencoder_export), train_decoder_only=True,
+                   object_loss_weight=weight, image_size=64)
+        with torch.no_grad():  # same seed: same weights and the same sampled latents in every call
+            return float(AutoencoderObjective(cfg, torch.device("cpu")).loss(dict(batch, objects=objects), step=0, rank=0))
+
+    plain = loss(0.0, batch["objects"])
+    assert loss(10.0, torch.zeros_like(batch["objects"])) == pytest.approx(plain, rel=1e-5)
+    assert loss(10.0, torch.ones_like(batch["objects"])) == pytest.approx(plain, rel=1e-5)
+    assert loss(10.0, batch["objects"]) != pytest.approx(plain, rel=1e-3)

@@ -68,6 +68,10 @@ class TrainConfig:
     hole_crops: float = 0.0
     # autoencoder
     kl_weight: float = 1e-6
+    # autoencoder: reconstruction error on object pixels (and a 1-px outline) counts 1 + this many times
+    # as much as on background pixels; 0 = every pixel alike. Small objects are ~1% of a scene's pixels,
+    # so an unweighted loss barely sees their corners and points, which the prompt-accuracy metric needs
+    object_loss_weight: float = 0.0
     # autoencoder: train the decoder only, from `init_from`, keeping the encoder, the latent space and the
     # scaling factor bit-identical, so diffusion models trained on those latents stay valid
     train_decoder_only: bool = False
@@ -116,6 +120,9 @@ class TrainConfig:
             raise ValueError(f"{source}: hole_crops is a fraction of the samples, between 0 and 1; got {cfg.hole_crops}")
         if cfg.hole_crops and cfg.model != "shapes_clip":
             raise ValueError(f"{source}: hole_crops applies to model 'shapes_clip' only; remove it for {cfg.model!r}")
+        if cfg.object_loss_weight < 0 or (cfg.object_loss_weight and cfg.model != "autoencoder"):
+            raise ValueError(f"{source}: object_loss_weight is a non-negative weight for model 'autoencoder' only; "
+                             f"got {cfg.object_loss_weight} for {cfg.model!r}")
         if cfg.train_decoder_only and (cfg.model != "autoencoder" or not cfg.init_from):
             raise ValueError(f"{source}: train_decoder_only fine-tunes a trained autoencoder's decoder: it needs "
                              "model: autoencoder and init_from: the autoencoder folder (e.g. data/models/autoencoder)")

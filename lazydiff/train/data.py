@@ -37,10 +37,23 @@ def edit_batch(seeds, size: int) -> Dict[str, object]:
             "prompt": [t.prompt for t in tasks]}
 
 
-def image_batch(seeds, size: int) -> Dict[str, object]:
+def image_batch(seeds, size: int, object_masks: bool = False) -> Dict[str, object]:
+    """Scenes for the autoencoder; with ``object_masks``, also where the objects are (their visible
+    masks grown by one pixel, so the outline counts too) as (B, 1, H, W) bool."""
+    from scipy.ndimage import binary_dilation
+
     from ..shapesworld.scenes import render_scene
 
-    return {"image": _images(np.stack([render_scene(int(s), size=(size, size)).image for s in seeds]))}
+    scenes = [render_scene(int(s), size=(size, size)) for s in seeds]
+    batch = {"image": _images(np.stack([sc.image for sc in scenes]))}
+    if object_masks:
+        masks = np.zeros((len(scenes), size, size), bool)
+        for m, sc in zip(masks, scenes):
+            for o in sc.objects:
+                m |= o.mask
+            m[:] = binary_dilation(m, iterations=1)
+        batch["objects"] = torch.from_numpy(masks)[:, None]
+    return batch
 
 
 def hole_crop_pair(seed: int, size: int) -> Tuple[np.ndarray, str]:
@@ -99,9 +112,11 @@ class ShapesWorldStream(IterableDataset):
     """Yields batches for steps ``start_step, start_step + 1, ...`` of one process."""
 
     def __init__(self, model: str, batch_size: int, size: int, seed: int, start_step: int,
-                 process_index: int = 0, num_processes: int = 1, hole_crops: float = 0.0):
-        # hole_crops is a caption_batch option (TrainConfig allows it for shapes_clip only)
-        self.make = partial(MAKERS[model], hole_crops=hole_crops) if hole_crops else MAKERS[model]
+                 process_index: int = 0, num_processes: int = 1, **options):
+        # options of the batch maker: hole_crops (caption_batch), object_masks (image_batch);
+        # TrainConfig allows each for its model only
+        options = {k: v for k, v in options.items() if v}
+        self.make = partial(MAKERS[model], **options) if options else MAKERS[model]
         self.batch_size, self.size = batch_size, size
         self.base = TRAIN_SEED_BASE + seed * 100_000_000
         self.start_step, self.rank, self.world = start_step, process_index, num_processes

@@ -164,7 +164,8 @@ def train(cfg: TrainConfig, resume: bool = True, max_steps_this_run: Optional[in
     # Data step d feeds training steps d * echo ... d * echo + echo - 1 (a resume mid-echo restarts at its d).
     echo = cfg.data_echo
     stream = ShapesWorldStream(cfg.model, cfg.batch_size, cfg.image_size, cfg.seed, start // echo,
-                               accelerator.process_index, accelerator.num_processes, cfg.hole_crops)
+                               accelerator.process_index, accelerator.num_processes,
+                               hole_crops=cfg.hole_crops, object_masks=cfg.object_loss_weight > 0)
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=cfg.num_workers,
                                          prefetch_factor=4 if cfg.num_workers else None,
                                          persistent_workers=False)

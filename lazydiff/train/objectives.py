@@ -125,7 +125,10 @@ class AutoencoderObjective(Objective):
     def loss(self, batch, step, rank):
         x = to_unit(batch["image"], self.device)
         g = step_generator(self.cfg.seed, step, rank, x.device)
-        return self.trainable({"x": x, "generator": g})
+        inputs = {"x": x, "generator": g}
+        if self.cfg.object_loss_weight:
+            inputs["weight"] = 1.0 + self.cfg.object_loss_weight * batch["objects"].to(self.device).float()
+        return self.trainable(inputs)
 
     def forward(self, m, inputs):
         x, vae = inputs["x"], m["vae"]
@@ -135,7 +138,11 @@ class AutoencoderObjective(Objective):
                                                dtype=post.mean.dtype)
         rec = vae.decode(z).sample
         # Flat-coloured shapes: L1 keeps edges sharp; the tiny KL keeps the latent well scaled.
-        return F.l1_loss(rec, x) + 0.5 * F.mse_loss(rec, x) + self.cfg.kl_weight * post.kl().mean()
+        err = (rec - x).abs()
+        err = err + 0.5 * err * err
+        w = inputs.get("weight")
+        rec_loss = err.mean() if w is None else (err * w).sum() / (w.sum() * err.shape[1])  # a weighted mean
+        return rec_loss + self.cfg.kl_weight * post.kl().mean()
 
     @torch.no_grad()
     def export(self, module, folder):

