@@ -1,5 +1,6 @@
 """Where a method wins or loses on ShapesWorld: prompt accuracy and background error by mask kind and
-by mask size, from a quality run's per-sample table (the "By mask kind and size" section of report.md)."""
+by mask size, and shape accuracy by prompted shape with the shape confusion, from a quality run's
+per-sample table (the "By mask kind and size" and "By prompted shape" sections of report.md)."""
 from __future__ import annotations
 
 import math
@@ -116,3 +117,65 @@ def plot(df, path: Path) -> Optional[Path]:
                 if j == 0:
                     ax.legend(fontsize=7, loc="upper left", ncol=len(methods) + 1, markerscale=0.3)
     return _save(fig, path)
+
+
+def by_shape(per):
+    """Rows (shape, method, n_object_edits, shape_acc, prompt_acc, prompt_acc_ceiling) for each prompted
+    shape; None without the ShapesWorld columns."""
+    import pandas as pd
+
+    need = ("method", "target_shape", "pred_shape", "shape_correct", "prompt_correct")
+    if per is None or not all(c in per.columns for c in need):
+        return None
+    obj = per[per.target_shape.notna() & per.pred_shape.notna()]
+    if obj.empty:
+        return None
+    rows = []
+    for shape in sorted(set(obj.target_shape)):
+        for method in dict.fromkeys(obj.method):
+            sub = obj[(obj.target_shape == shape) & (obj.method == method)]
+            rows.append({"shape": shape, "method": method, "n_object_edits": len(sub),
+                         "shape_acc": sub.shape_correct.astype(float).mean(),
+                         "prompt_acc": sub.prompt_correct.astype(float).mean(),
+                         "prompt_acc_ceiling": sub.gt_prompt_correct.astype(float).mean()
+                         if "gt_prompt_correct" in sub else math.nan})
+    return pd.DataFrame(rows)
+
+
+def shape_markdown(df) -> List[str]:
+    methods = list(dict.fromkeys(df.method))
+    head = ["prompted shape", "object edits", "ceiling (ground truth)"] + [f"{m} shape acc." for m in methods] \
+        + [f"{m} prompt acc." for m in methods]
+    L = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for shape in dict.fromkeys(df["shape"]):
+        g = df[df["shape"] == shape].set_index("method")
+        c = float(g.prompt_acc_ceiling.iloc[0])
+        L.append("| " + " | ".join([shape, str(int(g.n_object_edits.iloc[0])), f"{c:.1%}" if np.isfinite(c) else "–"]
+                                   + [f"{g.shape_acc[m]:.1%}" for m in methods]
+                                   + [f"{g.prompt_acc[m]:.1%}" for m in methods]) + " |")
+    return L + [""]
+
+
+def confusion_plot(panels, path: Path, xlabel: str = "ShapesCLIP's zero-shot shape") -> Path:
+    """Row-normalised shape confusion matrices side by side; ``panels`` maps a title to (prompted shapes,
+    predicted shapes), two equal-length sequences."""
+    import pandas as pd
+
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 4.4), squeeze=False)
+    for ax, (title, (true, pred)) in zip(axes[0], panels.items()):
+        true, pred = pd.Series(list(true), name="prompted"), pd.Series(list(pred), name="predicted")
+        shapes = sorted(set(true) | set(pred))
+        m = pd.crosstab(true, pred).reindex(index=sorted(set(true)), columns=shapes, fill_value=0)
+        frac = m.div(m.sum(axis=1), axis=0)
+        ax.imshow(frac.values, cmap="Blues", vmin=0, vmax=1)
+        ax.set_xticks(range(len(frac.columns)), frac.columns, rotation=45, ha="right")
+        ax.set_yticks(range(len(frac.index)), frac.index)
+        for i in range(frac.shape[0]):
+            for j in range(frac.shape[1]):
+                ax.text(j, i, f"{frac.values[i, j]:.2f}", ha="center", va="center", fontsize=8,
+                        color="white" if frac.values[i, j] > 0.5 else "black")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("prompted shape")
+        ax.set_title(title, fontsize=10)
+    return _save(fig, path)  # no colour bar: each cell prints its share

@@ -17,7 +17,7 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
-from .report import _plt, _save, df_table
+from .report import df_table
 from .suites import SuiteError, atomic_write_text, load_suite
 
 
@@ -69,34 +69,12 @@ def measure(suite_path: str, shapes_clip: Optional[str] = None, autoencoder: Opt
     return pd.DataFrame(rows)
 
 
-def confusion_plot(df, path: Path) -> Path:
-    import pandas as pd
-
-    plt = _plt()
-
-    m = pd.crosstab(df["shape"], df["real_shape"]).reindex(columns=sorted(df["shape"].unique()), fill_value=0)
-    frac = m.div(m.sum(axis=1), axis=0)
-    fig, ax = plt.subplots(figsize=(5.4, 4.6))
-    im = ax.imshow(frac.values, cmap="Blues", vmin=0, vmax=1)
-    ax.set_xticks(range(len(frac.columns)), frac.columns, rotation=45, ha="right")
-    ax.set_yticks(range(len(frac.index)), frac.index)
-    for i in range(frac.shape[0]):
-        for j in range(frac.shape[1]):
-            ax.text(j, i, f"{frac.values[i, j]:.2f}", ha="center", va="center", fontsize=8,
-                    color="white" if frac.values[i, j] > 0.5 else "black")
-    ax.set_xlabel("ShapesCLIP's zero-shot shape")
-    ax.set_ylabel("prompted shape (ground truth)")
-    ax.set_title("Shape confusion on real renders (hole crops)")
-    fig.colorbar(im, ax=ax, fraction=0.046)
-    return _save(fig, path)
-
-
 def write_report(df, out: Path, suite_path: str) -> Path:
     import pandas as pd
 
     out.mkdir(parents=True, exist_ok=True)
     df.to_csv(out / "ceiling.csv", index=False)
-    from .breakdown import size_groups
+    from .breakdown import confusion_plot, size_groups
 
     holes = size_groups(df.mask_ratio)
     groups = [("all", df)] + [(f"{size}", d) for size, d in df.groupby("size")] + \
@@ -106,7 +84,8 @@ def write_report(df, out: Path, suite_path: str) -> Path:
               "autoencoder": f"{100 * d.autoencoder_correct.mean():.1f}%",
               "real shape": f"{100 * (d.real_shape == d['shape']).mean():.1f}%",
               "real colour": f"{100 * (d.real_color == d['color']).mean():.1f}%"} for name, d in groups]
-    plot = confusion_plot(df, out / "shape_confusion.png")
+    plot = confusion_plot({"Shape confusion on real renders (hole crops)": (df["shape"], df["real_shape"])},
+                          out / "shape_confusion.png")
     text = ["# ShapesCLIP zero-shot ceiling", "",
             f"`python -m eval ceiling --suite {suite_path}`: the object edits' ground truth, cropped around the hole as "
             "`python -m eval quality` crops it; *real* = the rendered ground truth, *autoencoder* = the same after the "

@@ -437,6 +437,13 @@ def write_report(out: Path, summary, per, extras: Dict[str, Any], methods: List[
     by_group_plot = bd.plot(by_group, plots / "breakdown.png") if by_group is not None else None
     if by_group is not None:
         by_group.to_csv(out / "breakdown.csv", index=False)
+    shapes = bd.by_shape(per)
+    shapes_plot = None
+    if shapes is not None:
+        shapes.to_csv(out / "by_shape.csv", index=False)
+        obj = per[per.target_shape.notna() & per.pred_shape.notna()]
+        shapes_plot = bd.confusion_plot({m: (g.target_shape, g.pred_shape) for m, g in obj.groupby("method", sort=False)},
+                                        plots / "shape_confusion.png")
 
     untrained = [m.label for m in methods if not m.trained]
     warn = []
@@ -486,6 +493,13 @@ def write_report(out: Path, summary, per, extras: Dict[str, Any], methods: List[
         L += bd.markdown(by_group)
         if by_group_plot:
             L += [f"![by mask kind and size](plots/{by_group_plot.name})", ""]
+    if shapes is not None:
+        L += ["## By prompted shape", "",
+              "Shape accuracy of the object edits by the shape the prompt names (`by_shape.csv`), and which shape "
+              "ShapesCLIP sees instead (rows: prompted shape, normalised). The ceiling is prompt accuracy on the "
+              "ground truth.", ""]
+        L += bd.shape_markdown(shapes)
+        L += [f"![shape confusion](plots/{shapes_plot.name})", ""]
     if grid:
         L += ["## Examples", "", f"![examples](plots/{grid.name})", ""]
     L += ["## Latency per stage (mean ms, from the pipelines' out.timings)", "",

@@ -106,11 +106,14 @@ def test_quality_run_resume_and_metrics(tmp_path, tiny_clip, suite_file, countin
     assert len(obj) and set(obj.prompt_correct.unique()) <= {True, False}
     lines = (out / "records.jsonl").read_text().splitlines()
     assert len(lines) == 8 and json.loads(lines[0])["image"].endswith(".png")
-    for f in ("report.md", "plots/metrics.png", "plots/examples.png", "plots/breakdown.png", "breakdown.csv"):
+    for f in ("report.md", "plots/metrics.png", "plots/examples.png", "plots/breakdown.png", "breakdown.csv",
+              "by_shape.csv", "plots/shape_confusion.png"):
         assert (out / f).exists(), f
     report = (out / "report.md").read_text()
     assert "mean nothing" in report and "Beside the paper" in report and "LazyDiffusion" in report
-    assert "## By mask kind and mask size" in report
+    assert "## By mask kind and mask size" in report and "## By prompted shape" in report
+    by_shape = pd.read_csv(out / "by_shape.csv")
+    assert by_shape.n_object_edits.sum() == len(obj)  # every object edit, once per method
 
     # A killed run loses only the sample in flight: a missing record is regenerated on resume.
     (out / "records" / "counting" / "sw10000001.json").unlink()
@@ -272,3 +275,26 @@ def test_breakdown_by_mask_kind_and_size():
     assert df.loc[("mask size", "10%–20%", "a"), "prompt_acc_ceiling"] == 0.5
     from eval.breakdown import markdown
     assert "| box | 2 | 100.0% | 50.0% | 100.0% |" in "\n".join(markdown(df.reset_index()))
+
+
+def test_by_shape_and_its_confusion_plot(tmp_path):
+    from eval.breakdown import by_shape, confusion_plot, shape_markdown
+
+    per = pd.DataFrame({
+        "method": ["a"] * 5 + ["b"] * 5,
+        "target_shape": ["star", "star", "heart", "heart", None] * 2,
+        "pred_shape": ["star", "circle", "circle", "heart", None] + ["star", "star", "heart", "heart", None],
+        "shape_correct": [True, False, False, True, None] + [True, True, True, True, None],
+        "prompt_correct": [True, False, False, False, None] + [True, True, True, False, None],
+        "gt_prompt_correct": [True, True, True, False, None] * 2,
+    })
+    df = by_shape(per).set_index(["shape", "method"])
+    assert list(df.index.get_level_values(0).unique()) == ["heart", "star"]  # remove edits (no shape) left out
+    assert df.loc[("star", "a"), "shape_acc"] == 0.5 and df.loc[("star", "b"), "shape_acc"] == 1.0
+    assert df.loc[("heart", "a"), "prompt_acc"] == 0.0 and df.loc[("heart", "b"), "prompt_acc"] == 0.5
+    assert df.loc[("heart", "a"), "prompt_acc_ceiling"] == 0.5 and df.loc[("star", "b"), "n_object_edits"] == 2
+    assert "| star | 2 | 100.0% | 50.0% | 100.0% | 50.0% | 100.0% |" in shape_markdown(df.reset_index())
+    assert by_shape(per.drop(columns=["pred_shape"])) is None  # folder suites
+    obj = per[per.target_shape.notna()]
+    path = confusion_plot({m: (g.target_shape, g.pred_shape) for m, g in obj.groupby("method")}, tmp_path / "c.png")
+    assert path.exists() and path.stat().st_size > 1000
