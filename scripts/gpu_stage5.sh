@@ -19,7 +19,7 @@ KIT=${KIT:-.gpu}  # the folder scripts/gpu_kit.py wrote
 mkdir -p "$OUT"
 [[ -f $KIT/text_features.safetensors.xz ]] || { echo "no $KIT/text_features.safetensors.xz: run 'python scripts/gpu_kit.py' on the workstation and carry .gpu" >&2; exit 2; }
 F=/tmp/gpu-text-features.safetensors
-$PY -c "import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.argv[1]), open(sys.argv[2], 'wb'))" $KIT/text_features.safetensors.xz $F
+$PY scripts/gpu_kit.py --unpack-features $KIT/text_features.safetensors.xz $F
 if ! $PY -c "import diffusers" 2>/dev/null; then  # the GPU image has no diffusers: use the traced modules
   [[ -f $KIT/diffusers-min.zip ]] || { echo "diffusers is missing and $KIT/diffusers-min.zip too: run scripts/gpu_kit.py" >&2; exit 2; }
   rm -rf /tmp/gpu-site && $PY -m zipfile -e $KIT/diffusers-min.zip /tmp/gpu-site
