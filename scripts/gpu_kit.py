@@ -1,4 +1,5 @@
-"""Prepare, on this machine, a call of a lent GPU machine (the `device` tool) that trains ShapesWorld models.
+"""Prepare, on this machine, the calls of a lent GPU machine (the `device` tool): stage-5 training of the
+ShapesWorld models (scripts/gpu_stage5.sh) and the GPU runtime benchmark (scripts/bench_gpu.sh).
 
 That machine's image has PyTorch, accelerate, transformers, safetensors, scipy, pandas, matplotlib, yaml
 and tqdm, but not diffusers nor the MiniLM text-encoder package, and nothing can be installed there. A
@@ -9,15 +10,21 @@ git-ignored folder (default `.gpu/`) with
   text_features.safetensors.xz  the frozen MiniLM's output for every training prompt (no text encoder
                              there): its bytes split into even and odd lanes (the fp16 values' high
                              bytes compress well apart), then xz: 4.4 instead of 5.4 MB
-  diffusers-min.zip          only the diffusers modules that training imports, found by running two
-                             steps of each stage-5 config here and listing what was imported
+  diffusers-min.zip          only the diffusers modules that the two scripts import, found by running
+                             them here in miniature (two training steps of each stage-5 config; the
+                             benchmark and the CUDA-graph check at a tiny paper shape) and listing
+                             what was imported
 
-then runs those steps again in a fresh process that sees only the zipped diffusers, with the packages
+then runs the same again in a fresh process that sees only the zipped diffusers, with the packages
 the machine lacks hidden, so a missing module shows up here and not on the GPU. Last, it prints what a
-call would carry against the 64 MiB.
+call would carry against the 64 MiB. Both scripts set themselves up from the kit (scripts/gpu_env.sh).
 
-    python scripts/gpu_kit.py            # ~1-2 minutes on this CPU
-    # then one device call: carry [".gpu"], timeout_s 590, command "scripts/gpu_stage5.sh"
+    python scripts/gpu_kit.py            # ~2-3 minutes on this CPU
+    # then device calls, each with carry [".gpu"] and timeout_s 590:
+    #   "scripts/gpu_stage5.sh"                   (issue 3: ~8 minutes on an H200)
+    #   "PYTHON=python3 scripts/bench_gpu.sh /tmp/b/gpu && tar -C /tmp/b -cf $OUT/bench.tar ."
+    #                                    (issue 6: ~5 minutes on an H200; one tar, as a call returns
+    #                                     at most 8 files)
 """
 from __future__ import annotations
 
@@ -67,10 +74,24 @@ SMOKES = [("configs/train/lazy_stage5.yaml", "data/models/lazy"),
 
 
 def run_smokes(features: Path, work: Path) -> None:
-    from lazydiff.train.__main__ import main
+    """The two GPU scripts in miniature, on this CPU."""
+    from lazydiff.train.__main__ import main as train_main
 
     for i, (config, init) in enumerate(SMOKES):
-        main(smoke_argv(config, init, features, work / f"smoke{i}"))
+        train_main(smoke_argv(config, init, features, work / f"smoke{i}"))
+    from eval.cli import main as eval_main  # scripts/bench_gpu.sh: eval runtime at paper shape, then the check
+
+    tiny = ["--width", "64", "--depth", "1", "--heads", "1", "--size", "128", "--steps", "2"]
+    for followup in ("same-mask", "new-mask"):
+        rc = eval_main(["runtime", "--preset", "paper-shape", "--device", "cpu", "--methods", "lazy,regenerate-image",
+                        "--mask-ratios", "0.1", "--repeats", "1", "--warmup", "0", "--followup", followup,
+                        "--out", str(work / f"runtime-{followup}")] + tiny)
+        assert rc == 0, f"eval runtime ({followup}) failed"
+    sys.path.insert(0, str(REPO / "scripts"))
+    from check_cuda_graphs import main as check_main
+
+    assert check_main(["--cpu-stand-in", "--width", "64", "--depth", "1", "--size", "64", "--steps", "2",
+                       "--ratios", "0.1", "--out", str(work / "check_cuda_graphs.json")]) == 0
 
 
 def zip_imported_diffusers(dest: Path) -> int:
@@ -169,7 +190,7 @@ def main() -> None:
             pack_features(features, packed)
             unpack_features(packed, tmp / "check.safetensors")
             assert (tmp / "check.safetensors").read_bytes() == features.read_bytes()
-        print("tracing what training imports: 2 steps of each stage-5 config ...", flush=True)
+        print("tracing what the GPU scripts import: training, benchmark and graph check in miniature ...", flush=True)
         run_smokes(features, tmp / "trace")
         n = zip_imported_diffusers(out / "diffusers-min.zip")
         print(f"wrote {out / 'diffusers-min.zip'}: {n} files, {(out / 'diffusers-min.zip').stat().st_size / 1e6:.2f} MB")
@@ -180,7 +201,8 @@ def main() -> None:
     print(f"a call carrying {out}/ sends {size / 2**20:.1f} MiB of the {LIMIT / 2**20:.0f} MiB limit")
     if size > LIMIT:
         sys.exit("too large: remove untracked files that git does not ignore, or ignore them")
-    print(f'ok. device run: carry ["{out}"], timeout_s 590, command "scripts/gpu_stage5.sh"')
+    print(f'ok. device calls: carry ["{out}"], timeout_s 590, command "scripts/gpu_stage5.sh" (training) or '
+          '"PYTHON=python3 scripts/bench_gpu.sh /tmp/b/gpu && tar -C /tmp/b -cf $OUT/bench.tar ." (runtime benchmark)')
 
 
 if __name__ == "__main__":

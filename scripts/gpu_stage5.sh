@@ -20,11 +20,7 @@ mkdir -p "$OUT"
 [[ -f $KIT/text_features.safetensors.xz ]] || { echo "no $KIT/text_features.safetensors.xz: run 'python scripts/gpu_kit.py' on the workstation and carry .gpu" >&2; exit 2; }
 F=/tmp/gpu-text-features.safetensors
 $PY scripts/gpu_kit.py --unpack-features $KIT/text_features.safetensors.xz $F
-if ! $PY -c "import diffusers" 2>/dev/null; then  # the GPU image has no diffusers: use the traced modules
-  [[ -f $KIT/diffusers-min.zip ]] || { echo "diffusers is missing and $KIT/diffusers-min.zip too: run scripts/gpu_kit.py" >&2; exit 2; }
-  rm -rf /tmp/gpu-site && $PY -m zipfile -e $KIT/diffusers-min.zip /tmp/gpu-site
-  export PYTHONPATH=/tmp/gpu-site${PYTHONPATH:+:$PYTHONPATH}
-fi
+source scripts/gpu_env.sh  # diffusers from the kit where the GPU image has none
 $PY -c "import torch; print('device:', torch.cuda.get_device_name() if torch.cuda.is_available() else 'CPU (no GPU found)')"
 RUNS=${RUNS:-/tmp/gpu-runs}; MODELS=${MODELS:-/tmp/gpu-models}
 rm -rf "$MODELS" && mkdir -p "$MODELS" && cp -r data/models/autoencoder "$MODELS/"  # the latent space the runs train in

@@ -50,7 +50,7 @@ def test_probe_compile_on_cpu(tmp_path):
         assert res[m]["compiled_max_abs_diff"] < 1e-3  # fp32: the compiled decoder computes the same
 
 
-@pytest.mark.slow  # ~2 min: prompt features, two traced training steps of each model, the same again as checked
+@pytest.mark.slow  # ~3 min: prompt features; training steps, runtime benchmark and graph check in miniature, twice
 def test_gpu_kit_and_the_stage5_script_run_on_the_cpu(tmp_path):
     """scripts/gpu_kit.py writes a kit that fits a device call, and scripts/gpu_stage5.sh trains both models
     with it under a python that has no diffusers (as on the GPU machine), time-boxed, and packs the exports."""
