@@ -30,7 +30,7 @@ INIT_DIR=data/models TEXT_FEATURES=$F RUNS=$RUNS MODELS=$MODELS \
 for m in lazy regenerate-image; do  # the shipped layout: each stage's logs in training/stageN/
   mkdir -p "$MODELS/$m/training/stage5" && mv "$MODELS/$m"/training/*.* "$MODELS/$m/training/stage5/"
   tar -C "$MODELS" -cf "$OUT/$m.tar" "$m"
-  $PY -c "import json,sys; i=json.load(open(sys.argv[1])); print(sys.argv[2], 'steps', i['steps'], 'of', i['schedule_steps'], 'in', round(i['wall_s']), 's')" \
+  $PY -c "import json,sys; i=json.load(open(sys.argv[1])); print(sys.argv[2], 'steps', i['steps'], 'of', i['schedule_steps'], 'in', round(i['wall_s']), 's:', round(i['steps'] / i['wall_s'], 2), 'steps/s')" \
     "$MODELS/$m/training/stage5/train_info.json" "$m" | tee -a "$OUT/train.log"
 done
 ls -la "$OUT"

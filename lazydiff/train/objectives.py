@@ -254,9 +254,12 @@ class LatentDiffusionObjective(Objective):
         pass it, when the decoder uses it (e.g. initialised from PixArt-XL-2-1024-MS)."""
         if not self.extra_conditions:
             return None
-        size = float(self.cfg.image_size)
-        return {"resolution": torch.tensor([[size, size]], device=self.device).repeat(batch, 1),
-                "aspect_ratio": torch.ones(batch, 1, device=self.device)}
+        cache = self.__dict__.setdefault("_added", {})  # made once: a copy to the GPU per step would wait for it
+        if batch not in cache:
+            size = float(self.cfg.image_size)
+            cache[batch] = {"resolution": torch.tensor([[size, size]], device=self.device).repeat(batch, 1),
+                            "aspect_ratio": torch.ones(batch, 1, device=self.device)}
+        return cache[batch]
 
     @torch.no_grad()
     def latents(self, batch):
@@ -265,16 +268,19 @@ class LatentDiffusionObjective(Objective):
             return self._latents[1]
         vae = self.vae
         canvas, target = to_unit(batch["canvas"], self.device), to_unit(batch["target"], self.device)
-        mask = batch["mask"].to(self.device).float()
+        mask = batch["mask"].to(self.device, non_blocking=True).float()
         sf = vae.config.scaling_factor
         x0 = vae.encode(target).latent_dist.mode() * sf
         masked = vae.encode(canvas * (1 - mask)).latent_dist.mode() * sf   # E(I * (1 - M))
-        self._latents = (batch, (x0, masked, mask))
-        return x0, masked, mask
+        # The largest hole's token count sets the padded length: read from the loader's (CPU) mask, as
+        # reading it on the GPU would make every step wait for the one before it.
+        k = int(token_mask_from_pixels(batch["mask"].cpu(), self.scale * self.patch).flatten(1).sum(1).max())
+        self._latents = (batch, (x0, masked, mask, k))
+        return x0, masked, mask, k
 
     @torch.no_grad()
     def encode(self, batch, step, rank):
-        x0, masked, mask = self.latents(batch)
+        x0, masked, mask, k = self.latents(batch)
         prompts = list(batch["prompt"])
         drop = np.random.default_rng([self.cfg.seed, step, rank]).random(len(prompts)) < self.cfg.prompt_dropout
         prompts = ["" if d else p for p, d in zip(prompts, drop)]
@@ -284,7 +290,6 @@ class LatentDiffusionObjective(Objective):
         flat = token_mask.flatten(1)
         counts = flat.sum(1)
         order = torch.argsort((~flat).to(torch.int8), dim=1, stable=True)
-        k = int(counts.max())
         index = order[:, :k]
         valid = torch.arange(k, device=self.device)[None] < counts[:, None]
         g = step_generator(self.cfg.seed, step, rank, self.device)
@@ -317,7 +322,10 @@ class LatentDiffusionObjective(Objective):
 
     def min_snr_weights(self, t: torch.Tensor) -> torch.Tensor:
         """min(SNR_t, gamma) / SNR_t for epsilon prediction, SNR_t = alpha_bar_t / (1 - alpha_bar_t)."""
-        alpha_bar = self.noise_scheduler.alphas_cumprod.to(t.device)[t].float()
+        table = self.__dict__.get("_alphas_cumprod")
+        if table is None or table.device != t.device:  # on the device once, not copied there every step
+            table = self.__dict__["_alphas_cumprod"] = self.noise_scheduler.alphas_cumprod.to(t.device)
+        alpha_bar = table[t].float()
         snr = alpha_bar / (1 - alpha_bar)
         return snr.clamp(max=self.cfg.snr_gamma) / snr
 

@@ -77,6 +77,14 @@ class TextFeatureTable:
         self.hidden_size = feats.shape[1]
         self.source = meta.get("text_encoder", "?")
         self.rows = {p: t for p, t in zip(prompts, torch.split(feats, lengths.tolist()))}
+        self.ids = {p: i for i, p in enumerate(prompts)}
+        self.lengths = lengths.tolist()
+        # Every prompt zero-padded to the longest, kept on each device it is asked for: a batch is one
+        # gather there, not rows built on the CPU and copied over at every training step.
+        self.padded = torch.zeros(len(prompts), max(self.lengths, default=0), self.hidden_size)
+        for i, r in enumerate(self.rows.values()):
+            self.padded[i, : r.shape[0]] = r
+        self._on = {}
 
     def __call__(self, prompts: Sequence[str], device) -> Tuple[torch.Tensor, torch.Tensor]:
         """-> (hidden states (B, L, D) zero-padded, attention mask (B, L)), like the encoder with padding=True."""
@@ -84,14 +92,17 @@ class TextFeatureTable:
         if missing:
             raise KeyError(f"prompt {missing[0]!r} is not in the text-feature table {self.path} ({len(self.rows)} prompts). "
                            "Rebuild the table for your data, or unset `text_features:` to run the text encoder.")
-        rows = [self.rows[p] for p in prompts]
-        L = max(r.shape[0] for r in rows)
-        out = torch.zeros(len(rows), L, self.hidden_size)
-        mask = torch.zeros(len(rows), L, dtype=torch.int64)
-        for i, r in enumerate(rows):
-            out[i, : r.shape[0]] = r
-            mask[i, : r.shape[0]] = 1
-        return out.to(device), mask.to(device)
+        device = torch.device(device)
+        if device not in self._on:
+            self._on[device] = (self.padded.to(device), torch.tensor(self.lengths, device=device))
+        padded, lengths = self._on[device]
+        ids = torch.tensor([self.ids[p] for p in prompts])
+        if device.type == "cuda":
+            ids = ids.pin_memory()
+        ids = ids.to(device, non_blocking=True)
+        L = max(self.lengths[self.ids[p]] for p in prompts)
+        mask = (torch.arange(L, device=device)[None] < lengths[ids][:, None]).to(torch.int64)
+        return padded[ids, :L], mask
 
 
 def main(argv=None):
