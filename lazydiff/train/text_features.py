@@ -76,21 +76,20 @@ class TextFeatureTable:
                              "rebuild it with `python -m lazydiff.train.text_features`")
         self.hidden_size = feats.shape[1]
         self.source = meta.get("text_encoder", "?")
-        self.rows = {p: t for p, t in zip(prompts, torch.split(feats, lengths.tolist()))}
         self.ids = {p: i for i, p in enumerate(prompts)}
         self.lengths = lengths.tolist()
         # Every prompt zero-padded to the longest, kept on each device it is asked for: a batch is one
         # gather there, not rows built on the CPU and copied over at every training step.
         self.padded = torch.zeros(len(prompts), max(self.lengths, default=0), self.hidden_size)
-        for i, r in enumerate(self.rows.values()):
+        for i, r in enumerate(torch.split(feats, self.lengths)):
             self.padded[i, : r.shape[0]] = r
         self._on = {}
 
     def __call__(self, prompts: Sequence[str], device) -> Tuple[torch.Tensor, torch.Tensor]:
         """-> (hidden states (B, L, D) zero-padded, attention mask (B, L)), like the encoder with padding=True."""
-        missing = [p for p in prompts if p not in self.rows]
+        missing = [p for p in prompts if p not in self.ids]
         if missing:
-            raise KeyError(f"prompt {missing[0]!r} is not in the text-feature table {self.path} ({len(self.rows)} prompts). "
+            raise KeyError(f"prompt {missing[0]!r} is not in the text-feature table {self.path} ({len(self.ids)} prompts). "
                            "Rebuild the table for your data, or unset `text_features:` to run the text encoder.")
         device = torch.device(device)
         if device not in self._on:
