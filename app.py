@@ -25,10 +25,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     env = ModelSpec.from_env()
     ap = argparse.ArgumentParser(description="LazyDiffusion interactive editing demo")
     ap.add_argument("--model", default=env.model_dir, metavar="DIR",
-                    help="a LazyDiffusionPipeline folder (diffusers layout); default: the shipped model "
+                    help="a LazyDiffusionPipeline folder (save_pretrained, or a training export in data/models' layout); "
+                         "default: the shipped model "
                          "[env LAZYDIFF_MODEL]")
     ap.add_argument("--baseline", default=env.baseline_dir, metavar="DIR",
-                    help="a RegenerateImagePipeline folder for the comparison; default: the shipped baseline "
+                    help="a RegenerateImagePipeline folder for the comparison (same layouts as --model); default: the shipped baseline "
                          "[env LAZYDIFF_BASELINE]")
     ap.add_argument("--tiny", action="store_true", default=env.tiny,
                     help="random-weight test pipelines: try the UI without trained weights [env LAZYDIFF_TINY=1]")

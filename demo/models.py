@@ -5,8 +5,9 @@ Three sources, in order of precedence:
 * ``tiny=True`` (``--tiny`` / ``LAZYDIFF_TINY=1``): :func:`lazydiff.testing.tiny_lazy_pipeline` and
   :func:`~lazydiff.testing.tiny_regenerate_pipeline`, random weights, for tests and UI work;
 * ``model_dir`` (``--model DIR`` / ``LAZYDIFF_MODEL``): a :class:`~lazydiff.LazyDiffusionPipeline`
-  folder in diffusers layout; ``baseline_dir`` (``--baseline DIR`` / ``LAZYDIFF_BASELINE``) a
-  :class:`~lazydiff.RegenerateImagePipeline` folder;
+  folder; ``baseline_dir`` (``--baseline DIR`` / ``LAZYDIFF_BASELINE``) a
+  :class:`~lazydiff.RegenerateImagePipeline` folder. Either saved with ``save_pretrained`` or in
+  data/models' layout (a training export), as :func:`lazydiff.load_pipeline` reads them;
 * otherwise the shipped ShapesWorld models, :func:`lazydiff.load_default`.
 
 Loading is lazy (first use) and thread-safe, so importing ``app`` stays cheap. The pipelines are not
@@ -191,14 +192,17 @@ class Models:
         import lazydiff
 
         if not os.path.isdir(folder):
-            raise ModelUnavailable(f"{flag}: {folder!r} is not a folder. Pass a {cls_name} folder in diffusers "
-                                   "layout (model_index.json + one sub-folder per component).")
+            raise ModelUnavailable(f"{flag}: {folder!r} is not a folder. Pass a {cls_name} folder: one saved with "
+                                   "save_pretrained (model_index.json), or a model folder in data/models' layout "
+                                   "such as a training export (runs/train/NAME/export).")
         try:
-            pipe = getattr(lazydiff, cls_name).from_pretrained(folder)
+            pipe = lazydiff.load_pipeline(folder, device=self._device())
         except Exception as err:  # noqa: BLE001 - any loading failure becomes one clear message
             raise ModelUnavailable(f"{flag}: could not load a {cls_name} from {folder!r}: "
                                    f"{type(err).__name__}: {err}") from err
-        return pipe.to(self._device())
+        if type(pipe).__name__ != cls_name:
+            raise ModelUnavailable(f"{flag}: {folder!r} holds a {type(pipe).__name__}, not a {cls_name}")
+        return pipe
 
     def _default(self, kind: str, what: str):
         import lazydiff

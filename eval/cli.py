@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     k = sub.add_parser("compare", help="compare quality runs of the same suite (a settings sweep, two models)",
                        description="Tables and plots of several `quality` runs of the same edits, with each run's "
-                                   "difference from the first and its 95%% interval, paired edit by edit.")
+                                   "difference from the first and its 95% interval, paired edit by edit.")
     k.add_argument("runs", nargs="+", help="output folders of quality runs; the first is the reference")
     k.add_argument("--out", required=True, help="output folder (compare.md, compare.csv, compare.png)")
     k.add_argument("--labels", type=_names, default=None, help="comma-separated run names (default: the settings "
@@ -98,12 +98,16 @@ def build_parser() -> argparse.ArgumentParser:
                        description="End-to-end and per-step latency of LazyDiffusion vs RegenerateImage (and "
                                    "RegenerateCrop): warm-up, interleaved repeats, medians and IQR, per-stage "
                                    "breakdown, FLOPs beside times.")
-    r.add_argument("--mask-ratios", type=_floats, default=[0.01, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1.0])
-    r.add_argument("--steps", type=int, default=20)
-    r.add_argument("--out", required=True)
-    r.add_argument("--preset", default="default", help="default | paper-shape | tiny")
-    r.add_argument("--methods", type=_names, default=["lazy", "regenerate-image", "regenerate-crop"])
-    r.add_argument("--dtype", default="fp32", help="fp32 | bf16 | fp16")
+    r.add_argument("--mask-ratios", type=_floats, default=[0.01, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1.0],
+                   help="comma-separated fractions of the canvas to mask (default 0.01,0.05,0.1,0.2,0.4,0.6,0.8,1)")
+    r.add_argument("--steps", type=int, default=20, help="denoising steps per edit (default 20)")
+    r.add_argument("--out", required=True, help="output folder (report.md, runtime.csv, plots)")
+    r.add_argument("--preset", default="default",
+                   help="default (the shipped 128px models) | paper-shape (1024px, SD-VAE shape, random weights) | tiny")
+    r.add_argument("--methods", type=_names, default=["lazy", "regenerate-image", "regenerate-crop"],
+                   help="comma-separated (default lazy,regenerate-image,regenerate-crop)")
+    r.add_argument("--dtype", default="fp32", help="fp32 | bf16 | fp16 (default fp32; bf16 pays on GPUs, not on "
+                                                   "CPUs without native bf16)")
     r.add_argument("--repeats", type=int, default=3, help="timed rounds per mask ratio")
     r.add_argument("--warmup", type=int, default=1, help="untimed runs per method and ratio")
     r.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
@@ -128,6 +132,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "the VAE only, or the steps only in ONNX Runtime (CPU, fp32); faster for both methods at every "
                         "size measured, paper shape included (docs/BENCHMARKS.md sections 3 and 7)")
     r.add_argument("--fit-max-ratio", type=float, default=0.4, help="largest mask ratio in the per-step linear fit")
+    o = r.add_argument_group("other measurements, instead of the mask sweep (each writes to its OUT; --out not needed)")
+    o.add_argument("--flop-ceiling", metavar="OUT", help="end-to-end FLOP ratio at paper shape for several "
+                                                         "transformer sizes, nothing timed (with --size, --steps)")
+    o.add_argument("--step-sweep", metavar="OUT", help="per-step time vs hole tokens at paper shape, decoder calls "
+                                                       "only (with --width, --depth, --size, --onnx-runtime)")
+    o.add_argument("--levers", metavar="OUT", help="each speed lever on and off with the shipped models, "
+                                                   "interleaved (with --levers-repeats, --levers-backends)")
+    o.add_argument("--levers-repeats", type=int, default=5, help="with --levers: paired rounds (default 5)")
+    o.add_argument("--levers-backends", action="store_true",
+                   help="with --levers: only PyTorch vs ONNX Runtime, every other lever on")
+    o.add_argument("--vae-backends", metavar="OUT", help="the paper-shape VAE in PyTorch vs ONNX Runtime, "
+                                                         "interleaved (with --repeats, --encode-size, --crop-latent)")
     return p
 
 
@@ -136,6 +152,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .metrics import MetricWeightsError
     from .suites import SuiteError
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["runtime"]:
+        from .runtime import run_other_measurement
+
+        rc = run_other_measurement(argv[1:])  # --flop-ceiling OUT and the like: their own options, no --out
+        if rc is not None:
+            return rc
     args = build_parser().parse_args(argv)
     try:
         if args.command == "gate":

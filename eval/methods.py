@@ -7,7 +7,8 @@ Built in:
 * ``tiny-lazy``, ``tiny-regenerate-image``, ``tiny-regenerate-crop`` -- tiny random pipelines
   (:mod:`lazydiff.testing`) for tests and smoke runs; their numbers mean nothing,
 * a path to a pipeline folder saved with ``save_pretrained`` (a LazyDiffusion / Regenerate pipeline,
-  or any diffusers inpainting pipeline),
+  or any diffusers inpainting pipeline), or a model folder in data/models' layout such as a training
+  export (:func:`lazydiff.load_pipeline`),
 * ``diffusers-inpaint:PATH`` -- a local diffusers inpainting pipeline (SD2 / SDXL inpainting, ...)
   behind :class:`lazydiff.DiffusersInpaintAdapter`.
 
@@ -120,19 +121,20 @@ def known_methods() -> List[str]:
 # ----------------------------------------------------------------------------- folders
 def _folder_factory(path: Path) -> MethodFactory:
     def check():
-        if not (path / "model_index.json").exists():
-            raise MethodError(f"{path} is not a pipeline folder (no model_index.json); save one with "
-                              "pipe.save_pretrained(folder)")
+        if not (path / "model_index.json").exists() and not (path / "decoder").is_dir():
+            raise MethodError(f"{path} is not a pipeline folder (no model_index.json) nor a model folder in "
+                              "data/models' layout (no decoder/); save one with pipe.save_pretrained(folder), or "
+                              "pass a training export (runs/train/NAME/export)")
 
     def build(device, dtype):
         import lazydiff
         from lazydiff import DiffusersInpaintAdapter
 
-        cls_name = json.loads((path / "model_index.json").read_text()).get("_class_name", "")
-        cls = getattr(lazydiff, cls_name, None)
-        if cls is not None and hasattr(cls, "from_pretrained"):
-            return cls.from_pretrained(str(path), torch_dtype=dtype).to(device)
-        return DiffusersInpaintAdapter.from_pretrained(str(path), torch_dtype=dtype).to(device)
+        if (path / "model_index.json").exists():
+            cls_name = json.loads((path / "model_index.json").read_text()).get("_class_name", "")
+            if cls_name not in lazydiff.__all__:
+                return DiffusersInpaintAdapter.from_pretrained(str(path), torch_dtype=dtype).to(device)
+        return lazydiff.load_pipeline(str(path), device=device, torch_dtype=dtype)
 
     return MethodFactory(build, f"pipeline folder {path}", check)
 

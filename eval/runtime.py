@@ -1006,16 +1006,13 @@ def run_vae_backends(out: str, size: int = 1024, crop_latent: int = 52, encode_s
     return result
 
 
-def main(argv=None) -> int:
-    """``python -m eval.runtime [--followup none|same-mask|new-mask] [--canvas-cache off|exact|incremental]
-    <the options of python -m eval runtime>``: the runtime command with the follow-up-edit and
-    canvas-cache options."""
+def run_other_measurement(argv) -> Optional[int]:
+    """The runtime command's measurements other than the mask sweep (``--flop-ceiling OUT``, ``--step-sweep
+    OUT``, ``--levers OUT``, ``--vae-backends OUT``, each with its own options): runs the one named in
+    ``argv`` and returns 0, or returns None when ``argv`` names none of them."""
     import argparse
-    import sys
 
     pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--followup", default="none", choices=FOLLOWUPS)
-    pre.add_argument("--canvas-cache", default=None, choices=CANVAS_CACHE_MODES)
     pre.add_argument("--levers", default=None, metavar="OUT",
                      help="instead: the per-lever ablation on the shipped models, written to OUT")
     pre.add_argument("--levers-repeats", type=int, default=5)
@@ -1054,7 +1051,14 @@ def main(argv=None) -> int:
         a = mode_options(width=384, depth=12, size=1024, onnx_runtime=False)
         run_step_sweep(ns.step_sweep, size=a.size, width=a.width, depth=a.depth, onnx_runtime=a.onnx_runtime)
         return 0
-    from .cli import main as cli_main  # the plain runtime command (it has --followup / --canvas-cache too)
+    return None
+
+
+def main(argv=None) -> int:
+    """``python -m eval.runtime ...``: the same as ``python -m eval runtime ...``."""
+    import sys
+
+    from .cli import main as cli_main
 
     return cli_main(["runtime"] + list(sys.argv[1:] if argv is None else argv))
 

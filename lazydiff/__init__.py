@@ -15,7 +15,7 @@ _EXPORTS = {
     "lazy_decoder_from_pixart": ".models", "full_canvas_decoder_from_pixart": ".models",
     "LazyDiffusionPipeline": ".pipelines", "RegenerateImagePipeline": ".pipelines",
     "RegenerateCropPipeline": ".pipelines", "DiffusersInpaintAdapter": ".pipelines",
-    "EditPipelineOutput": ".pipelines", "load_default": ".defaults",
+    "EditPipelineOutput": ".pipelines", "load_default": ".defaults", "load_pipeline": ".defaults",
 }
 __all__ = list(_EXPORTS)
 

@@ -70,28 +70,74 @@ def load_default(kind: str = "lazy", device: Optional[str] = None, models_dir: O
     kind: "lazy" (LazyDiffusionPipeline), "regenerate-image" (RegenerateImagePipeline) or
     "regenerate-crop" (RegenerateCropPipeline, same weights as regenerate-image).
     """
+    if kind not in KINDS:
+        raise ValueError(f"unknown default model {kind!r}; choose one of {KINDS}")
+    root = Path(models_dir) if models_dir else MODELS_DIR
+    folder = root / ("lazy" if kind == "lazy" else "regenerate-image")
+    what = "the LazyDiffusion model" if kind == "lazy" else "the RegenerateImage model"
+    return _assemble(kind, _require(folder, what), root / "autoencoder", device, torch_dtype)
+
+
+def _assemble(kind: str, folder: Path, autoencoder: Path, device: Optional[str], torch_dtype: torch.dtype):
+    """A pipeline from one model folder in data/models' layout (what training exports), the autoencoder it
+    was trained with and the MiniLM text encoder."""
     from diffusers import AutoencoderKL, DDIMScheduler
 
     from .models import ContextEncoder, FullCanvasDecoder, LazyDecoder
     from .pipelines import LazyDiffusionPipeline, RegenerateCropPipeline, RegenerateImagePipeline
 
-    if kind not in KINDS:
-        raise ValueError(f"unknown default model {kind!r}; choose one of {KINDS}")
-    root = Path(models_dir) if models_dir else MODELS_DIR
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    vae = AutoencoderKL.from_pretrained(_require(root / "autoencoder", "the ShapesWorld autoencoder"),
-                                        torch_dtype=torch_dtype)
+    vae = AutoencoderKL.from_pretrained(_require(autoencoder, "the ShapesWorld autoencoder"), torch_dtype=torch_dtype)
     text_encoder, tokenizer = load_text_encoder(device=device)
+    scheduler = (DDIMScheduler.from_pretrained(folder / "scheduler") if (folder / "scheduler").is_dir()
+                 else default_scheduler())
     if kind == "lazy":
-        d = _require(root / "lazy", "the LazyDiffusion model")
         pipe = LazyDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                                     context_encoder=ContextEncoder.from_pretrained(d / "context_encoder", torch_dtype=torch_dtype),
-                                     decoder=LazyDecoder.from_pretrained(d / "decoder", torch_dtype=torch_dtype),
-                                     scheduler=DDIMScheduler.from_pretrained(d / "scheduler"))
+                                     context_encoder=ContextEncoder.from_pretrained(folder / "context_encoder", torch_dtype=torch_dtype),
+                                     decoder=LazyDecoder.from_pretrained(folder / "decoder", torch_dtype=torch_dtype),
+                                     scheduler=scheduler)
     else:
-        d = _require(root / "regenerate-image", "the RegenerateImage model")
         cls = RegenerateImagePipeline if kind == "regenerate-image" else RegenerateCropPipeline
         pipe = cls(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
-                   decoder=FullCanvasDecoder.from_pretrained(d / "decoder", torch_dtype=torch_dtype),
-                   scheduler=DDIMScheduler.from_pretrained(d / "scheduler"))
+                   decoder=FullCanvasDecoder.from_pretrained(folder / "decoder", torch_dtype=torch_dtype),
+                   scheduler=scheduler)
     return pipe.to(device)
+
+
+PIPELINE_HELP = ("a shipped model (lazy, regenerate-image, regenerate-crop; 'default' = lazy), a pipeline folder "
+                 "saved with pipe.save_pretrained(DIR), or a model folder in data/models' layout, e.g. a training "
+                 "export runs/train/NAME/export (assembled with the shipped autoencoder)")
+
+
+def load_pipeline(spec: str, device: Optional[str] = None, torch_dtype: torch.dtype = torch.float32,
+                  crop: bool = False, autoencoder: Optional[str] = None):
+    """A ready pipeline from what a user names on a command line (see :data:`PIPELINE_HELP`):
+
+    * ``"default"``, ``"lazy"``, ``"regenerate-image"``, ``"regenerate-crop"``: :func:`load_default`;
+    * a folder with ``model_index.json`` (``save_pretrained``): that pipeline class's ``from_pretrained``;
+    * a folder with ``decoder/`` (and ``context_encoder/`` for LazyDiffusion), as ``data/models/lazy`` or
+      ``python -m lazydiff.train``'s ``export/``: assembled with ``autoencoder`` (default: the shipped one).
+      ``crop=True`` makes a full-canvas model a RegenerateCropPipeline.
+
+    Raises ValueError with what to pass instead when ``spec`` is none of these."""
+    import json
+
+    import lazydiff
+
+    folder = Path(spec)
+    if spec in KINDS + ("default",) and not folder.is_dir():  # a folder of that name wins
+        return load_default("lazy" if spec == "default" else spec, device=device, torch_dtype=torch_dtype)
+    if not folder.is_dir():
+        raise ValueError(f"{spec!r} is neither a shipped model nor a folder. Pass {PIPELINE_HELP}.")
+    if (folder / "model_index.json").is_file():
+        cls_name = json.loads((folder / "model_index.json").read_text()).get("_class_name", "")
+        cls = getattr(lazydiff, cls_name, None) if cls_name in lazydiff.__all__ else None
+        if cls is None or not hasattr(cls, "from_pretrained"):
+            raise ValueError(f"{folder / 'model_index.json'} names {cls_name!r}, not a lazydiff pipeline; for a "
+                             "diffusers inpainting pipeline use the evaluation workbench's diffusers-inpaint:PATH")
+        pipe = cls.from_pretrained(str(folder), torch_dtype=torch_dtype)
+        return pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if not (folder / "decoder").is_dir():
+        raise ValueError(f"{spec!r} holds no model_index.json and no decoder/ folder. Pass {PIPELINE_HELP}.")
+    kind = "lazy" if (folder / "context_encoder").is_dir() else ("regenerate-crop" if crop else "regenerate-image")
+    return _assemble(kind, folder, Path(autoencoder) if autoencoder else MODELS_DIR / "autoencoder", device, torch_dtype)

@@ -5,10 +5,10 @@
 # follow-up replays the graph its fresh edit recorded) and once eagerly, one run after the other
 # on the same machine; then an edit in a new place on an encoded canvas (--followup new-mask, with graphs);
 # then checks that graphed edits, recorded or replayed in a later edit, equal eager ones (~5 min on an H200).
-# Usage: scripts/bench_gpu.sh [OUT (default runs/bench/gpu)]   Environment: PYTHON (default python), KIT (.gpu)
+# Usage: scripts/bench_gpu.sh [OUT (default runs/bench/gpu)]   Environment: PYTHON (default python, else python3), KIT (.gpu)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python}
+PY=${PYTHON:-$(command -v python || command -v python3)}
 source scripts/gpu_env.sh  # on a lent GPU machine without diffusers: the kit of scripts/gpu_kit.py
 OUT=${1:-runs/bench/gpu}
 mkdir -p "$(dirname "$OUT")"

@@ -19,7 +19,7 @@
 # Each run resumes from its latest checkpoint if interrupted; run this script again to continue.
 # Usage: scripts/train_shapesworld.sh [stage1|stage2|all|continue|diffusion|stage4|stage5|clip]
 # Environment:
-#   EXTRA="--set key=value ..."          applies to every run (e.g. mixed_precision=bf16 on a CPU)
+#   EXTRA="--set key=value ..."          applies to every run (e.g. mixed_precision=bf16 on a GPU)
 #   RUNS, MODELS                          run folders (runs/train) and where exports are published (data/models)
 #   CONFIGS                               config folder (configs/train; configs/train/cpu: the ~2 h-per-model CPU recipe)
 #   WORKERS_AE, WORKERS_CLIP, WORKERS_DIFFUSION   data-generation processes per run (default 2)
@@ -37,6 +37,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 STAGE=${1:-all}
+if [[ $STAGE == -h || $STAGE == --help ]]; then awk 'NR > 1 && /^#/ {sub(/^# ?/, ""); print; next} NR > 1 {exit}' "$0"; exit 0; fi
 case $STAGE in
   stage1|stage2|all|continue|diffusion|stage4|stage5|clip) ;;
   *) echo "unknown stage '$STAGE'; usage: $0 [stage1|stage2|all|continue|diffusion|stage4|stage5|clip]" >&2; exit 2 ;;

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import numpy as np
 import PIL.Image
@@ -365,6 +366,17 @@ def test_models_from_pretrained_folder(tmp_path):
     tiny_regenerate_pipeline().save_pretrained(tmp_path / "base")
     m = Models(ModelSpec(model_dir=str(tmp_path / "lazy"), baseline_dir=str(tmp_path / "base")))
     assert type(m.baseline()).__name__ == "RegenerateImagePipeline"
+
+
+def test_models_from_a_model_folder_in_data_models_layout():
+    shipped = Path(__file__).resolve().parent.parent / "data" / "models"   # laid out as training exports are
+    if not (shipped / "lazy").is_dir():
+        pytest.skip("data/models not present")
+    m = Models(ModelSpec(model_dir=str(shipped / "lazy"), baseline_dir=str(shipped / "lazy"), onnx_runtime="off",
+                         device="cpu"))
+    assert type(m.lazy()).__name__ == "LazyDiffusionPipeline"
+    with pytest.raises(ModelUnavailable, match="holds a LazyDiffusionPipeline, not a RegenerateImagePipeline"):
+        m.baseline()
 
 
 def test_spec_from_env():

@@ -186,3 +186,19 @@ def test_flop_ceiling_grows_with_the_transformer(tmp_path):
         assert r["first_edit_ratio"] < r["new_mask_ratio"] < r["followup_ratio"] < r["step_ratio"]
     assert paper["followup_ratio"] > small["followup_ratio"] and paper["first_edit_ratio"] > small["first_edit_ratio"]
     assert (tmp_path / "flop_ceiling.md").exists() and (tmp_path / "flop_ceiling.png").exists()
+
+
+def test_runtime_command_runs_the_other_measurements_without_out(tmp_path, monkeypatch, capsys):
+    import eval.runtime as rt
+    from eval.cli import main
+
+    calls = []
+    monkeypatch.setattr(rt, "run_flop_ceiling", lambda out, size, steps: calls.append((out, size, steps)))
+    assert main(["runtime", "--flop-ceiling", str(tmp_path), "--size", "512"]) == 0
+    assert rt.main(["--flop-ceiling", str(tmp_path)]) == 0          # python -m eval.runtime: the same command
+    assert calls == [(str(tmp_path), 512, 20), (str(tmp_path), 1024, 20)]
+    with pytest.raises(SystemExit):
+        main(["runtime", "--help"])
+    assert "--flop-ceiling OUT" in capsys.readouterr().out
+    with pytest.raises(SystemExit):   # the mask sweep still needs --out
+        main(["runtime", "--preset", "tiny"])

@@ -82,3 +82,46 @@ def test_edit_cli_with_a_scheduler_and_a_bad_input(tmp_path, capsys):
     with pytest.raises(SystemExit, match="error: .*size"):
         main(common + ["--mask", str(tmp_path / "small.png"), "--out", str(tmp_path / "bad.png")])
     assert not (tmp_path / "bad.png").exists()
+
+
+def test_edit_cli_rejects_bad_arguments_before_loading_a_model(tmp_path, monkeypatch):
+    import lazydiff.defaults
+    from lazydiff.__main__ import main
+
+    def no_loading(*a, **k):
+        raise AssertionError("a model was loaded for a command that cannot succeed")
+
+    monkeypatch.setattr(lazydiff.defaults, "load_pipeline", no_loading)
+    PIL.Image.new("RGB", (32, 32)).save(tmp_path / "in.png")
+    ok = ["edit", "--image", str(tmp_path / "in.png"), "--mask", str(tmp_path / "in.png"), "--prompt", "x"]
+    for extra, message in [(["--out", str(tmp_path / "missing" / "o.png")], "--out: folder .* does not exist"),
+                           (["--out", str(tmp_path / "o")], "--out: .* needs an image file extension"),
+                           (["--out", str(tmp_path / "o.png"), "--sketch", str(tmp_path / "no.png")],
+                            "--sketch: no such file")]:
+        with pytest.raises(SystemExit, match=message):
+            main(ok + extra)
+    (tmp_path / "text.png").write_text("not an image")
+    with pytest.raises(SystemExit, match="--mask: .* is not an image"):
+        main(ok[:3] + ["--mask", str(tmp_path / "text.png"), "--prompt", "x", "--out", str(tmp_path / "o.png")])
+    assert not (tmp_path / "o.png").exists()
+
+
+def test_load_pipeline_names_folders_and_exports(tmp_path):
+    from lazydiff import load_pipeline
+
+    with pytest.raises(ValueError, match="neither a shipped model nor a folder.*training export"):
+        load_pipeline("defualt")
+    with pytest.raises(ValueError, match="no model_index.json and no decoder/"):
+        load_pipeline(str(tmp_path))
+    # data/models/lazy is laid out as `python -m lazydiff.train` exports: it loads as a folder, with the
+    # shipped autoencoder, and edits exactly as load_default("lazy")
+    task = make_task(10_000_002, size=(128, 128))
+    image, mask = PIL.Image.fromarray(task.canvas), PIL.Image.fromarray((task.mask * 255).astype(np.uint8))
+    outs = []
+    for pipe in (load_pipeline(str(MODELS / "lazy"), device="cpu"), load_pipeline("default", device="cpu")):
+        assert type(pipe).__name__ == "LazyDiffusionPipeline"
+        pipe.set_progress_bar_config(disable=True)
+        outs.append(np.asarray(pipe(task.prompt, image, mask, num_inference_steps=2,
+                                    generator=torch.Generator().manual_seed(0)).images[0]))
+    assert np.array_equal(outs[0], outs[1])
+    assert type(load_pipeline(str(MODELS / "regenerate-image"), device="cpu", crop=True)).__name__ == "RegenerateCropPipeline"

@@ -776,6 +776,9 @@ def test_training_script_rejects_an_unknown_stage(tmp_path):
     res = subprocess.run(["bash", str(REPO / "scripts" / "train_shapesworld.sh"), "stage3"], cwd=REPO,
                          capture_output=True, text=True)
     assert res.returncode == 2 and "unknown stage 'stage3'" in res.stderr
+    res = subprocess.run(["bash", str(REPO / "scripts" / "train_shapesworld.sh"), "--help"], cwd=REPO,
+                         capture_output=True, text=True)
+    assert res.returncode == 0 and "Usage:" in res.stdout and "STEPS_DIFFUSION" in res.stdout and not res.stderr
 
 
 def test_decoder_only_autoencoder_keeps_the_latent_space(autoencoder_export, tmp_path):

@@ -98,6 +98,12 @@ class Objective:
             load_weights(self.trainable if name is None else self.trainable[name], Path(folder) / rel, fix)
 
 
+def _cast(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """``module.to(dtype)`` without diffusers' ModelMixin.to warning about fp32 modules, which it prints on
+    every dtype cast even when the list is empty (diffusers 0.42)."""
+    return nn.Module.to(module, dtype)
+
+
 # ----------------------------------------------------------------------------- autoencoder
 class AutoencoderObjective(Objective):
     def __init__(self, cfg, device):
@@ -156,7 +162,7 @@ class AutoencoderObjective(Objective):
             z = vae.encode(x).latent_dist.mode()
             # As for SD's VAE: scale latents to unit variance, so diffusion noise levels mean the same.
             vae.register_to_config(scaling_factor=float(1.0 / z.float().std()))
-        vae.to(torch.float32).save_pretrained(folder, safe_serialization=True)
+        _cast(vae, torch.float32).save_pretrained(folder, safe_serialization=True)
 
 
 # ----------------------------------------------------------------------------- ShapesCLIP
@@ -367,8 +373,8 @@ class LazyObjective(LatentDiffusionObjective):
     def export(self, module, folder):
         dtype = _export_dtype(self.cfg.export_dtype)
         for name in ("context_encoder", "decoder"):
-            module[name].to(dtype).save_pretrained(folder / name, safe_serialization=True)
-            module[name].to(torch.float32)
+            _cast(module[name], dtype).save_pretrained(folder / name, safe_serialization=True)
+            _cast(module[name], torch.float32)
         self.export_scheduler(folder)
 
 
@@ -390,8 +396,8 @@ class RegenerateImageObjective(LatentDiffusionObjective):
 
     def export(self, module, folder):
         dtype = _export_dtype(self.cfg.export_dtype)
-        module["decoder"].to(dtype).save_pretrained(folder / "decoder", safe_serialization=True)
-        module["decoder"].to(torch.float32)
+        _cast(module["decoder"], dtype).save_pretrained(folder / "decoder", safe_serialization=True)
+        _cast(module["decoder"], torch.float32)
         self.export_scheduler(folder)
 
 
