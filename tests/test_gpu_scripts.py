@@ -81,4 +81,8 @@ def test_gpu_kit_and_the_stage5_script_run_on_the_cpu(tmp_path):
             info = json.load(tar.extractfile(f"{name}/training/stage5/train_info.json"))
         assert f"{name}/decoder/diffusion_pytorch_model.safetensors" in members
         assert info["steps"] == 3 and (out / f"{name}.tar").stat().st_size < 16 * 2**20  # the device's per-file limit
+        with tarfile.open(out / f"{name}-raw.tar") as tar:  # export_raw: the weights without the EMA
+            assert f"{name}/decoder/diffusion_pytorch_model.safetensors" in tar.getnames()
+    returned = [p for p in out.rglob("*") if p.is_file()]  # what a device call sends back: <= 8 files, 64 MiB
+    assert len(returned) <= 8 and sum(p.stat().st_size for p in returned) < 64 * 2**20
     assert "lazy steps 3 of 3" in (out / "train.log").read_text() and "steps/s" in (out / "train.log").read_text()

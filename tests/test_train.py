@@ -101,7 +101,7 @@ def autoencoder_export(tmp_path_factory):
 @pytest.fixture(scope="module")
 def lazy_export(tmp_path_factory, autoencoder_export):
     out = tmp_path_factory.mktemp("lazy")
-    return train(_cfg("lazy", out, autoencoder_export))
+    return train(_cfg("lazy", out, autoencoder_export, export_raw=True))
 
 
 @pytest.fixture(scope="module")
@@ -414,6 +414,27 @@ def test_lazy_export_holds_the_ema_weights(lazy_export):
             assert torch.equal(v, ema[f"{name}.{k}"].to(torch.float16)), f"{name}.{k}"
         assert cls.from_pretrained(lazy_export / name).config.num_layers == 1
     assert (lazy_export / "scheduler" / "scheduler_config.json").exists()
+
+
+def test_export_raw_holds_the_last_weights_and_loads_as_a_model_folder(lazy_export, autoencoder_export):
+    import lazydiff
+
+    raw = lazy_export.parent / "export-raw"
+    last = load_file(str(_ckpt(lazy_export.parent, 2) / "model.safetensors"))
+    differs = False
+    for name in ("context_encoder", "decoder"):
+        weights = load_file(str(raw / name / "diffusion_pytorch_model.safetensors"))
+        ema = load_file(str(lazy_export / name / "diffusion_pytorch_model.safetensors"))
+        for k, v in weights.items():
+            assert torch.equal(v, last[f"{name}.{k}"].to(torch.float16)), f"{name}.{k}"
+            differs |= not torch.equal(v, ema[k])
+    assert differs, "the raw export equals the EMA export"
+    pipe = lazydiff.load_pipeline(str(raw), device="cpu", autoencoder=str(autoencoder_export))
+    pipe.set_progress_bar_config(disable=True)
+    task, image, mask = _edit_task()
+    out = np.asarray(pipe(task.prompt, image, mask, num_inference_steps=2,
+                          generator=torch.Generator().manual_seed(0)).images[0])
+    assert np.array_equal(out[~task.mask], np.asarray(image)[~task.mask])
 
 
 @pytest.fixture(scope="module")

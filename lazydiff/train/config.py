@@ -77,6 +77,10 @@ class TrainConfig:
     train_decoder_only: bool = False
     # export
     export_dtype: str = "float16"             # dtype of the shipped safetensors
+    # also export the last step's weights without the EMA, to export-raw/ beside export/: at the end of a
+    # learning-rate anneal the raw weights can beat the EMA, which still averages the higher-LR steps;
+    # compare the two on a validation split (python -m eval quality --methods lazy,RUN/export-raw ...)
+    export_raw: bool = False
 
     @classmethod
     def load(cls, path: str, overrides: Optional[Dict[str, Any]] = None) -> "TrainConfig":

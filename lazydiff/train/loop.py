@@ -237,6 +237,9 @@ def train(cfg: TrainConfig, resume: bool = True, max_steps_this_run: Optional[in
     export = out / "export"
     if (step >= cfg.steps or export_at_stop) and step > 0 and accelerator.is_main_process:
         final = accelerator.unwrap_model(model)
+        if cfg.export_raw:  # before the EMA weights are copied in
+            shutil.rmtree(out / "export-raw", ignore_errors=True)
+            objective.export(final, out / "export-raw")
         ema.copy_to(final)
         shutil.rmtree(export, ignore_errors=True)
         objective.export(final, export)
