@@ -135,7 +135,7 @@ def load_pipeline(spec: str, device: Optional[str] = None, torch_dtype: torch.dt
         if cls is None or not hasattr(cls, "from_pretrained"):
             raise ValueError(f"{folder / 'model_index.json'} names {cls_name!r}, not a lazydiff pipeline; for a "
                              "diffusers inpainting pipeline use the evaluation workbench's diffusers-inpaint:PATH")
-        pipe = cls.from_pretrained(str(folder), torch_dtype=torch_dtype)
+        pipe = cls.from_pretrained(str(folder), dtype=torch_dtype)
         return pipe.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if not (folder / "decoder").is_dir():
         raise ValueError(f"{spec!r} holds no model_index.json and no decoder/ folder. Pass {PIPELINE_HELP}.")
