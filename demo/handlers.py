@@ -14,7 +14,7 @@ Input policy (also shown in the app's "Limits" panel):
   are edited downscaled, then the result is upscaled and pasted back *inside the mask only*, so every
   pixel outside the mask keeps the original's full-resolution value;
 * unreadable / corrupt / unsupported image files -> error;
-* empty prompt -> warning (the model fills the hole from its surroundings: object removal); prompts
+* empty prompt -> warning (unconditional sampling: for removal the models want "empty background"); prompts
   over :data:`MAX_PROMPT_CHARS` characters -> error; over the model's token limit -> truncated with a
   warning; non-Latin or unknown words -> warning (the models were trained on English captions);
 * nothing above touches the user's history: handlers return new state and never mutate their inputs.
@@ -226,6 +226,21 @@ def strokes_to_mask(strokes: np.ndarray) -> np.ndarray:
     return binary_fill_holes(binary_dilation(strokes, structure=(yy**2 + xx**2) <= r * r))
 
 
+def region_with_strokes(paint: np.ndarray, strokes: List[np.ndarray]) -> np.ndarray:
+    """The sketch tab's region when strokes share its one layer: a stroke drawn over the pink region
+    replaces the pink pixels under it, so stroke pixels within ~4% of the canvas of the pink paint (a
+    brush width) and areas they enclose are region; strokes farther out are not (the caller warns)."""
+    from scipy.ndimage import binary_dilation, binary_fill_holes
+
+    r = max(2, int(round(0.04 * min(paint.shape))))
+    yy, xx = np.mgrid[-r:r + 1, -r:r + 1]
+    near = binary_dilation(paint, structure=(yy**2 + xx**2) <= r * r)
+    region = paint.copy()
+    for a in strokes:
+        region |= a & near
+    return binary_fill_holes(region)
+
+
 def parse_editor(value: Any, mode: str = "text", warn: Warn = _gr_warn) -> Canvas:
     """An ImageEditor value -> :class:`Canvas`. ``mode``: "text" (every layer paints the mask) or
     "sketch" (layer 0 = mask, layers 1+ = coloured strokes; an empty mask is taken from the strokes)."""
@@ -261,9 +276,8 @@ def parse_editor(value: Any, mode: str = "text", warn: Warn = _gr_warn) -> Canva
                 paint, strokes_a = split_sketch_layer(layer)
                 mask |= paint
                 stroke_layers.append((layer, strokes_a))
-            if mask.any():  # strokes painted over the region replace its pixels: they belong to it
-                for _, a in stroke_layers:
-                    mask |= a
+            if mask.any():  # strokes painted over the region replace its pixels there: those belong to it
+                mask = region_with_strokes(mask, [a for _, a in stroke_layers])
         strokes = np.zeros((h, w), bool)
         sk = np.zeros((h, w, 4), np.uint8)
         for layer, a in stroke_layers:
@@ -278,6 +292,7 @@ def parse_editor(value: Any, mode: str = "text", warn: Warn = _gr_warn) -> Canva
                      "the translucent pink brush to choose it yourself.")
             else:
                 outside = strokes & ~mask
+                sk[outside] = 0
                 if outside.mean() > 0.0005:
                     warn(f"{100 * outside.sum() / strokes.sum():.0f}% of your sketch lies outside the painted region "
                          "and is ignored: only strokes inside the region guide the edit.")
@@ -288,7 +303,7 @@ def parse_editor(value: Any, mode: str = "text", warn: Warn = _gr_warn) -> Canva
         raise ValueError(f"mode must be 'text' or 'sketch', got {mode!r}")
 
     if not mask.any():
-        where = "with the brush" if mode == "text" else "on the Mask layer (or draw strokes on the Sketch layer)"
+        where = "with the brush" if mode == "text" else "with the translucent pink brush (or draw coloured strokes)"
         raise UserError(f"The mask is empty: paint over the region to change {where}, then click Generate.")
     ratio = float(mask.mean())
     if ratio >= FULL_MASK_WARN:
@@ -316,8 +331,9 @@ def clean_prompt(prompt: Any, tokenizer=None, warn: Warn = _gr_warn, what: str =
                        "(a short phrase such as 'a small red star' works best).")
     if not text:
         if not empty_ok:
-            warn("Empty prompt: the model fills the masked region from its surroundings (useful to remove "
-                 "things). Describe what to paint, e.g. 'a small red star', to add something.")
+            warn("Empty prompt: the model paints whatever it finds likely there, sometimes background, sometimes "
+                 "an object. To remove something write 'empty background'; to add something describe it, "
+                 "e.g. 'a small red star'.")
         return text
     letters = [c for c in text if c.isalpha()]
     non_latin = sorted({c for c in letters if not unicodedata.name(c, "").startswith("LATIN")})

@@ -40,8 +40,9 @@ step) on the same edit and see both times.
 Larger canvases than the model's working size are edited downscaled; the edit is then upscaled and
 pasted back inside the mask only, so everything else keeps its original pixels. An empty mask is
 refused; a mask over (almost) the whole canvas is allowed with a warning. Prompts up to
-{H.MAX_PROMPT_CHARS} characters; an empty prompt fills the region from its surroundings (removal).
-The models were trained on English ShapesWorld captions ("a small red star", "empty background").
+{H.MAX_PROMPT_CHARS} characters. The models were trained on English ShapesWorld captions ("a small red
+star", "empty background"): to remove something, write "empty background"; an empty prompt lets the
+model paint whatever it finds likely (unconditional sampling), background or an object.
 Your canvas and history live in this browser session only.
 """
 
@@ -107,7 +108,7 @@ def _edit_events(models: Models, mode: str, editor_value, prompt, strength, nega
     new = history
     if h is None or not H.same_canvas(h, canvas.rgb):
         new = H.history_push(new, canvas.rgb, "the image you started from")
-    label = f"'{req.prompt}'" if req.prompt else "fill from context"
+    label = f"'{req.prompt}'" if req.prompt else "no prompt"
     if mode == "sketch" and canvas.sketch is not None:
         label = f"sketch, strength {req.strength:.2f}, {label}"
     new = H.history_push(new, result.images[0], f"{label} (seed {req.seed})")
@@ -181,13 +182,14 @@ def _edit_tab(models: Models, mode: str, examples) -> Dict[str, Any]:
                 c["redo"] = gr.Button("↷ Redo", size="sm", elem_id=f"{mode}-redo")
                 c["reset"] = gr.Button("⟲ Reset", size="sm", elem_id=f"{mode}-reset")
                 c["blank"] = gr.Button("□ Blank canvas", size="sm", elem_id=f"{mode}-blank")
-                c["download"] = gr.DownloadButton("⤓ Download", size="sm", elem_id=f"{mode}-download")
+                c["download"] = gr.DownloadButton("⤓ Download", size="sm", interactive=False,  # until the first result
+                                                  elem_id=f"{mode}-download")
             c["history_md"] = gr.Markdown(H.history_markdown(None), label="History", elem_id=f"{mode}-history")
             if examples:
                 # The label goes above as text: Gradio floats a gallery's label over its first row.
                 gr.Markdown("**Examples** (ShapesWorld): click one to load its canvas, mask and prompt")
                 c["ex_gallery"] = gr.Gallery(value=[(e.thumbnail(), e.title) for e in examples],
-                                             label="Examples", show_label=False, columns=4, height=150, allow_preview=False, format="png",
+                                             label="Examples", show_label=False, columns=4, height=200, allow_preview=False, format="png",
                                              object_fit="contain", elem_id=f"{mode}-examples")
         with gr.Column(scale=5, min_width=360):
             c["prompt"] = gr.Textbox(label="Prompt: what should appear in the painted region",
@@ -264,6 +266,7 @@ def _wire(models: Models, mode: str, c: Dict[str, Any]) -> None:
                api_description=desc, concurrency_id="model", concurrency_limit=1, show_progress_on=[c["stats"]])
     quiet = dict(api_visibility="private", concurrency_limit=None, show_progress="hidden")
     ev.success(to_editor, [c["history"]], [c["editor"]], **quiet)
+    ev.success(lambda: gr.update(interactive=True), None, [c["download"]], **quiet)  # greyed out until a result
 
     move_outs = [c["history"], c["history_md"], c["download"], c["result"]]
     for name in ("undo", "redo", "reset"):

@@ -134,6 +134,18 @@ def test_sketch_one_layer_region_and_strokes():
     assert not notes
 
 
+def test_sketch_strokes_reaching_far_outside_the_region_are_ignored_with_a_warning():
+    region = box_mask(64, 64, 10, 40, 10, 30)
+    layer = layer_from_mask(region)
+    layer[20:23, 12:60] = (35, 75, 225, 255)  # a stroke from inside the region to near the right edge
+    notes = Notes()
+    c = H.parse_editor({"background": canvas_rgb(), "layers": [layer]}, "sketch", warn=notes)
+    assert c.mask[20:23, 12:30].all()                    # its part over the region replaced pink: region
+    assert not c.mask[:, 40:].any()                      # the far part does not grow the region
+    assert not c.sketch[:, 40:, 3].any() and c.sketch[20:23, 12:30, 3].all()
+    assert any("outside the painted region" in n for n in notes)
+
+
 def test_sketch_strokes_only_region_grows_around_them():
     layer = np.zeros((64, 64, 4), np.uint8)
     layer[30:34, 20:44] = (35, 75, 225, 255)
