@@ -72,6 +72,14 @@ def _to_editor(history):
     return H.editor_value(img) if img is not None else gr.skip()
 
 
+def _carry_canvas(other_history, editor_value):
+    """On switching tabs, an empty editor takes the other tab's current canvas, so an edit made there can be
+    continued here; an editor that already holds an image keeps it."""
+    if isinstance(editor_value, dict) and editor_value.get("background") is not None:
+        return gr.skip()
+    return _to_editor(other_history)
+
+
 def _edit_events(models: Models, mode: str, editor_value, prompt, strength, negative_prompt, seed, randomize_seed,
                  steps, guidance_scale, variations, compare, history, progress, outs: Dict[str, Any]):
     """The generator behind /edit and /sketch: validate, stream previews, then publish the result."""
@@ -294,14 +302,24 @@ def build_demo(models: Optional[Models] = None) -> gr.Blocks:
     models = models or Models()
     with gr.Blocks(title="LazyDiffusion: interactive image editing", delete_cache=(1800, 3600)) as demo:
         _header(models)
-        with gr.Tabs():
+        with gr.Tabs() as tabs:
             with gr.Tab("Text-guided edit", id="text"):
-                _edit_tab(models, "text", load_examples("text"))
+                text = _edit_tab(models, "text", load_examples("text"))
             with gr.Tab("Sketch-guided edit", id="sketch"):
-                _edit_tab(models, "sketch", load_examples("sketch"))
+                sketch = _edit_tab(models, "sketch", load_examples("sketch"))
             with gr.Tab("About & limits", id="about"):
                 gr.Markdown(ABOUT_MD)
                 gr.Markdown(f"Model: {models.spec.describe()}. Working size: up to {models.max_side} px on a side.")
+        quiet = dict(api_visibility="private", concurrency_limit=None, show_progress="hidden")
+        def carry(text_history, sketch_history, text_editor, sketch_editor, evt: gr.SelectData):
+            if evt.index in (0, "text"):
+                return _carry_canvas(sketch_history, text_editor), gr.skip()
+            if evt.index in (1, "sketch"):
+                return gr.skip(), _carry_canvas(text_history, sketch_editor)
+            return gr.skip(), gr.skip()
+
+        tabs.select(carry, [text["history"], sketch["history"], text["editor"], sketch["editor"]],
+                    [text["editor"], sketch["editor"]], **quiet)
     demo.queue(default_concurrency_limit=1, max_size=64)
     demo.models = models  # for tests and scripts
     _with_launch_defaults(demo)

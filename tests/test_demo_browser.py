@@ -194,6 +194,12 @@ def test_paint_prompt_generate_in_chromium(sync_playwright, app_url, tmp_path):
                                timeout=30_000)
         page.screenshot(path=str(SHOTS / "demo_after_undo.png"), full_page=True)
 
+        # The sketch tab, still empty, takes this tab's canvas when it is opened.
+        page.get_by_role("tab", name="Sketch-guided edit").click()
+        page.wait_for_function("document.querySelector('#sketch-editor').innerText.match(/\\d+%/) && "
+                               "!document.querySelector('#sketch-editor').innerText.includes('Upload an image')",
+                               timeout=30_000)
+
 
 @pytest.fixture(scope="module")
 def shipped_app_url(sync_playwright, tmp_path_factory):

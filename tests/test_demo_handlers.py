@@ -475,3 +475,15 @@ def test_edit_event_streams_then_publishes_and_keeps_history_on_error(models):
     assert len(final2["history"]["items"]) == 3
     ed = ui._to_editor(final2["history"])
     assert ed["background"] is final2["history"]["items"][-1] and not ed["layers"][0][..., 3].any()
+
+
+def test_switching_tabs_carries_the_canvas_into_an_empty_editor():
+    from demo import ui
+
+    rgb = canvas_rgb()
+    other = H.history_push(H.new_history(), rgb, "the image you started from")
+    carried = ui._carry_canvas(other, {"background": None, "layers": [], "composite": None})
+    assert np.array_equal(carried["background"], rgb)
+    assert isinstance(ui._carry_canvas(other, {"background": rgb[::-1], "layers": [], "composite": None}),
+                      type(gr.skip()))                       # an editor with its own image keeps it
+    assert isinstance(ui._carry_canvas(H.new_history(), None), type(gr.skip()))
