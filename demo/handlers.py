@@ -404,15 +404,33 @@ def paste_back(canvas: Canvas, edited: np.ndarray, scale: float) -> np.ndarray:
 
 # --------------------------------------------------------------------------------------------- history
 def new_history() -> Dict[str, Any]:
-    """Per-session canvas history (kept in a gr.State): canvases, labels, position, last variations."""
-    return {"items": [], "labels": [], "pos": -1, "variations": []}
+    """Per-session canvas history (kept in a gr.State): canvases, labels, position, last variations, and
+    for each canvas the (mask, sketch) of the edit made from it, so Undo gives them back to retry."""
+    return {"items": [], "labels": [], "pos": -1, "variations": [], "inputs": []}
 
 
 def _copy(h: Optional[Dict[str, Any]]) -> Dict[str, Any]:
     if not isinstance(h, dict) or "items" not in h:
         return new_history()
+    inputs = list(h.get("inputs") or [])
     return {"items": list(h["items"]), "labels": list(h["labels"]), "pos": int(h["pos"]),
-            "variations": list(h.get("variations") or [])}
+            "variations": list(h.get("variations") or []),
+            "inputs": (inputs + [None] * len(h["items"]))[:len(h["items"])]}
+
+
+def history_set_inputs(h: Dict[str, Any], mask: np.ndarray, sketch: Optional[np.ndarray]) -> Dict[str, Any]:
+    """Record the mask and sketch of the edit about to be made from the current canvas."""
+    h = _copy(h)
+    if h["pos"] >= 0:
+        h["inputs"][h["pos"]] = (mask, sketch)
+    return h
+
+
+def history_current_inputs(h: Optional[Dict[str, Any]]) -> Tuple[Optional[np.ndarray], Optional[np.ndarray]]:
+    """(mask, sketch) of the edit made from the current canvas, or (None, None)."""
+    if not isinstance(h, dict) or h.get("pos", -1) < 0 or h["pos"] >= len(h.get("inputs") or []):
+        return None, None
+    return h["inputs"][h["pos"]] or (None, None)
 
 
 def history_current(h: Optional[Dict[str, Any]]) -> Optional[np.ndarray]:
@@ -433,10 +451,12 @@ def history_push(h: Optional[Dict[str, Any]], img: np.ndarray, label: str) -> Di
     h = _copy(h)
     keep = h["pos"] + 1
     h["items"], h["labels"] = h["items"][:keep] + [img], h["labels"][:keep] + [label]
+    h["inputs"] = h["inputs"][:keep] + [None]
     # Bound memory: oldest entries go first.
     while len(h["items"]) > 1 and (len(h["items"]) > HISTORY_LIMIT or sum(x.nbytes for x in h["items"]) > HISTORY_BYTES):
         h["items"].pop(0)
         h["labels"].pop(0)
+        h["inputs"].pop(0)
     h["pos"] = len(h["items"]) - 1
     h["variations"] = []
     return h

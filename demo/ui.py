@@ -68,8 +68,10 @@ def _no_progress(*_a, **_k):
 
 
 def _to_editor(history):
+    """The current canvas into the editor, with the mask and strokes of the edit made from it (after an
+    Undo: ready to try again)."""
     img = H.history_current(history)
-    return H.editor_value(img) if img is not None else gr.skip()
+    return H.editor_value(img, *H.history_current_inputs(history)) if img is not None else gr.skip()
 
 
 def _carry_canvas(other_history, editor_value):
@@ -77,7 +79,8 @@ def _carry_canvas(other_history, editor_value):
     continued here; an editor that already holds an image keeps it."""
     if isinstance(editor_value, dict) and editor_value.get("background") is not None:
         return gr.skip()
-    return _to_editor(other_history)
+    img = H.history_current(other_history)
+    return H.editor_value(img) if img is not None else gr.skip()   # the canvas, not that tab's mask
 
 
 def _edit_events(models: Models, mode: str, editor_value, prompt, strength, negative_prompt, seed, randomize_seed,
@@ -116,6 +119,7 @@ def _edit_events(models: Models, mode: str, editor_value, prompt, strength, nega
     new = history
     if h is None or not H.same_canvas(h, canvas.rgb):
         new = H.history_push(new, canvas.rgb, "the image you started from")
+    new = H.history_set_inputs(new, canvas.mask, canvas.sketch)
     label = f"'{req.prompt}'" if req.prompt else "no prompt"
     if mode == "sketch" and canvas.sketch is not None:
         label = f"sketch, strength {req.strength:.2f}, {label}"

@@ -192,6 +192,7 @@ def test_paint_prompt_generate_in_chromium(sync_playwright, app_url, tmp_path):
         page.locator("#text-undo").click()
         page.wait_for_function("document.querySelector('#text-history').innerText.includes('step 2 of 3')",
                                timeout=30_000)
+        page.wait_for_timeout(2000)  # the canvas (and the undone edit's mask) reach the editor after the history
         page.screenshot(path=str(SHOTS / "demo_after_undo.png"), full_page=True)
 
         # The sketch tab, still empty, takes this tab's canvas when it is opened.

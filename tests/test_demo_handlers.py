@@ -468,6 +468,9 @@ def test_edit_event_streams_then_publishes_and_keeps_history_on_error(models):
         list(ui._edit_events(models, "text", empty, "x", 1.0, "", 0, False, 4, 4.5, 1, False, new, None, outs))
     hist, md, path, img = ui._move("undo", new)
     assert np.array_equal(img, rgb) and "1 of 2" in md
+    back = ui._to_editor(hist)  # Undo gives the mask of the undone edit back, ready to try again
+    assert np.array_equal(back["background"], rgb) and np.array_equal(back["layers"][0][..., 3] > 0, mask)
+    assert not ui._to_editor(ui._move("redo", hist)[0])["layers"][0][..., 3].any()  # the result: no mask
     # editing the current canvas again does not duplicate it in the history
     value2 = {"background": H.history_current(new), "layers": [layer_from_mask(mask)], "composite": None}
     final2 = list(ui._edit_events(models, "text", value2, "a star", 1.0, "", 1, False, 4, 4.5, 1, False, new, None,
