@@ -446,6 +446,11 @@ def same_canvas(a: Optional[np.ndarray], b: Optional[np.ndarray], tol: int = 2) 
     return int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max(initial=0)) <= tol
 
 
+def _history_bytes(h: Dict[str, Any]) -> int:
+    arrays = list(h["items"]) + [a for pair in h["inputs"] if pair for a in pair if a is not None]
+    return sum(a.nbytes for a in arrays)
+
+
 def history_push(h: Optional[Dict[str, Any]], img: np.ndarray, label: str) -> Dict[str, Any]:
     """A new history with ``img`` after the current position (the redo branch is dropped)."""
     h = _copy(h)
@@ -453,7 +458,7 @@ def history_push(h: Optional[Dict[str, Any]], img: np.ndarray, label: str) -> Di
     h["items"], h["labels"] = h["items"][:keep] + [img], h["labels"][:keep] + [label]
     h["inputs"] = h["inputs"][:keep] + [None]
     # Bound memory: oldest entries go first.
-    while len(h["items"]) > 1 and (len(h["items"]) > HISTORY_LIMIT or sum(x.nbytes for x in h["items"]) > HISTORY_BYTES):
+    while len(h["items"]) > 1 and (len(h["items"]) > HISTORY_LIMIT or _history_bytes(h) > HISTORY_BYTES):
         h["items"].pop(0)
         h["labels"].pop(0)
         h["inputs"].pop(0)
