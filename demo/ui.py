@@ -67,6 +67,10 @@ def _no_progress(*_a, **_k):
     return None
 
 
+# UI-only events: not in the API, not queued behind edits, no spinner
+QUIET = dict(api_visibility="private", concurrency_limit=None, show_progress="hidden")
+
+
 def _to_editor(history):
     """The current canvas into the editor, with the mask and strokes of the edit made from it (after an
     Undo: ready to try again)."""
@@ -276,19 +280,18 @@ def _wire(models: Models, mode: str, c: Dict[str, Any]) -> None:
 
     ev = gr.on([c["generate"].click, c["prompt"].submit], edit, inputs, out_list, api_name=api_name,
                api_description=desc, concurrency_id="model", concurrency_limit=1, show_progress_on=[c["stats"]])
-    quiet = dict(api_visibility="private", concurrency_limit=None, show_progress="hidden")
-    ev.success(to_editor, [c["history"]], [c["editor"]], **quiet)
-    ev.success(lambda: gr.update(interactive=True), None, [c["download"]], **quiet)  # greyed out until a result
+    ev.success(to_editor, [c["history"]], [c["editor"]], **QUIET)
+    ev.success(lambda: gr.update(interactive=True), None, [c["download"]], **QUIET)  # greyed out until a result
 
     move_outs = [c["history"], c["history_md"], c["download"], c["result"]]
     for name in ("undo", "redo", "reset"):
         api = f"{mode}_{name}" if mode != "text" else name
         c[name].click(functools.partial(_move, name), [c["history"]], move_outs, api_name=api,
                       concurrency_limit=None, show_progress="hidden") \
-            .success(to_editor, [c["history"]], [c["editor"]], **quiet)
-    c["gallery"].select(_pick, [c["history"]], move_outs, **quiet).success(to_editor, [c["history"]], [c["editor"]],
-                                                                          **quiet)
-    c["blank"].click(lambda: H.editor_value(H.blank_canvas()), None, [c["editor"]], **quiet)
+            .success(to_editor, [c["history"]], [c["editor"]], **QUIET)
+    c["gallery"].select(_pick, [c["history"]], move_outs, **QUIET).success(to_editor, [c["history"]], [c["editor"]],
+                                                                          **QUIET)
+    c["blank"].click(lambda: H.editor_value(H.blank_canvas()), None, [c["editor"]], **QUIET)
     if c.get("ex_gallery") is not None:
         examples = c["examples"]
         ex_outs = [c["editor"], c["prompt"]] + ([c["strength"]] if mode == "sketch" else [])
@@ -298,7 +301,7 @@ def _wire(models: Models, mode: str, c: Dict[str, Any]) -> None:
             vals = [e.editor_value(), e.prompt]
             return vals + ([e.strength] if mode == "sketch" else [])
 
-        c["ex_gallery"].select(load_example, None, ex_outs, **quiet)
+        c["ex_gallery"].select(load_example, None, ex_outs, **QUIET)
 
 
 def build_demo(models: Optional[Models] = None) -> gr.Blocks:
@@ -314,7 +317,6 @@ def build_demo(models: Optional[Models] = None) -> gr.Blocks:
             with gr.Tab("About & limits", id="about"):
                 gr.Markdown(ABOUT_MD)
                 gr.Markdown(f"Model: {models.spec.describe()}. Working size: up to {models.max_side} px on a side.")
-        quiet = dict(api_visibility="private", concurrency_limit=None, show_progress="hidden")
         def carry(text_history, sketch_history, text_editor, sketch_editor, evt: gr.SelectData):
             if evt.index in (0, "text"):
                 return _carry_canvas(sketch_history, text_editor), gr.skip()
@@ -323,7 +325,7 @@ def build_demo(models: Optional[Models] = None) -> gr.Blocks:
             return gr.skip(), gr.skip()
 
         tabs.select(carry, [text["history"], sketch["history"], text["editor"], sketch["editor"]],
-                    [text["editor"], sketch["editor"]], **quiet)
+                    [text["editor"], sketch["editor"]], **QUIET)
     demo.queue(default_concurrency_limit=1, max_size=64)
     demo.models = models  # for tests and scripts
     _with_launch_defaults(demo)

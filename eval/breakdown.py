@@ -119,6 +119,11 @@ def plot(df, path: Path) -> Optional[Path]:
     return _save(fig, path)
 
 
+def object_edits(per):
+    """The per-sample rows of object edits that ShapesCLIP classified."""
+    return per[per.target_shape.notna() & per.pred_shape.notna()]
+
+
 def by_shape(per):
     """Rows (shape, method, n_object_edits, shape_acc, prompt_acc, prompt_acc_ceiling) for each prompted
     shape; None without the ShapesWorld columns."""
@@ -127,7 +132,7 @@ def by_shape(per):
     need = ("method", "target_shape", "pred_shape", "shape_correct", "prompt_correct")
     if per is None or not all(c in per.columns for c in need):
         return None
-    obj = per[per.target_shape.notna() & per.pred_shape.notna()]
+    obj = object_edits(per)
     if obj.empty:
         return None
     rows = []

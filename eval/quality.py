@@ -441,7 +441,7 @@ def write_report(out: Path, summary, per, extras: Dict[str, Any], methods: List[
     shapes_plot = None
     if shapes is not None:
         shapes.to_csv(out / "by_shape.csv", index=False)
-        obj = per[per.target_shape.notna() & per.pred_shape.notna()]
+        obj = bd.object_edits(per)
         shapes_plot = bd.confusion_plot({m: (g.target_shape, g.pred_shape) for m, g in obj.groupby("method", sort=False)},
                                         plots / "shape_confusion.png")
 

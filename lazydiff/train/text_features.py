@@ -95,11 +95,12 @@ class TextFeatureTable:
         if device not in self._on:
             self._on[device] = (self.padded.to(device), torch.tensor(self.lengths, device=device))
         padded, lengths = self._on[device]
-        ids = torch.tensor([self.ids[p] for p in prompts])
+        rows = [self.ids[p] for p in prompts]
+        ids = torch.tensor(rows)
         if device.type == "cuda":
             ids = ids.pin_memory()
         ids = ids.to(device, non_blocking=True)
-        L = max(self.lengths[self.ids[p]] for p in prompts)
+        L = max(self.lengths[i] for i in rows)
         mask = (torch.arange(L, device=device)[None] < lengths[ids][:, None]).to(torch.int64)
         return padded[ids, :L], mask
 
