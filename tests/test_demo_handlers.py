@@ -439,6 +439,19 @@ def test_app_main_without_models_says_how_to_proceed(tmp_path, monkeypatch, caps
     assert "--tiny" in err and "--model" in err
 
 
+def test_app_listens_on_all_interfaces_in_a_space_and_locally_elsewhere(monkeypatch):
+    import app
+
+    monkeypatch.delenv("GRADIO_SERVER_NAME", raising=False)
+    monkeypatch.delenv("SPACE_ID", raising=False)
+    assert app.parse_args([]).host == "127.0.0.1"
+    monkeypatch.setenv("SPACE_ID", "someone/lazydiffusion")
+    assert app.parse_args([]).host == "0.0.0.0"
+    monkeypatch.setenv("GRADIO_SERVER_NAME", "10.0.0.5")
+    assert app.parse_args([]).host == "10.0.0.5"
+    assert app.parse_args(["--host", "127.0.0.1"]).host == "127.0.0.1"
+
+
 # --------------------------------------------------------------------------------------------- UI event functions
 OUT_NAMES = ("result", "gallery", "stats", "seed", "history", "history_md", "download", "cmp_lazy", "cmp_base",
              "cmp_html")
