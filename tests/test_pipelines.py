@@ -220,6 +220,11 @@ def test_num_images_per_prompt_gives_distinct_images(lazy_pipe, make_canvas, mak
     assert not np.array_equal(arr(out.images[0]), arr(out.images[1]))
     for img in out.images:
         assert_outside_identical(img, image, mask_bool(mask_img))
+    # one generator per image: each image is the one its seed gives alone
+    gens = lambda: [torch.Generator().manual_seed(s) for s in (3, 4)]  # noqa: E731
+    pair = lazy_pipe(PROMPT, image, mask_img, num_inference_steps=1, num_images_per_prompt=2, generator=gens()).images
+    alone = lazy_pipe(PROMPT, image, mask_img, num_inference_steps=1, generator=torch.Generator().manual_seed(4)).images
+    assert np.array_equal(arr(pair[1]), arr(alone[0])) and not np.array_equal(arr(pair[0]), arr(pair[1]))
     images_only = lazy_pipe(PROMPT, image, mask_img, num_inference_steps=1, return_dict=False)
     assert isinstance(images_only, tuple) and isinstance(images_only[0][0], PIL.Image.Image)
 
@@ -448,11 +453,13 @@ def _bad_cases(make_canvas, make_mask):
         "cmyk": (dict(image=img.convert("CMYK"), mask_image=mask), "not supported"),
         "prompt-type": (dict(prompt=None, image=img, mask_image=mask), "prompt must be a string"),
         "images-per-prompt": (dict(image=img, mask_image=mask, num_images_per_prompt=0), "num_images_per_prompt"),
+        "generator-list": (dict(image=img, mask_image=mask, generator=[torch.Generator().manual_seed(i) for i in range(3)]),
+                           "one generator per image"),
     }
 
 
 BAD = ["mask-size", "empty-mask", "no-mask", "steps-0", "guidance-neg", "nan-image", "nan-latents", "latents-shape",
-       "blend-mode", "cmyk", "prompt-type", "images-per-prompt"]
+       "blend-mode", "cmyk", "prompt-type", "images-per-prompt", "generator-list"]
 
 
 @pytest.mark.parametrize("case", BAD)

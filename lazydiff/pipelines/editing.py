@@ -748,6 +748,9 @@ class EditPipelineMixin:
         check_sampling_args(num_inference_steps, guidance_scale, strength, num_images_per_prompt, blend)
         device = self._execution_device
         timer = StageTimer(device)
+        if isinstance(generator, (list, tuple)) and len(generator) != num_images_per_prompt:
+            raise ValueError(f"generator is a list of {len(generator)} generators for {num_images_per_prompt} image(s): "
+                             "pass one generator per image (num_images_per_prompt), or a single generator")
         edit = prepare_edit(image, mask_image, self.token_cell, sketch)
         b = num_images_per_prompt
         do_cfg = guidance_scale > 1.0
