@@ -28,10 +28,20 @@ def size_groups(mask_ratio, bins: Sequence[float] = MASK_RATIO_BINS):
     return pd.cut(mask_ratio.astype(float), list(bins), labels=size_labels(bins), right=False)
 
 
+def wilson(k: float, n: int, z: float = 1.96):
+    """95% Wilson score interval (lo, hi) of a proportion k / n: inside [0, 1] and not empty at 0% or 100%
+    (the normal interval is zero-wide there, and passes 100% in small groups); (nan, nan) for n = 0."""
+    if n == 0:
+        return math.nan, math.nan
+    p = k / n
+    centre, half = p + z * z / (2 * n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return (centre - half) / (1 + z * z / n), (centre + half) / (1 + z * z / n)
+
+
 def breakdown(per, bins: Sequence[float] = MASK_RATIO_BINS):
-    """Rows (by, group, method, n_object_edits, prompt_acc, shape_acc, n_remove, bg_mae, and the 95%
-    half-widths prompt_acc_ci95 (binomial, normal) and bg_mae_ci95); None when ``per`` lacks the
-    ShapesWorld columns (folder suites)."""
+    """Rows (by, group, method, n_object_edits, prompt_acc, shape_acc, n_remove, bg_mae, the 95% Wilson
+    interval of prompt_acc (prompt_acc_lo, prompt_acc_hi), and the 95% half-widths prompt_acc_ci95
+    (binomial, normal) and bg_mae_ci95); None when ``per`` lacks the ShapesWorld columns (folder suites)."""
     import pandas as pd
 
     if per is None or not all(c in per.columns for c in NEEDED) or per.kind.isna().all():
@@ -53,6 +63,8 @@ def breakdown(per, bins: Sequence[float] = MASK_RATIO_BINS):
                 rows.append({"by": by, "group": group, "method": method, "n_object_edits": len(obj),
                              "prompt_acc": acc, "prompt_acc_ceiling": ceiling,
                              "prompt_acc_ci95": 1.96 * math.sqrt(acc * (1 - acc) / len(obj)) if len(obj) else math.nan,
+                             **dict(zip(("prompt_acc_lo", "prompt_acc_hi"),
+                                        wilson(obj.prompt_correct.astype(float).sum(), len(obj)))),
                              "shape_acc": obj.shape_correct.astype(float).mean() if len(obj) and "shape_correct" in obj
                              else math.nan,
                              "n_remove": len(rem), "bg_mae": rem.bg_mae.astype(float).mean() if len(rem) else math.nan,
@@ -85,8 +97,8 @@ def markdown(df) -> List[str]:
 
 def plot(df, path: Path) -> Optional[Path]:
     """Bars of prompt accuracy (with each group's ceiling) and, where there are remove edits, background
-    error, by mask kind and by mask size, one bar per method; the error bars are 95% normal intervals
-    of each cell's mean (small cells are noisy)."""
+    error, by mask kind and by mask size, one bar per method; the error bars are 95% intervals of each
+    cell's mean (accuracy: Wilson; background error: normal), none for a cell of one edit or none."""
     if df is None or df.empty:
         return None
     plt = _plt()
@@ -102,8 +114,15 @@ def plot(df, path: Path) -> Optional[Path]:
         groups = list(dict.fromkeys(sub.group))
         for i_row, (col, ncol, label, scale) in enumerate(panels):
             cells = {m: sub[sub.method == m].set_index("group").reindex(groups) for m in methods}
-            series = {m: (g[col].to_numpy(dtype=float) * scale, g[f"{col}_ci95"].to_numpy(dtype=float) * scale)
-                      for m, g in cells.items()}
+            series = {}
+            for m, g in cells.items():
+                v = g[col].to_numpy(dtype=float)
+                if col == "prompt_acc" and "prompt_acc_lo" in g:  # asymmetric, inside 0-100%
+                    lo, hi = g.prompt_acc_lo.to_numpy(dtype=float), g.prompt_acc_hi.to_numpy(dtype=float)
+                    err = np.stack([v - lo, hi - v])
+                else:
+                    err = g[f"{col}_ci95"].to_numpy(dtype=float)
+                series[m] = (v * scale, err * scale)
             counts = cells[methods[0]][ncol]
             ax = axes[i_row][j]
             grouped_bars(ax, [f"{g}\n(n={int(c)})" for g, c in zip(groups, counts)], series, f"{label} by {by}")
@@ -168,17 +187,19 @@ def confusion_plot(panels, path: Path, xlabel: str = "ShapesCLIP's zero-shot sha
 
     plt = _plt()
     fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 4.4), squeeze=False)
+    rows = sorted({x for true, _ in panels.values() for x in true})   # the same rows and columns in every panel
+    shapes = sorted(set(rows) | {x for _, pred in panels.values() for x in pred})
     for ax, (title, (true, pred)) in zip(axes[0], panels.items()):
         true, pred = pd.Series(list(true), name="prompted"), pd.Series(list(pred), name="predicted")
-        shapes = sorted(set(true) | set(pred))
-        m = pd.crosstab(true, pred).reindex(index=sorted(set(true)), columns=shapes, fill_value=0)
+        m = pd.crosstab(true, pred).reindex(index=rows, columns=shapes, fill_value=0)
         frac = m.div(m.sum(axis=1), axis=0)
         ax.imshow(frac.values, cmap="Blues", vmin=0, vmax=1)
         ax.set_xticks(range(len(frac.columns)), frac.columns, rotation=45, ha="right")
         ax.set_yticks(range(len(frac.index)), frac.index)
         for i in range(frac.shape[0]):
             for j in range(frac.shape[1]):
-                ax.text(j, i, f"{frac.values[i, j]:.2f}", ha="center", va="center", fontsize=8,
+                ax.text(j, i, "–" if np.isnan(frac.values[i, j]) else f"{frac.values[i, j]:.2f}", ha="center",
+                        va="center", fontsize=8,
                         color="white" if frac.values[i, j] > 0.5 else "black")
         ax.set_xlabel(xlabel)
         ax.set_ylabel("prompted shape")

@@ -52,6 +52,9 @@ def measure(suite_path: str, shapes_clip: Optional[str] = None, autoencoder: Opt
     clip = load_clip_folder(resolve_shapes_clip(shapes_clip))
     zs = ShapesZeroShot(clip)
     samples = [s for s in suite.samples(limit) if s.meta.get("object_edit")]
+    if not samples:
+        raise SuiteError(f"{suite_path}" + (f" (--limit {limit})" if limit else "") + " has no object edits (insert or "
+                         "replace) to classify; use a suite with those intents, such as data/suites/shapes.yaml")
     rows: List[Dict] = []
     for chunk in tqdm(list(batched(samples, batch_size)), desc="ceiling", unit="batch"):
         refs = [s.reference for s in chunk]
@@ -69,7 +72,7 @@ def measure(suite_path: str, shapes_clip: Optional[str] = None, autoencoder: Opt
     return pd.DataFrame(rows)
 
 
-def write_report(df, out: Path, suite_path: str) -> Path:
+def write_report(df, out: Path, suite_path: str, limit: Optional[int] = None) -> Path:
     import pandas as pd
 
     out.mkdir(parents=True, exist_ok=True)
@@ -87,7 +90,8 @@ def write_report(df, out: Path, suite_path: str) -> Path:
     plot = confusion_plot({"Shape confusion on real renders (hole crops)": (df["shape"], df["real_shape"])},
                           out / "shape_confusion.png")
     text = ["# ShapesCLIP zero-shot ceiling", "",
-            f"`python -m eval ceiling --suite {suite_path}`: the object edits' ground truth, cropped around the hole as "
+            f"`python -m eval ceiling --suite {suite_path}" + (f" --limit {limit}" if limit else "")
+            + "`: the object edits' ground truth, cropped around the hole as "
             "`python -m eval quality` crops it; *real* = the rendered ground truth, *autoencoder* = the same after the "
             "shipped autoencoder (encode, decode). *mask …*: by the hole's share of the canvas (the crop grows with "
             "the hole, so a small object is a smaller part of what the classifier sees).", "",

@@ -40,14 +40,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--scheduler", default=None, choices=list(SCHEDULERS),
                    help="sampler for every method (default: the suite's, else each method's own)")
     q.add_argument("--device", default=None, help="cpu | cuda (default: accelerate's device)")
-    q.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    q.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="(default fp32)")
     q.add_argument("--shapes-clip", default=None, help="ShapesCLIP folder (default data/models/shapes-clip or "
                                                        "$LAZYDIFF_SHAPES_CLIP)")
     q.add_argument("--inception-weights", default=None,
                    help="Inception-v3 FID weights file for fid_backbone: inception ($LAZYDIFF_INCEPTION_WEIGHTS)")
     q.add_argument("--clip-model", default=None, help="open_clip architecture for clip_backbone: openclip")
     q.add_argument("--clip-weights", default=None, help="open_clip weights file or folder ($LAZYDIFF_CLIP_WEIGHTS)")
-    q.add_argument("--batch-size", type=int, default=32, help="batch size of metric feature extraction")
+    q.add_argument("--batch-size", type=int, default=32, help="batch size of metric feature extraction (default 32)")
     q.add_argument("--overwrite", action="store_true", help="regenerate every edit even if records exist")
     q.add_argument("--metrics-only", action="store_true", help="skip generation; score what is on disk")
 
@@ -87,12 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
     lo.add_argument("--methods", type=_names, default=["lazy", "regenerate-image"],
                     help="comma-separated: lazy, regenerate-image, tiny-* (tests) or pipeline folders "
                          "(default lazy,regenerate-image)")
-    lo.add_argument("--reference", default="regenerate-image", help="the method the others are divided by")
+    lo.add_argument("--reference", default="regenerate-image",
+                    help="the method the others are divided by (default regenerate-image)")
     lo.add_argument("--timesteps", type=lambda s: [int(v) for v in _floats(s)], default=[200, 400, 600],
                     help="comma-separated diffusion timesteps in [0, 999] (default 200,400,600)")
     lo.add_argument("--limit", type=int, default=None, help="only the first N edits of the suite")
-    lo.add_argument("--seed", type=int, default=0, help="seed of the noise (the same for every method)")
-    lo.add_argument("--device", default="cpu", help="cpu | cuda")
+    lo.add_argument("--seed", type=int, default=0, help="seed of the noise, the same for every method (default 0)")
+    lo.add_argument("--device", default="cpu", help="cpu | cuda (default cpu)")
 
     r = sub.add_parser("runtime", help="latency and FLOPs vs mask ratio against the full-canvas baselines",
                        description="End-to-end and per-step latency of LazyDiffusion vs RegenerateImage (and "
@@ -103,26 +104,29 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--steps", type=int, default=20, help="denoising steps per edit (default 20)")
     r.add_argument("--out", required=True, help="output folder (report.md, runtime.csv, plots)")
     r.add_argument("--preset", default="default",
-                   help="default (the shipped 128px models) | paper-shape (1024px, SD-VAE shape, random weights) | tiny")
+                   help="default (the shipped 128px models; the default) | paper-shape (1024px, SD-VAE shape, random "
+                        "weights) | tiny")
     r.add_argument("--methods", type=_names, default=["lazy", "regenerate-image", "regenerate-crop"],
                    help="comma-separated (default lazy,regenerate-image,regenerate-crop)")
     r.add_argument("--dtype", default="fp32", help="fp32 | bf16 | fp16 (default fp32; bf16 pays on GPUs, not on "
                                                    "CPUs without native bf16)")
-    r.add_argument("--repeats", type=int, default=3, help="timed rounds per mask ratio")
-    r.add_argument("--warmup", type=int, default=1, help="untimed runs per method and ratio")
+    r.add_argument("--repeats", type=int, default=3, help="timed rounds per mask ratio (default 3)")
+    r.add_argument("--warmup", type=int, default=1, help="untimed runs per method and ratio (default 1)")
     r.add_argument("--device", default=None, help="cpu | cuda (default: cuda if available)")
     r.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    r.add_argument("--width", type=int, default=384, help="paper-shape: transformer width (PixArt-XL/2: 1152)")
-    r.add_argument("--depth", type=int, default=12, help="paper-shape: decoder layers (PixArt-XL/2: 28)")
+    r.add_argument("--width", type=int, default=384,
+                   help="paper-shape: transformer width (default 384; PixArt-XL/2: 1152)")
+    r.add_argument("--depth", type=int, default=12, help="paper-shape: decoder layers (default 12; PixArt-XL/2: 28)")
     r.add_argument("--heads", type=int, default=None, help="paper-shape: attention heads (default width/64, or /72)")
     r.add_argument("--encoder-depth", type=int, default=None, help="paper-shape: context-encoder layers (default --depth)")
     r.add_argument("--size", type=int, default=None, help="canvas side (default: 128, 1024 paper-shape, 64 tiny)")
-    r.add_argument("--guidance", type=float, default=4.5)
-    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--guidance", type=float, default=4.5, help="guidance scale (default 4.5)")
+    r.add_argument("--seed", type=int, default=0, help="seed of the edits' noise (default 0)")
     r.add_argument("--keep-caches", action="store_true", help="keep text/canvas caches between runs")
     r.add_argument("--crop-resolution", type=int, default=None, help="RegenerateCrop: crop side after resizing")
     r.add_argument("--followup", default="none", choices=["none", "same-mask", "new-mask"],
-                   help="also time a follow-up edit on each result (canvas-latent / context caches at work)")
+                   help="also time a follow-up edit on each result (canvas-latent / context caches at work; "
+                        "default none)")
     r.add_argument("--canvas-cache", default=None, choices=["off", "exact", "incremental"],
                    help="override every pipeline's canvas-latent cache mode")
     r.add_argument("--cuda-graphs", action="store_true",
@@ -131,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run every method's denoising steps, context encoder, VAE and text encoder (all, the default), "
                         "the VAE only, or the steps only in ONNX Runtime (CPU, fp32); faster for both methods at every "
                         "size measured, paper shape included (docs/BENCHMARKS.md sections 3 and 7)")
-    r.add_argument("--fit-max-ratio", type=float, default=0.4, help="largest mask ratio in the per-step linear fit")
+    r.add_argument("--fit-max-ratio", type=float, default=0.4,
+                   help="largest mask ratio in the per-step linear fit (default 0.4)")
     o = r.add_argument_group("other measurements, instead of the mask sweep (each writes to its OUT; --out not needed)")
     o.add_argument("--flop-ceiling", metavar="OUT", help="end-to-end FLOP ratio at paper shape for several "
                                                          "transformer sizes, nothing timed (with --size, --steps)")
@@ -160,6 +165,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         if rc is not None:
             return rc
     args = build_parser().parse_args(argv)
+    out = getattr(args, "out", None)
+    if out is not None and Path(out).exists() and not Path(out).is_dir():  # before any work, and nothing touched
+        print(f"error: --out {out} is an existing file, not a folder; give a new folder (or an earlier run's folder "
+              "to resume it)", file=sys.stderr)
+        return 2
     try:
         if args.command == "gate":
             from .gate import main as gate_main
@@ -180,7 +190,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             from .ceiling import measure, write_report
 
             report = write_report(measure(args.suite, args.shapes_clip, args.autoencoder, args.limit), Path(args.out),
-                                  args.suite)
+                                  args.suite, args.limit)
             print(report.read_text())
             return 0
         if args.command == "quality":

@@ -94,10 +94,14 @@ def compare(run_dirs: Sequence[str], out: str, labels: Optional[Sequence[str]] =
     runs = [_load(Path(d)) for d in run_dirs]
     first = runs[0]
     for r in runs[1:]:  # paired differences need the same edits
-        for key in ("suite_raw", "limit"):
-            if r["info"].get(key) != first["info"].get(key):
-                raise CompareError(f"{r['dir']} and {first['dir']} differ in {key!r}: they hold different edits, so "
-                                   "they cannot be compared edit by edit. Rerun them on the same suite and --limit")
+        for key, name in (("suite_raw", "suite"), ("limit", "--limit")):
+            mine, theirs = r["info"].get(key), first["info"].get(key)
+            if mine != theirs:
+                paths = (r["info"].get("suite"), first["info"].get("suite"))
+                shown = (f" ({paths[0]} vs {paths[1]})" if paths[0] != paths[1] else f" ({paths[0]} was edited between "
+                         "the runs)") if key == "suite_raw" else f" ({mine or 'none'} vs {theirs or 'none'})"
+                raise CompareError(f"{r['dir']} and {first['dir']} differ in {name}{shown}: they hold different edits, "
+                                   "so they cannot be compared edit by edit. Rerun them on the same suite and --limit")
     names = _labels(runs, labels)
     methods = [m for m in first["summary"].method if all(m in set(r["summary"].method) for r in runs)]
     if not methods:

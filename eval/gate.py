@@ -11,6 +11,7 @@ RegenerateCrop and the real renders' accuracy (the classifier's ceiling) are rep
 """
 from __future__ import annotations
 
+import json
 import math
 import warnings
 from pathlib import Path
@@ -79,6 +80,10 @@ def evaluate(run_dir: str, lazy: str = "lazy", full: str = "regenerate-image",
     if missing:
         raise ValueError(f"{run_dir}/summary.csv has no rows for {missing}; run quality with --methods "
                          f"{lazy},{full},{crop}")
+    if "prompt_acc" not in rows[lazy] or "bg_mae" not in rows[lazy]:
+        raise ValueError(f"{run_dir} has no prompt accuracy or background error: the gate needs a run of a "
+                         "ShapesWorld suite (dataset: shapesworld), such as `python -m eval quality --suite "
+                         f"data/suites/shapes.yaml --out {run_dir}-shapes`")
     L, F = rows[lazy], rows[full]
     acc_l, acc_f, bg_l, bg_f = L["prompt_acc"], F["prompt_acc"], L["bg_mae"], F["bg_mae"]
     ratio = bg_l / bg_f if bg_f and not math.isnan(bg_f) else float("nan")
@@ -95,7 +100,18 @@ def evaluate(run_dir: str, lazy: str = "lazy", full: str = "regenerate-image",
     shown = [f"{ci['prompt_acc'][0]:.1%} – {ci['prompt_acc'][1]:.1%}" if "prompt_acc" in ci else "",
              f"{ci['acc_gap'][0] * 100:+.1f} – {ci['acc_gap'][1] * 100:+.1f} pts" if "acc_gap" in ci else "",
              f"{ci['bg_ratio'][0]:.2f}x – {ci['bg_ratio'][1]:.2f}x" if "bg_ratio" in ci else ""]
-    lines = ["| criterion | measured | 95% interval (paired bootstrap) | target | result |", "|---|---|---|---|---|"]
+    lines = []
+    try:  # which edits: the targets are set for the 500 test edits of data/suites/shapes.yaml
+        info = json.loads((Path(run_dir) / "run.json").read_text())
+        raw = info.get("suite_raw") or {}
+        n = L.get("n", float("nan"))
+        lines += [f"Run: `{info.get('suite')}` ({raw.get('name', '?')}, split {raw.get('split', '?')}), "
+                  f"{n:.0f} edits" + (f" (--limit {info['limit']})" if info.get("limit") else "")
+                  + ("" if raw.get("split") == "test" and not info.get("limit") else
+                     "; the targets are set for the 500 edits of the test split (data/suites/shapes.yaml)"), ""]
+    except (OSError, ValueError, TypeError):
+        pass
+    lines += ["| criterion | measured | 95% interval (paired bootstrap) | target | result |", "|---|---|---|---|---|"]
     lines += [f"| {c} | {v} | {i} | {t} | {'PASS' if ok else 'FAIL'} |" for (c, v, t, ok), i in zip(checks, shown)]
     if ci:
         lines += ["", f"The result compares the measured value with the target. The interval shows how far the value "

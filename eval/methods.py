@@ -174,8 +174,12 @@ def resolve_method(spec: str) -> Method:
     p = Path(spec).expanduser()
     if ("/" in spec or p.exists()) and p.is_dir():
         return Method(spec, _label(spec), _folder_factory(p))
+    if "/" in spec:  # meant as a folder
+        raise MethodError(f"method folder {spec} " + ("is a file, not a folder" if p.exists() else "does not exist")
+                          + ": give a pipeline saved with save_pretrained or a model folder such as "
+                          "runs/train/NAME/export")
     hint = difflib.get_close_matches(spec, known_methods(), n=2, cutoff=0.5)
-    raise MethodError(f"unknown method {spec!r}" + (f"; did you mean {' or '.join(map(repr, hint))}?" if hint else "")
+    raise MethodError(f"unknown method {spec!r}" + (f"; did you mean {' or '.join(map(repr, hint))}?" if hint else ".")
                       + f" Known methods: {', '.join(known_methods())}; or a path to a pipeline folder, or "
                       "diffusers-inpaint:PATH")
 

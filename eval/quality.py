@@ -583,6 +583,12 @@ def run_quality(opts: QualityOptions) -> QualityResult:
 
     # 2. Generate (sharded), skipping finished samples.
     if opts.metrics_only:
+        try:
+            load_records(out, methods, samples)
+        except RuntimeError as err:  # nothing to score yet: a user error, not a crash
+            raise ValueError(f"--metrics-only scores what is on disk, and {out} lacks some of it: "
+                             f"{err.args[0].split(';')[0]}; run the same command without --metrics-only to generate "
+                             "them") from None
         res = QualityResult(out=out)
     else:
         res = generate(methods, samples, suite, opts, out, steps, guidance, rank, world, device)

@@ -97,13 +97,13 @@ def df_table(df, columns: Sequence[str], headers: Optional[Sequence[str]] = None
 
 # ----------------------------------------------------------------------------- quality plots
 def grouped_bars(ax, labels: Sequence[str], series: Dict[str, tuple], title: str) -> None:
-    """A group of bars per x label, one bar per series ``{name: (values, 95% half-widths or None)}``, in
-    the method colours (NaN values draw nothing)."""
+    """A group of bars per x label, one bar per series ``{name: (values, 95% half-widths, or a (2, N) array of
+    lower and upper lengths, or None)}``, in the method colours (NaN values and intervals draw nothing)."""
     width = 0.8 / max(len(series), 1)
     x = np.arange(len(labels))
     for i, (name, (vals, err)) in enumerate(series.items()):
         ax.bar(x + (i - (len(series) - 1) / 2) * width, np.nan_to_num(np.asarray(vals, float)), width,
-               yerr=None if err is None else np.nan_to_num(np.asarray(err, float)), capsize=2,
+               yerr=None if err is None else np.asarray(err, float), capsize=2,  # NaN: no error bar
                color=color_for(name, i), label=name)
     ax.set_xticks(x)
     ax.set_xticklabels(labels, fontsize=7)
@@ -128,8 +128,10 @@ def bar_charts(summary, metrics: Sequence[tuple], path: Path, title: str = "",
         ax = axes[k // cols][k % cols]
         vals = summary[col].astype(float).to_numpy()
         bars = ax.bar(range(len(labels)), np.nan_to_num(vals), color=[color_for(l, i) for i, l in enumerate(labels)])
-        for b, v in zip(bars, vals):
-            ax.text(b.get_x() + b.get_width() / 2, b.get_height(), fmt(v, 3), ha="center", va="bottom", fontsize=7)
+        for b, v in zip(bars, vals):  # the value beyond the bar's end (below a negative one, e.g. KID)
+            ax.text(b.get_x() + b.get_width() / 2, b.get_height(), fmt(v, 3), ha="center",
+                    va="top" if v < 0 else "bottom", fontsize=7)
+        ax.margins(y=0.12)  # room for the values inside the frame
         ax.set_xticks(range(len(labels)))
         ax.set_xticklabels(labels, rotation=25, ha="right", fontsize=7)
         ax.set_title(f"{label} ({'lower' if lower else 'higher'} is better)", fontsize=8)

@@ -494,7 +494,9 @@ def write_report(out: Path, summary, fit: Dict, plots: Dict[str, Path], opts: Ru
         L += ["### Per-step time vs hole tokens (LazyDiffusion)", "",
               f"Linear fit over mask ratios ≤ {fit['max_ratio']:g} ({fit['points']} points): "
               f"t ≈ {fit['intercept_ms']:.4g} ms + {fit['slope_ms_per_token'] * 1e3:.4g} µs × |H|, "
-              f"R² = {fit['r2']:.4f}, largest relative residual {fit['max_rel_residual']:.1%}.", ""]
+              f"R² = {fit['r2']:.4f}, largest relative residual {fit['max_rel_residual']:.1%}."
+              + (" A line through 2 points fits them exactly: R² and the residual say nothing here; time more mask "
+                 f"ratios ≤ {fit['max_ratio']:g} to test the linearity." if fit["points"] < 3 else ""), ""]
     for k, title in (("latency", "Latency vs mask ratio"), ("speedup", "Speed-up vs mask ratio"),
                      ("per_step", "Per-step time vs hole tokens"), ("stages", "Per-stage breakdown")):
         if k in plots:

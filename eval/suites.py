@@ -72,8 +72,8 @@ def _unknown_key_error(key: str, allowed: Sequence[str], source: str, dataset: s
         other = f" ({key!r} applies to dataset: shapesworld only)"
     elif key in FOLDER_KEYS and dataset != "folder":
         other = f" ({key!r} applies to dataset: folder only)"
-    return SuiteError(f"{source}: unknown key {key!r}{other}" + (f"; did you mean {hint[0]!r}?" if hint and not other else "")
-                      + f". Allowed keys for dataset {dataset!r}: {', '.join(sorted(allowed))}")
+    return SuiteError(f"{source}: unknown key {key!r}{other}" + (f"; did you mean {hint[0]!r}?" if hint and not other else ".")
+                      + f" Allowed keys for dataset {dataset!r}: {', '.join(sorted(allowed))}")
 
 
 # ----------------------------------------------------------------------------- samples

@@ -19,6 +19,7 @@ def test_ceiling_on_the_shipped_models_writes_table_csv_and_plot(tmp_path, capsy
         assert (match == df[f"{name}_correct"]).all()
     assert df.real_correct.mean() > 0.3  # the shipped classifier is far above chance (1/48) on real renders
     text = (out / "ceiling.md").read_text()
+    assert "--limit 16`" in text   # the report says which edits it read
     assert f"| all | {len(df)} | {100 * df.real_correct.mean():.1f}% | {100 * df.autoencoder_correct.mean():.1f}%" in text
     assert (out / "shape_confusion.png").stat().st_size > 0
     assert "| large |" in capsys.readouterr().out
@@ -30,5 +31,9 @@ def test_ceiling_needs_shapesworld_and_an_autoencoder(tmp_path, capsys):
     assert main(["ceiling", "--suite", str(SUITES / "shapes.yaml"), "--autoencoder", str(tmp_path / "none"),
                  "--out", str(tmp_path / "b")]) == 2
     assert "pass --autoencoder FOLDER" in capsys.readouterr().err
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    removals = tmp_path / "remove.yaml"
+    removals.write_text("dataset: shapesworld\nsplit: val\nintents: [remove]\nnum_samples: 3\n")
+    assert main(["ceiling", "--suite", str(removals), "--out", str(tmp_path / "c")]) == 2
+    assert "has no object edits" in capsys.readouterr().err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
 

@@ -65,3 +65,26 @@ def test_gate_reports_paired_bootstrap_intervals(tmp_path):
     with pytest.warns(UserWarning, match="unreadable"):
         checks2, _ = evaluate(str(tmp_path))
     assert checks2 == checks
+
+
+def test_gate_refuses_a_run_without_shapesworld_columns(tmp_path, capsys):
+    pd.DataFrame([dict(method=m, n=4, fid=1.0) for m in ("lazy", "regenerate-image")]).to_csv(
+        tmp_path / "summary.csv", index=False)   # a folder suite's run: no prompt accuracy, no background error
+    assert main(["gate", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "needs a run of a ShapesWorld suite" in err and "Traceback" not in err
+    assert not (tmp_path / "gate.md").exists()
+
+
+def test_gate_says_which_edits_it_read(tmp_path):
+    import json
+
+    run = _summary(tmp_path, 0.70, 0.75, 5.0, 4.5)
+    (tmp_path / "run.json").write_text(json.dumps({"suite": "data/suites/shapes.yaml", "limit": 8,
+                                                   "suite_raw": {"name": "shapesworld-test", "split": "test"}}))
+    _, md = evaluate(run)
+    assert "500 edits (--limit 8); the targets are set for the 500 edits of the test split" in md
+    (tmp_path / "run.json").write_text(json.dumps({"suite": "data/suites/shapes.yaml", "limit": None,
+                                                   "suite_raw": {"name": "shapesworld-test", "split": "test"}}))
+    _, md = evaluate(run)
+    assert "`data/suites/shapes.yaml` (shapesworld-test, split test), 500 edits\n" in md

@@ -169,6 +169,13 @@ def test_bar_charts_draw_reference_lines(tmp_path, monkeypatch):
     acc_ax, bg_ax = figs[0].axes[:2]
     assert [tuple(line.get_ydata()) for line in acc_ax.lines] == [(0.835, 0.835)]
     assert acc_ax.get_ylim()[1] >= 0.835 and not bg_ax.lines
+    # each value is printed beyond its bar's end, inside the frame: above a positive bar, below a negative one
+    summary["kid"] = [-1.4, 2.0]
+    report.bar_charts(summary, [("kid", "KID", True)], tmp_path / "k.png")
+    ax = figs[1].axes[0]
+    assert [t.get_va() for t in ax.texts] == ["top", "bottom"]
+    lo, hi = ax.get_ylim()
+    assert lo < -1.4 * 1.05 and hi > 2.0 * 1.05
 
 
 def test_scheduler_override_is_used_recorded_and_guarded(tmp_path, tiny_clip, suite_file):
@@ -238,7 +245,7 @@ def test_compare_runs_pairs_edits_and_refuses_different_ones(tmp_path, tiny_clip
     other = tmp_path / "limit2"   # other edits: no paired comparison
     run_quality(QualityOptions(suite=suite_file, out=str(other), methods=["tiny-lazy"], limit=2, steps=2,
                                shapes_clip=tiny_clip, device="cpu", no_report=True))
-    with pytest.raises(CompareError, match="different edits"):
+    with pytest.raises(CompareError, match=r"differ in --limit \(2 vs 3\): they hold different edits"):
         compare([runs[0], str(other)], str(tmp_path / "cmp2"))
     rc = main(["compare", runs[0], str(tmp_path / "nothing"), "--out", str(tmp_path / "cmp3")])
     assert rc == 2 and "not a finished quality run" in capsys.readouterr().err
@@ -275,9 +282,28 @@ def test_breakdown_by_mask_kind_and_size():
     assert df.loc[("mask size", "10%–20%", "a"), "prompt_acc_ceiling"] == 0.5
     from eval.breakdown import markdown
     assert "| box | 2 | 100.0% | 50.0% | 100.0% |" in "\n".join(markdown(df.reset_index()))
+    # accuracy intervals are Wilson's: inside 0-100%, and not zero-wide at 0% or 100% (b's 2 of 2 box edits)
+    lo, hi = df.loc[("mask kind", "box", "b"), ["prompt_acc_lo", "prompt_acc_hi"]]
+    assert 0.3 < lo < 1 and hi == pytest.approx(1.0)
+    lo, hi = df.loc[("mask size", "10%–20%", "a"), ["prompt_acc_lo", "prompt_acc_hi"]]   # 1 of 2
+    assert 0 < lo < 0.5 < hi < 1
+    assert (df.prompt_acc_lo.dropna() >= 0).all() and (df.prompt_acc_hi.dropna() <= 1).all()
 
 
-def test_by_shape_and_its_confusion_plot(tmp_path):
+def test_grouped_bars_draw_no_error_bar_where_there_is_no_interval():
+    from eval.report import _plt, grouped_bars
+
+    plt = _plt()
+    fig, ax = plt.subplots()
+    grouped_bars(ax, ["first run", "second run"], {"lazy": ([0.5, 0.6], [float("nan"), 0.1]),
+                                                   "other": ([0.5, 0.6], np.array([[0.1, 0.2], [0.05, 0.0]]))}, "t")
+    segments = [c.errorbar.lines[2][0].get_segments() for c in ax.containers if hasattr(c, "errorbar")]
+    assert [len(s) for s in segments[0]] == [0, 2]   # the reference run (NaN) has none, not a zero-wide one
+    assert segments[1][0][:, 1].tolist() == pytest.approx([0.4, 0.55])   # asymmetric: (lower, upper) lengths
+    plt.close(fig)
+
+
+def test_by_shape_and_its_confusion_plot(tmp_path, monkeypatch):
     from eval.breakdown import by_shape, confusion_plot, shape_markdown
 
     per = pd.DataFrame({
@@ -298,3 +324,15 @@ def test_by_shape_and_its_confusion_plot(tmp_path):
     obj = per[per.target_shape.notna()]
     path = confusion_plot({m: (g.target_shape, g.pred_shape) for m, g in obj.groupby("method")}, tmp_path / "c.png")
     assert path.exists() and path.stat().st_size > 1000
+    figs = []
+    monkeypatch.setattr("eval.breakdown._save", lambda fig, p: figs.append(fig) or p)
+    confusion_plot({m: (g.target_shape, g.pred_shape) for m, g in obj.groupby("method")}, tmp_path / "c.png")
+    shown = [[t.get_text() for t in ax.get_xticklabels()] for ax in figs[0].axes]
+    assert shown == [["circle", "heart", "star"]] * 2   # b never saw a circle: the same columns as a, side by side
+
+
+def test_metrics_only_without_records_says_to_generate(tmp_path, tiny_clip, suite_file, capsys):
+    rc = main(["quality", "--suite", suite_file, "--out", str(tmp_path / "o"), "--methods", "tiny-lazy", "--limit", "1",
+               "--metrics-only", "--shapes-clip", tiny_clip, "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "no record" in err and "without --metrics-only" in err and "Traceback" not in err

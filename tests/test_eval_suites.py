@@ -43,7 +43,7 @@ def test_unknown_key_names_key_and_allowed_ones():
     with pytest.raises(SuiteError) as e:
         suite_from_dict({"dataset": "shapesworld", "stpes": 10}, "s.yaml")
     msg = str(e.value)
-    assert "'stpes'" in msg and "did you mean 'steps'" in msg and "Allowed keys" in msg and "mask_kinds" in msg
+    assert "'stpes'" in msg and "did you mean 'steps'? Allowed keys" in msg and "mask_kinds" in msg
     with pytest.raises(SuiteError, match="applies to dataset: folder only"):
         suite_from_dict({"dataset": "shapesworld", "manifest": "m.jsonl"}, "s.yaml")
     with pytest.raises(SuiteError, match="missing required key 'dataset'"):
@@ -86,6 +86,12 @@ def test_method_names_suggest_fixes():
         resolve_methods(["tiny-lazy", "tiny-lazy"])
     with pytest.raises(MethodError, match="does not exist"):
         resolve_methods(["diffusers-inpaint:/nonexistent/sd2"])
+    with pytest.raises(MethodError) as e:  # a path that is not there: say so, not "unknown method"
+        resolve_methods(["/nonexistent/model-export"], check=False)
+    assert "method folder /nonexistent/model-export does not exist" in str(e.value)
+    with pytest.raises(MethodError) as e:
+        resolve_methods(["lazzy"], check=False)
+    assert "'tiny-lazy'? Known methods" in str(e.value) and "?." not in str(e.value)
     register_method("my-method", lambda device, dtype: None, "test")
     try:
         assert resolve_methods(["my-method"])[0].label == "my-method"
@@ -139,3 +145,32 @@ def test_folder_manifest_csv_and_column_errors(tmp_path):
     PIL.Image.new("L", (128, 128), 0).save(root / "masks" / "edit00.png")
     with pytest.raises(SuiteError, match="is empty"):
         _suite(tmp_path, root, "m.csv").samples()
+
+
+@pytest.mark.parametrize("argv", [
+    ["quality", "--suite", str(SUITES / "shapes.yaml"), "--methods", "tiny-lazy"],
+    ["compare", "a", "b"],
+    ["ceiling", "--suite", str(SUITES / "shapes.yaml")],
+    ["loss", "--suite", str(SUITES / "shapes-val.yaml")],
+    ["runtime", "--preset", "tiny"],
+])
+def test_out_that_is_a_file_is_refused_and_kept(tmp_path, capsys, argv):
+    from eval.cli import main
+
+    out = tmp_path / "notes.txt"
+    out.write_text("keep me")
+    assert main(argv + ["--out", str(out)]) == 2
+    assert "is an existing file, not a folder" in capsys.readouterr().err
+    assert out.read_text() == "keep me"
+
+
+def test_every_option_with_a_default_states_it_in_its_help():
+    import argparse
+
+    from eval.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    silent = [f"{name} {a.option_strings[0]}" for name, p in sub.choices.items() for a in p._actions
+              if a.option_strings and a.default not in (None, argparse.SUPPRESS) and a.default is not False
+              and "default" not in (a.help or "")]
+    assert silent == []
