@@ -20,6 +20,7 @@
 # Usage: scripts/train_shapesworld.sh [stage1|stage2|all|continue|diffusion|stage4|stage5|clip]
 # Environment:
 #   EXTRA="--set key=value ..."          applies to every run (e.g. mixed_precision=bf16 on a GPU)
+#   PYTHON                                the interpreter (default .venv/bin/python if there, else python3)
 #   RUNS, MODELS                          run folders (runs/train) and where exports are published (data/models)
 #   CONFIGS                               config folder (configs/train; configs/train/cpu: the ~2 h-per-model CPU recipe)
 #   WORKERS_AE, WORKERS_CLIP, WORKERS_DIFFUSION   data-generation processes per run (default 2)
@@ -35,7 +36,8 @@
 # On several GPUs, replace `python -m lazydiff.train` by `accelerate launch -m lazydiff.train`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python}
+PY=${PYTHON:-}  # default: the repository's .venv (README's install), else python3
+[[ -n $PY ]] || { [[ -x .venv/bin/python ]] && PY=.venv/bin/python; } || PY=python3
 STAGE=${1:-all}
 if [[ $STAGE == -h || $STAGE == --help ]]; then awk 'NR > 1 && /^#/ {sub(/^# ?/, ""); print; next} NR > 1 {exit}' "$0"; exit 0; fi
 case $STAGE in

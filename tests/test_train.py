@@ -233,19 +233,50 @@ def test_cli_set_without_equals_is_a_usage_error(tmp_path, capsys):
     assert not (tmp_path / "run").exists()  # nothing ran
 
 
-def test_cli_set_unknown_key_is_reported(tmp_path):
-    with pytest.raises(ValueError, match="did you mean 'steps'"):
-        cli_main([str(_tiny_yaml(tmp_path)), "--set", "stepz=3", "--max-steps-this-run", "1"])
+def _cli_error(argv, capsys) -> str:
+    """A user error on the command line: exit status 2 and one `error:` line on stderr, no traceback."""
+    capsys.readouterr()  # what earlier steps printed
+    with pytest.raises(SystemExit) as err:
+        cli_main(argv)
+    assert err.value.code == 2
+    msg = capsys.readouterr().err
+    assert msg.startswith("error: ") and "Traceback" not in msg
+    return msg
+
+
+def test_cli_set_unknown_key_is_reported(tmp_path, capsys):
+    msg = _cli_error([str(_tiny_yaml(tmp_path)), "--set", "stepz=3", "--max-steps-this-run", "1"], capsys)
+    assert "--set stepz=3: unknown key 'stepz' (did you mean 'steps'?)" in msg  # names --set, not the file
     assert not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("key,value,match", [("lr", "fast", "lr must be a number, got 'fast'"),
                                              ("steps", "2.5", "steps must be a whole number"),
-                                             ("batch_size", "true", "batch_size must be a whole number")])
-def test_cli_non_numeric_value_for_a_number_is_reported(tmp_path, key, value, match):
-    with pytest.raises(ValueError, match=match):
-        cli_main([str(_tiny_yaml(tmp_path)), "--set", f"{key}={value}", "--max-steps-this-run", "1"])
+                                             ("batch_size", "true", "batch_size must be a whole number"),
+                                             ("export_dtype", "float8", "export_dtype must be one of"),
+                                             ("export_raw", "maybe", "export_raw must be true or false"),
+                                             ("arch", "3", "arch must be a mapping"),
+                                             ("output_dir", "", "output_dir must be a non-empty string")])
+def test_cli_bad_value_is_reported(tmp_path, capsys, key, value, match):
+    assert match in _cli_error([str(_tiny_yaml(tmp_path)), "--set", f"{key}={value}", "--max-steps-this-run", "1"],
+                               capsys)
     assert not (tmp_path / "run").exists()
+
+
+def test_cli_missing_config_is_reported(tmp_path, capsys):
+    assert "nope.yaml not found" in _cli_error([str(tmp_path / "nope.yaml")], capsys)
+
+
+def test_cli_help_lists_the_config_keys_and_defaults(capsys):
+    with pytest.raises(SystemExit):
+        cli_main(["--help"])
+    out = capsys.readouterr().out
+    assert "model=(required)" in out and "steps=1000" in out and "export_dtype=float16" in out and "arch={}" in out
+
+
+def test_cli_set_one_arch_key(tmp_path):
+    cfg = TrainConfig.load(str(_tiny_yaml(tmp_path)), {"arch.latent_channels": 8})
+    assert cfg.arch == dict(AE_ARCH, latent_channels=8)
 
 
 def test_cli_runs_with_yaml_typed_overrides(tmp_path):
@@ -490,9 +521,81 @@ def test_corrupt_checkpoint_names_the_folder_and_the_fix(tmp_path):
 def test_checkpoint_from_another_architecture_is_reported(tmp_path):
     out = tmp_path / "run"
     train(_cfg("autoencoder", out, steps=4), max_steps_this_run=1)
+    saved = (out / "config.json").read_text()
     wider = dict(AE_ARCH, block_out_channels=[8, 8, 32])
-    with pytest.raises(RuntimeError, match=r"(?s)could not resume from checkpoint \S*step-1: .*size mismatch.*--no-resume"):
+    with pytest.raises(ValueError, match=r"(?s)holds a run of another config \(checkpoint \S*step-1\): arch: .*--no-resume"):
         train(_cfg("autoencoder", out, steps=4, arch=wider))
+    assert (out / "config.json").read_text() == saved  # the run's record is left as it was
+
+
+@pytest.mark.parametrize("change", [dict(model="shapes_clip", arch=CLIP_ARCH, batch_size=4), dict(lr=1e-2),
+                                    dict(steps=6)])
+def test_resume_under_another_config_is_refused_before_touching_the_run(tmp_path, capsys, change):
+    """Another model, or the same one with another lr or (cosine) schedule length, in a finished run's folder:
+    the CLI names the folder, the differing keys and the fixes, and leaves the run, its export included, as it was."""
+    out = tmp_path / "run"
+    train(_cfg("autoencoder", out, steps=2))
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    path = tmp_path / "other.yaml"
+    path.write_text(yaml.safe_dump(dict(_raw("autoencoder", out, steps=2), **change)))
+    msg = _cli_error([str(path)], capsys)
+    assert f"{out} holds a run of another config" in msg and "--set output_dir=" in msg and "--no-resume" in msg
+    assert f"{next(iter(change))}: " in msg
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+
+def test_constant_schedule_run_may_raise_steps_and_harmless_keys_may_change(tmp_path):
+    out = tmp_path / "run"
+    train(_cfg("autoencoder", out, steps=2, lr_schedule="constant"), max_steps_this_run=1)
+    train(_cfg("autoencoder", out, steps=3, lr_schedule="constant", log_every=2, checkpoint_every=5))
+    assert _state(out, 3)["step"] == 3
+
+
+def test_no_resume_sets_a_finished_runs_export_aside(tmp_path):
+    out = tmp_path / "run"
+    train(_cfg("autoencoder", out, steps=2))
+    export = {p.relative_to(out / "export"): p.read_bytes() for p in (out / "export").rglob("*") if p.is_file()}
+    train(_cfg("autoencoder", out, steps=2, seed=1), resume=False)
+    kept = {p.relative_to(out / "export.old-1"): p.read_bytes() for p in (out / "export.old-1").rglob("*") if p.is_file()}
+    assert kept == export and (out / "train_info.json.old-1").exists()
+    assert (out / "checkpoints.old-1" / "step-2").exists() and (out / "export").exists()
+
+
+def test_bad_init_from_is_a_cli_error_and_leaves_the_output_dir_alone(tmp_path, capsys):
+    corrupt = tmp_path / "corrupt"
+    corrupt.mkdir()
+    (corrupt / "diffusion_pytorch_model.safetensors").write_bytes(b"\x08\0\0\0\0\0\0\0{")  # truncated
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(_raw("autoencoder", tmp_path / "run", init_from=str(corrupt))))
+    msg = _cli_error([str(path)], capsys)
+    assert f"could not read {corrupt / 'diffusion_pytorch_model.safetensors'}" in msg and "`init_from:`" in msg
+    assert not (tmp_path / "run").exists()
+
+
+def test_ctrl_c_stops_after_the_step_with_a_checkpoint_and_resumes(tmp_path, monkeypatch):
+    """The first SIGINT lets the step finish, checkpoints it, and raises KeyboardInterrupt saying how to
+    resume; the resumed run equals an uninterrupted one."""
+    import os
+    import signal
+
+    class Interrupted(AutoencoderObjective):
+        def loss(self, batch, step, rank):
+            if step == 1:
+                os.kill(os.getpid(), signal.SIGINT)
+            return super().loss(batch, step, rank)
+
+    out, ref = tmp_path / "run", tmp_path / "ref"
+    handler = signal.getsignal(signal.SIGINT)
+    with monkeypatch.context() as m:
+        m.setitem(loop.OBJECTIVES, "autoencoder", Interrupted)
+        with pytest.raises(KeyboardInterrupt, match=r"interrupted at step 2: checkpoint \S*step-2; run the same"):
+            train(_cfg("autoencoder", out, steps=4))
+    assert signal.getsignal(signal.SIGINT) is handler  # restored
+    assert loop.latest_checkpoint(out) == _ckpt(out, 2) and not (out / "export").exists()
+    train(_cfg("autoencoder", out, steps=4))
+    train(_cfg("autoencoder", ref, steps=4))
+    _assert_same_tensors(load_file(str(_ckpt(out, 4) / "model.safetensors")),
+                         load_file(str(_ckpt(ref, 4) / "model.safetensors")), "model")
 
 
 def test_interrupted_checkpoint_write_is_ignored_on_resume(tmp_path):
@@ -703,6 +806,21 @@ def test_text_feature_table_trains_and_reports_unknown_prompts(text_table, autoe
     assert text.shape[0] == 2 and mask[1].sum() == 2  # "" = [CLS] [SEP]
 
 
+def test_missing_text_encoder_folder_names_the_key(tmp_path, autoencoder_export):
+    with pytest.raises(OSError, match=r"`text_encoder: \S*nowhere`.*leave it out"):
+        OBJECTIVES["lazy"](_cfg("lazy", tmp_path / "run", autoencoder_export, text_encoder=str(tmp_path / "nowhere")),
+                           "cpu")
+
+
+def test_text_features_cli_missing_encoder_folder_is_a_usage_error(tmp_path, capsys):
+    from lazydiff.train.text_features import main as features_main
+
+    with pytest.raises(SystemExit) as err:
+        features_main([str(tmp_path / "f.safetensors"), "--text-encoder", str(tmp_path / "nowhere")])
+    assert err.value.code == 2 and "nowhere: no such folder" in capsys.readouterr().err
+    assert not (tmp_path / "f.safetensors").exists()
+
+
 def test_bad_text_feature_file_names_it(tmp_path, autoencoder_export):
     bad = tmp_path / "features.safetensors"
     bad.write_bytes(b"not a table")
@@ -789,6 +907,23 @@ def test_training_script_gives_both_diffusion_runs_the_same_step_budget(tmp_path
     subprocess.run(["bash", str(REPO / "scripts" / "train_shapesworld.sh"), "diffusion"], env=env, check=True, cwd=REPO)
     calls = log.read_text().splitlines()
     assert len(calls) == 2 and all("--max-steps-this-run 1234 --export-at-stop" in c for c in calls)
+
+
+def test_training_script_defaults_to_the_repos_venv_python(tmp_path):
+    """README installs into .venv without activating it: the script must not need a `python` on PATH."""
+    import os
+    import shutil
+    import subprocess
+
+    (tmp_path / "scripts").mkdir()
+    shutil.copy(REPO / "scripts" / "train_shapesworld.sh", tmp_path / "scripts")
+    (tmp_path / ".venv" / "bin").mkdir(parents=True)
+    shutil.move(_fake_python(tmp_path), tmp_path / ".venv" / "bin" / "python")
+    log = tmp_path / "log"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHON"}
+    env.update(PATH="/usr/bin:/bin", FAKE_LOG=str(log), RUNS=str(tmp_path / "runs"), MODELS=str(tmp_path / "models"))
+    subprocess.run(["bash", str(tmp_path / "scripts" / "train_shapesworld.sh"), "clip"], env=env, check=True)
+    assert "shapes_clip_holes.yaml" in log.read_text()
 
 
 def test_training_script_rejects_an_unknown_stage(tmp_path):

@@ -10,6 +10,14 @@ from typing import Any, Dict, Optional
 import yaml
 
 MODELS = ("autoencoder", "shapes_clip", "lazy", "regenerate_image")
+EXPORT_DTYPES = ("float16", "bfloat16", "float32")
+
+
+def _check_key(key: str, names, source: str) -> None:
+    if key not in names:
+        hint = difflib.get_close_matches(key, names, n=1)
+        raise ValueError(f"{source}: unknown key {key!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
+                         + f"; allowed keys: {', '.join(names)}")
 
 
 def _number(value: Any, kind: str, what: str):
@@ -91,17 +99,23 @@ class TrainConfig:
             raw = yaml.safe_load(f) or {}
         if not isinstance(raw, dict):
             raise ValueError(f"{path}: expected a mapping of keys to values at the top level")
-        raw.update(overrides or {})
+        names = [f.name for f in dataclasses.fields(cls)]
+        for key, value in (overrides or {}).items():
+            head, _, sub = key.partition(".")
+            if sub and head == "arch":  # --set arch.num_layers=4 changes one architecture key
+                if not isinstance(raw.get("arch") or {}, dict):
+                    raise ValueError(f"{path}: arch must be a mapping of architecture keys to values")
+                raw["arch"] = dict(raw.get("arch") or {}, **{sub: value})
+                continue
+            _check_key(key, names, f"--set {key}={value}")
+            raw[key] = value
         return cls.from_dict(raw, str(path))
 
     @classmethod
     def from_dict(cls, raw: Dict[str, Any], source: str = "config") -> "TrainConfig":
         names = [f.name for f in dataclasses.fields(cls)]
         for key in raw:
-            if key not in names:
-                hint = difflib.get_close_matches(key, names, n=1)
-                raise ValueError(f"{source}: unknown key {key!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
-                                 + f"; allowed keys: {', '.join(names)}")
+            _check_key(key, names, source)
         for key in ("model", "output_dir"):
             if key not in raw:
                 raise ValueError(f"{source}: missing required key {key!r}")
@@ -109,6 +123,15 @@ class TrainConfig:
         for f in dataclasses.fields(cls):  # annotations are strings here (postponed evaluation)
             if f.type in ("int", "float") and f.name in raw:
                 raw[f.name] = _number(raw[f.name], f.type, f"{source}: {f.name}")
+        for key in ("model", "output_dir"):
+            if not isinstance(raw[key], str) or not raw[key]:
+                raise ValueError(f"{source}: {key} must be a non-empty string, got {raw[key]!r}")
+        if not isinstance(raw.get("arch", {}), dict):
+            raise ValueError(f"{source}: arch must be a mapping of architecture keys to values "
+                             f"(e.g. arch: {{num_layers: 8}}), got {raw['arch']!r}")
+        for f in dataclasses.fields(cls):  # YAML reads `maybe` or `"no"` as strings, which Python takes as true
+            if f.type == "bool" and f.name in raw and not isinstance(raw[f.name], bool):
+                raise ValueError(f"{source}: {f.name} must be true or false, got {raw[f.name]!r}")
         cfg = cls(**raw)
         if cfg.model not in MODELS:
             raise ValueError(f"{source}: model must be one of {MODELS}, got {cfg.model!r}")
@@ -130,6 +153,8 @@ class TrainConfig:
         if cfg.train_decoder_only and (cfg.model != "autoencoder" or not cfg.init_from):
             raise ValueError(f"{source}: train_decoder_only fine-tunes a trained autoencoder's decoder: it needs "
                              "model: autoencoder and init_from: the autoencoder folder (e.g. data/models/autoencoder)")
+        if cfg.export_dtype not in EXPORT_DTYPES:  # checked now, not when the export fails after the whole run
+            raise ValueError(f"{source}: export_dtype must be one of {EXPORT_DTYPES}, got {cfg.export_dtype!r}")
         if cfg.data_echo < 1:
             raise ValueError(f"{source}: data_echo is how many steps use each batch: a whole number >= 1, got {cfg.data_echo}")
         if cfg.snr_gamma is not None:

