@@ -635,3 +635,14 @@ def test_make_scheduler_refuses_unknown_names_and_keeps_the_prediction_type():
         make_scheduler("dpmpp", config)
     v = make_scheduler("euler", {**config, "prediction_type": "v_prediction"})  # e.g. an SD 2 inpainting model
     assert v.config.prediction_type == "v_prediction" and v.config.num_train_timesteps == config.num_train_timesteps
+
+
+def test_decoder_in_another_dtype_than_the_context_encoder(make_canvas, make_mask):
+    """bf16 decoder, fp32 context encoder: the context encoder gets its inputs in its own dtype."""
+    from lazydiff.testing import tiny_lazy_pipeline
+
+    pipe = tiny_lazy_pipeline(seed=0)
+    pipe.decoder.to(torch.bfloat16)
+    image, mask_img = make_canvas(W, H), make_mask(W, H, BOX)
+    out = edit(pipe, image, mask_img, steps=1)
+    assert_outside_identical(out.images[0], image, mask_bool(mask_img))

@@ -48,7 +48,8 @@ class LazyDiffusionPipeline(DiffusionPipeline, EditPipelineMixin):
                 return hit[1]
         context = self._context_in_onnx(enc)
         if context is None:
-            context = self.context_encoder(enc["masked_latents"], enc["mask_latent"], enc["hole_index"]).context
+            dt = self._dtype_of("context_encoder")  # the latents come in the decoder's dtype, which may differ
+            context = self.context_encoder(enc["masked_latents"].to(dt), enc["mask_latent"].to(dt), enc["hole_index"]).context
         if key is not None:
             self.__dict__["_context_cache"] = (key, context)
         return context

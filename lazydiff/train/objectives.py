@@ -280,9 +280,9 @@ class LatentDiffusionObjective(Objective):
         vae = self.vae
         canvas, target = to_unit(batch["canvas"], self.device), to_unit(batch["target"], self.device)
         mask = batch["mask"].to(self.device, non_blocking=True).float()
-        sf = vae.config.scaling_factor
-        x0 = vae.encode(target).latent_dist.mode() * sf
-        masked = vae.encode(canvas * (1 - mask)).latent_dist.mode() * sf   # E(I * (1 - M))
+        sf, shift = vae.config.scaling_factor, getattr(vae.config, "shift_factor", None) or 0.0  # as the pipelines
+        x0 = (vae.encode(target).latent_dist.mode() - shift) * sf
+        masked = (vae.encode(canvas * (1 - mask)).latent_dist.mode() - shift) * sf   # E(I * (1 - M))
         # The largest hole's token count sets the padded length: read from the loader's (CPU) mask, as
         # reading it on the GPU would make every step wait for the one before it.
         k = int(token_mask_from_pixels(batch["mask"].cpu(), self.scale * self.patch).flatten(1).sum(1).max())
