@@ -652,8 +652,9 @@ class EditPipelineMixin:
     # -- decoding and compositing
     def decode_hole(self, canvas_latents: torch.Tensor, hole_tokens: torch.Tensor, hole_index: torch.Tensor,
                     token_mask: torch.Tensor) -> Tuple[np.ndarray, Tuple[int, int]]:
-        """Scatter hole tokens into the canvas latent and VAE-decode only the hole's bounding box
-        plus ``decode_margin`` latent pixels. -> ((B, h, w, 3) uint8 region, (y0, x0) pixel offset)."""
+        """Scatter hole tokens into the masked-canvas latent and VAE-decode only the hole's bounding box
+        plus ``decode_margin`` latent pixels. (The masked canvas's latent, already encoded, stands in for the
+        canvas's around the hole: it saves a second encode, and only pixels inside the mask are kept.) -> ((B, h, w, 3) uint8 region, (y0, x0) pixel offset)."""
         p, s = self.patch_size, self.vae_scale_factor
         b = hole_tokens.shape[0]
         grid = token_mask.shape[-2:]
@@ -788,13 +789,17 @@ CALL_DOC = """Regenerate ``image`` inside ``mask_image`` (white = edit) followin
             image: the canvas (PIL RGB / RGBA / L / LA, or a uint8 array), any size.
             mask_image: same size; white (or True) = regenerate. Non-binary masks are thresholded at 50%.
             num_inference_steps, guidance_scale, generator, num_images_per_prompt: as in diffusers.
-            latents: optional starting noise for the whole canvas, (B, C, h, w) at the padded latent size.
+            latents: optional starting noise for the whole canvas, (B, C, h, w) at the padded latent size
+                (RegenerateCrop: at the resized crop's latent size).
             sketch, strength: SDEdit-style guidance. Strokes of ``sketch`` (opaque pixels of an RGBA
                 image, or all pixels of an RGB one) inside the mask are encoded and noised to a
-                timestep set by ``strength`` in (0, 1], then denoised.
+                timestep set by ``strength`` in (0, 1], then denoised. Hole pixels without strokes start
+                from the canvas's own content there.
             blend: seam handling, "hard", "feather" or "poisson"; ``feather_radius`` in pixels.
             callback_on_step_end(pipe, step, t, kwargs): called after each step; ``kwargs`` holds the
-                tensors named in ``callback_on_step_end_tensor_inputs`` ("latents", "pred_x0") and
+                tensors named in ``callback_on_step_end_tensor_inputs`` ("latents", "pred_x0": what the
+                sampler holds, i.e. hole tokens (B, |H|, C*p*p) for LazyDiffusion, (B, C, h, w) latents for
+                the full-canvas baselines) and
                 ``decode_preview()``, which renders the current estimate as a PIL canvas. Return a dict
                 (possibly with new "latents") or None.
 
