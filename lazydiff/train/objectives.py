@@ -3,7 +3,8 @@
 Every objective has the same interface: ``build(cfg)`` makes the trainable module, ``loss(batch,
 step)`` returns a scalar, ``export(module, folder)`` writes the shipped layout. LazyDiffusion and
 RegenerateImage share everything except the denoiser call, and both are scored on the hole tokens
-only, so the comparison between them is like for like.
+only. (RegenerateImage's predictions outside the hole are therefore untrained, though its sampler runs
+them: see the open question in data/models/regenerate-image/README.md.)
 """
 from __future__ import annotations
 
