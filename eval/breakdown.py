@@ -40,8 +40,8 @@ def wilson(k: float, n: int, z: float = 1.96):
 
 def breakdown(per, bins: Sequence[float] = MASK_RATIO_BINS):
     """Rows (by, group, method, n_object_edits, prompt_acc, shape_acc, n_remove, bg_mae, the 95% Wilson
-    interval of prompt_acc (prompt_acc_lo, prompt_acc_hi), and the 95% half-widths prompt_acc_ci95
-    (binomial, normal) and bg_mae_ci95); None when ``per`` lacks the ShapesWorld columns (folder suites)."""
+    interval of prompt_acc (prompt_acc_lo, prompt_acc_hi) and bg_mae's 95% half-width bg_mae_ci95); None
+    when ``per`` lacks the ShapesWorld columns (folder suites)."""
     import pandas as pd
 
     if per is None or not all(c in per.columns for c in NEEDED) or per.kind.isna().all():
@@ -62,7 +62,6 @@ def breakdown(per, bins: Sequence[float] = MASK_RATIO_BINS):
                     else math.nan  # the classifier on the ground truth: what a perfect edit scores here
                 rows.append({"by": by, "group": group, "method": method, "n_object_edits": len(obj),
                              "prompt_acc": acc, "prompt_acc_ceiling": ceiling,
-                             "prompt_acc_ci95": 1.96 * math.sqrt(acc * (1 - acc) / len(obj)) if len(obj) else math.nan,
                              **dict(zip(("prompt_acc_lo", "prompt_acc_hi"),
                                         wilson(obj.prompt_correct.astype(float).sum(), len(obj)))),
                              "shape_acc": obj.shape_correct.astype(float).mean() if len(obj) and "shape_correct" in obj
@@ -117,7 +116,7 @@ def plot(df, path: Path) -> Optional[Path]:
             series = {}
             for m, g in cells.items():
                 v = g[col].to_numpy(dtype=float)
-                if col == "prompt_acc" and "prompt_acc_lo" in g:  # asymmetric, inside 0-100%
+                if col == "prompt_acc" and "prompt_acc_lo" in g:  # asymmetric, inside 0-100% (older CSVs: _ci95)
                     lo, hi = g.prompt_acc_lo.to_numpy(dtype=float), g.prompt_acc_hi.to_numpy(dtype=float)
                     err = np.stack([v - lo, hi - v])
                 else:
