@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--batch-size", type=int, default=32, help="batch size of metric feature extraction (default 32)")
     q.add_argument("--overwrite", action="store_true", help="regenerate every edit even if records exist")
     q.add_argument("--metrics-only", action="store_true", help="skip generation; score what is on disk")
+    q.add_argument("--set", dest="pipeline_set", action="append", default=[], metavar="OPTION=VALUE",
+                   help="set a pipeline option on every method that has it (repeatable), e.g. "
+                        "reset_outside_hole=false (RegenerateImage/Crop as sampled before it existed) or decode_margin=8")
 
     g = sub.add_parser("gate", help="the shipped ShapesWorld models' quality gate, from a quality run",
                        description="Read <run>/summary.csv of `python -m eval quality --suite data/suites/shapes.yaml` "
@@ -194,14 +197,15 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(report.read_text())
             return 0
         if args.command == "quality":
-            from .quality import QualityOptions, print_summary, run_quality
+            from .quality import QualityOptions, parse_pipeline_set, print_summary, run_quality
 
             opts = QualityOptions(suite=args.suite, out=args.out, methods=args.methods, limit=args.limit,
                                   steps=args.steps, guidance=args.guidance, scheduler=args.scheduler,
                                   device=args.device, dtype=args.dtype, shapes_clip=args.shapes_clip,
                                   inception_weights=args.inception_weights,
                                   clip_model=args.clip_model, clip_weights=args.clip_weights,
-                                  batch_size=args.batch_size, overwrite=args.overwrite, metrics_only=args.metrics_only)
+                                  batch_size=args.batch_size, overwrite=args.overwrite, metrics_only=args.metrics_only,
+                                  pipeline_set=parse_pipeline_set(args.pipeline_set))
             if opts.limit is not None and opts.limit < 1:
                 raise SuiteError("--limit must be >= 1")
             res = run_quality(opts)

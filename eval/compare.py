@@ -29,7 +29,7 @@ METRICS = (
     ("fid_local", None, "local FID", True, False),
     ("latency_ms_median", None, "median latency (ms)", True, False),
 )
-SETTINGS = ("steps", "guidance", "scheduler", "dtype")
+SETTINGS = ("steps", "guidance", "scheduler", "dtype", "pipeline_set")
 
 
 class CompareError(ValueError):
@@ -69,6 +69,8 @@ def _labels(runs: List[Dict], labels: Optional[Sequence[str]]) -> List[str]:
     def show(k, v):
         if k == "scheduler":
             return v or "own sampler"
+        if k == "pipeline_set":
+            return ", ".join(f"{a}={b}" for a, b in (v or {}).items()) or "default options"
         return {"steps": f"{v} steps", "guidance": f"guidance {v}"}.get(k, str(v))
 
     return [", ".join(show(k, r["info"].get(k)) for k in varying) for r in runs]

@@ -53,6 +53,7 @@ class QualityOptions:
     overwrite: bool = False
     metrics_only: bool = False
     no_report: bool = False
+    pipeline_set: Dict[str, Any] = field(default_factory=dict)  # pipeline attributes, e.g. reset_outside_hole
 
 
 @dataclass
@@ -144,7 +145,66 @@ def settings_for(method: Method, suite: Suite, opts: QualityOptions, steps: int,
     scheduler = scheduler_for(suite, opts)
     if scheduler is not None:  # absent, not None, when unset: runs made before the key existed still resume
         settings["scheduler"] = scheduler
+    if opts.pipeline_set:  # absent when unset, as the scheduler
+        settings["pipeline_set"] = dict(opts.pipeline_set)
     return settings
+
+
+def parse_pipeline_set(items) -> Dict[str, Any]:
+    """``["reset_outside_hole=false", "decode_margin=8"]`` -> {name: bool / int / float / str}."""
+    out: Dict[str, Any] = {}
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        key = key.strip()
+        if not sep or not key.isidentifier() or key.startswith("_"):
+            raise ValueError(f"--set {item!r}: expected ATTRIBUTE=VALUE, e.g. --set reset_outside_hole=false")
+        low = raw.strip().lower()
+        if low in ("true", "false"):
+            out[key] = low == "true"
+        else:
+            try:
+                out[key] = int(raw)
+            except ValueError:
+                try:
+                    out[key] = float(raw)
+                except ValueError:
+                    out[key] = raw.strip()
+    return out
+
+
+def pipeline_attributes() -> Dict[str, Any]:
+    """Settable options of this library's pipelines (class attributes that are plain values) -> default."""
+    from lazydiff import DiffusersInpaintAdapter, LazyDiffusionPipeline, RegenerateCropPipeline, RegenerateImagePipeline
+
+    names: Dict[str, Any] = {}
+    for cls in (LazyDiffusionPipeline, RegenerateImagePipeline, RegenerateCropPipeline, DiffusersInpaintAdapter):
+        for key in dir(cls):
+            value = getattr(cls, key, None)
+            if not key.startswith("_") and isinstance(value, (bool, int, float, str)) and key not in names:
+                names[key] = value
+    return names
+
+
+def check_pipeline_set(values: Dict[str, Any]) -> None:
+    """Refuse names that no pipeline has (typos) and values of the wrong type, before anything runs."""
+    import difflib
+
+    known = pipeline_attributes()
+    for key, value in values.items():
+        if key not in known:
+            hint = difflib.get_close_matches(key, list(known), n=1)
+            raise ValueError(f"--set {key}: no pipeline has this option" + (f"; did you mean {hint[0]!r}?" if hint else "")
+                             + f" Options: {', '.join(sorted(known))}")
+        have = known[key]
+        if type(value) is not type(have) and not (isinstance(have, float) and type(value) is int):
+            raise ValueError(f"--set {key}={value!r}: expected a {type(have).__name__} (default {have!r})")
+
+
+def apply_pipeline_set(pipe, values: Dict[str, Any]) -> None:
+    """Set the options ``pipe`` has (a method without one, e.g. ``reset_outside_hole`` on LazyDiffusion, keeps its own)."""
+    for key, value in values.items():
+        if hasattr(type(pipe), key):
+            setattr(pipe, key, value)
 
 
 def scheduler_for(suite: Suite, opts: QualityOptions) -> Optional[str]:
@@ -214,6 +274,7 @@ def generate(methods: List[Method], samples: List[EditSample], suite: Suite, opt
         if not todo:
             continue
         pipe = use_scheduler(method.load(device, dtype), scheduler_for(suite, opts), method.label)
+        apply_pipeline_set(pipe, opts.pipeline_set)
         if hasattr(pipe, "canvas_cache"):
             pipe.canvas_cache = "exact"  # scores must not depend on the order of the edits
         bar = tqdm(todo, desc=f"[{rank}/{world}] {method.label}", unit="edit", position=rank, leave=True,
@@ -455,7 +516,8 @@ def write_report(out: Path, summary, per, extras: Dict[str, Any], methods: List[
     L += [f"- data: {suite.describe()}; {len(samples)} edits" + (f" (--limit {opts.limit})" if opts.limit else ""),
           f"- methods: {', '.join(f'`{m.spec}`' for m in methods)}; {steps} steps, guidance {guidance}, sampler "
           f"{scheduler_for(suite, opts) or 'of each method'}, blend "
-          f"{suite.blend}, dtype {opts.dtype}, generation seed {suite.seed} + sample index",
+          f"{suite.blend}, dtype {opts.dtype}, generation seed {suite.seed} + sample index"
+          + "".join(f", {k}={v}" for k, v in opts.pipeline_set.items()),
           f"- FID/KID features: {extras['fid_backbone']}; reference set: "
           + ("ground-truth targets" if suite.dataset == "shapesworld" else "input images (or the manifest's references)")
           + f" ({extras['n_reference']} images); local = square crops around the hole (margin {suite.crop_margin}) "
@@ -554,6 +616,7 @@ def run_quality(opts: QualityOptions) -> QualityResult:
         check_scheduler_name(opts.scheduler)
     if opts.dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {list(DTYPES)}, got {opts.dtype!r}")
+    check_pipeline_set(opts.pipeline_set)
     use_cpu = (opts.device == "cpu" or not torch.cuda.is_available()
                or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes"))
     state = PartialState(cpu=use_cpu)   # cpu=True makes torchrun-launched processes a gloo group (MULTI_CPU)
@@ -608,7 +671,8 @@ def run_quality(opts: QualityOptions) -> QualityResult:
     os.replace(tmp, out / "summary.csv")
     atomic_write_text(out / "run.json", json.dumps({
         "suite": suite.path, "suite_raw": suite.raw, "methods": [m.spec for m in methods], "steps": steps,
-        "guidance": guidance, "scheduler": scheduler_for(suite, opts), "limit": opts.limit, "processes": world,
+        "guidance": guidance, "scheduler": scheduler_for(suite, opts), "pipeline_set": opts.pipeline_set or None,
+        "limit": opts.limit, "processes": world,
         "dtype": opts.dtype, "device": device,
         "extras": extras, "notes": backbones.notes, "torch": torch.__version__}, indent=2, default=_json_default))
     if not opts.no_report:

@@ -1,10 +1,12 @@
-"""Does RegenerateImage lose by letting its untrained predictions outside the hole drift? (an open question,
+"""Why RegenerateImage resets the tokens outside the hole after every step (``reset_outside_hole``,
 data/models/regenerate-image/README.md). For the first N validation edits, 20 steps, hard paste: the x0
-estimate's error outside the hole against E(canvas), and the hole's MAE against the ground truth, with and
-without resetting the tokens outside the hole to the noised canvas latent after every step (RePaint-style).
+estimate's error outside the hole against E(canvas), and the hole's MAE against the ground truth.
 
-    python scripts/probe_regenerate_reset.py 60 0     # plain
-    python scripts/probe_regenerate_reset.py 60 1     # with the reset; per-edit MAEs go to runs/nonhole/
+    python scripts/probe_regenerate_reset.py 60 0     # no reset: every token evolves from the model's predictions
+    python scripts/probe_regenerate_reset.py 60 1     # reset to E(canvas) noised to the next timestep
+    python scripts/probe_regenerate_reset.py 60 2     # reset to E(masked canvas): the pipeline's reset_outside_hole
+
+Per-edit MAEs go to runs/nonhole/mae{N}_{variant}.npy (compare two variants edit by edit).
 """
 import sys
 import time
@@ -24,7 +26,8 @@ torch.set_num_threads(1)
 pipe = load_default("regenerate-image", device="cpu")
 pipe.set_progress_bar_config(disable=True)
 pipe.canvas_cache = "off"
-n, reset = int(sys.argv[1]), sys.argv[2] == "1"
+n, variant = int(sys.argv[1]), int(sys.argv[2])
+pipe.reset_outside_hole = variant == 2
 out_dir = Path("runs/nonhole")
 out_dir.mkdir(parents=True, exist_ok=True)
 rows, t0 = [], time.time()
@@ -41,7 +44,7 @@ for seed in range(10_100_000, 10_100_000 + n):  # the validation split's first s
     def callback(p, i, t, kw):
         x0, ref = patchify(kw["pred_x0"], 2)[0], patchify(z_canvas, 2)[0]
         errs.append((x0 - ref).abs().mean(-1)[~hole].mean().item())
-        if not reset:
+        if variant != 1:
             return None
         ts = pipe.scheduler.timesteps
         known = z_canvas if i + 1 >= len(ts) else pipe.scheduler.add_noise(z_canvas, noise, ts[i + 1][None])
@@ -53,6 +56,7 @@ for seed in range(10_100_000, 10_100_000 + n):  # the validation split's first s
     mae = np.abs(np.asarray(out.images[0]).astype(float) - task.target)[task.mask].mean()
     rows.append((errs[-1], mae))
 r = np.array(rows)
-np.save(out_dir / f"mae{n}_{int(reset)}.npy", r[:, 1])
-print("reset" if reset else "plain", f"{n} edits: outside-hole |x0 - E(canvas)| at the last step {r[:, 0].mean():.3f}, "
+np.save(out_dir / f"mae{n}_{variant}.npy", r[:, 1])
+print(["no reset", "reset to E(canvas)", "reset to E(masked canvas) (reset_outside_hole)"][variant],
+      f"{n} edits: outside-hole |x0 - E(canvas)| at the last step {r[:, 0].mean():.3f}, "
       f"hole MAE vs ground truth {r[:, 1].mean():.2f} ({time.time() - t0:.0f} s)")

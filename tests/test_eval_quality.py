@@ -226,6 +226,36 @@ def test_scheduler_in_suite_and_cli(tmp_path, capsys):
     assert "invalid choice" in capsys.readouterr().err
 
 
+def test_set_pipeline_option_is_applied_recorded_compared_and_checked(tmp_path, tiny_clip, suite_file, capsys):
+    from eval.compare import compare
+    from eval.quality import parse_pipeline_set
+
+    assert parse_pipeline_set(["reset_outside_hole=false", "decode_margin=8"]) == {"reset_outside_hole": False,
+                                                                                  "decode_margin": 8}
+    runs = []
+    for opt in ({}, {"reset_outside_hole": False}):
+        out = tmp_path / ("default" if not opt else "no-reset")
+        run_quality(QualityOptions(suite=suite_file, out=str(out), methods=["tiny-regenerate-image", "tiny-lazy"],
+                                   limit=2, shapes_clip=tiny_clip, device="cpu", no_report=True, pipeline_set=opt))
+        runs.append(out)
+    settings = json.loads((runs[1] / "records" / "tiny-regenerate-image" / "_settings.json").read_text())
+    assert settings["pipeline_set"] == {"reset_outside_hole": False}
+    assert "pipeline_set" not in json.loads((runs[0] / "records" / "tiny-lazy" / "_settings.json").read_text())
+    per = [pd.read_csv(r / "per_sample.csv").set_index(["method", "sample_id"]) for r in runs]
+    # the option changes the baseline's images; LazyDiffusion has no such option and gives the same ones
+    assert not np.allclose(per[0].loc["tiny-regenerate-image", "hole_mae_target"],
+                           per[1].loc["tiny-regenerate-image", "hole_mae_target"])
+    assert np.allclose(per[0].loc["tiny-lazy", "hole_mae_target"], per[1].loc["tiny-lazy", "hole_mae_target"])
+    _, df = compare([str(r) for r in runs], str(tmp_path / "cmp"))
+    assert list(dict.fromkeys(df.run)) == ["default options", "reset_outside_hole=False"]
+    for bad, msg in ((["reset_outside_hol=false"], "did you mean 'reset_outside_hole'"),
+                     (["reset_outside_hole=3"], "expected a bool"), (["=1"], "ATTRIBUTE=VALUE")):
+        code = main(["quality", "--suite", suite_file, "--out", str(tmp_path / "bad"), "--shapes-clip", tiny_clip,
+                     "--device", "cpu", "--methods", "tiny-regenerate-image", *sum((["--set", b] for b in bad), [])])
+        assert code == 2 and msg in capsys.readouterr().err
+        assert not (tmp_path / "bad" / "records").exists()  # refused before anything ran
+
+
 def test_compare_runs_pairs_edits_and_refuses_different_ones(tmp_path, tiny_clip, suite_file, capsys):
     from eval.compare import CompareError, compare
 

@@ -240,6 +240,43 @@ def test_regenerate_image_end_to_end(regen_pipe, make_canvas, make_mask):
     assert all(out.timings[k] >= 0 for k in STAGES if k != "context_encoder")
 
 
+@pytest.mark.parametrize("scheduler,sketch", [("ddim", False), ("ddim", True), ("dpm-solver++", False)])
+def test_regenerate_resets_tokens_outside_the_hole_to_the_noised_canvas_latent(make_canvas, make_mask, scheduler,
+                                                                                 sketch):
+    """After each step but the last, every latent cell outside the hole tokens is the masked-canvas latent
+    noised to the next timestep with the edit's own noise; the hole evolves freely. Off: they drift."""
+    from lazydiff.pipelines.editing import prepare_edit
+    from lazydiff.testing import tiny_regenerate_pipeline
+
+    pipe = tiny_regenerate_pipeline(seed=0)
+    pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
+    image, mask_img = make_canvas(W, H), make_mask(W, H, BOX)
+    enc = pipe.encode_canvas(prepare_edit(image, mask_img, pipe.token_cell), "cpu")
+    known = enc["masked_latents"]
+    outside = ~enc["token_mask"].repeat_interleave(2, -2).repeat_interleave(2, -1)[:, None].expand_as(known)
+    noise = torch.randn(known.shape, generator=torch.Generator().manual_seed(3))
+    kw = dict(sketch=_sketch(W, H), strength=0.75) if sketch else {}
+
+    def run(reset):
+        pipe.reset_outside_hole, seen = reset, []
+        pipe(PROMPT, image, mask_img, num_inference_steps=4, latents=noise, blend="hard",
+             callback_on_step_end=lambda p, i, t, k: seen.append(k["latents"].clone()), **kw)
+        return seen, pipe.scheduler.timesteps
+
+    seen, ts = run(True)
+    start = len(ts) - len(seen)  # SDEdit starts part-way down the schedule
+    assert len(seen) == (3 if sketch else 4)
+    for i in range(len(seen) - 1):
+        pipe.scheduler.set_timesteps(4)  # add_noise of a multistep solver reads its step index
+        pipe.scheduler._step_index = start + i + 1 if hasattr(pipe.scheduler, "_step_index") else None
+        expected = pipe.scheduler.add_noise(known, noise, ts[start + i + 1:start + i + 2])
+        assert torch.allclose(seen[i][outside], expected[outside], atol=1e-6), f"step {i}"
+        assert not torch.allclose(seen[i][~outside], expected[~outside], atol=1e-3)  # the hole is generated
+    drifted, _ = run(False)
+    assert not torch.allclose(drifted[0][outside], seen[0][outside], atol=1e-3)
+    pipe.reset_outside_hole = True
+
+
 def test_regenerate_crop_end_to_end(crop_pipe, make_canvas, make_mask):
     w, h = 96, 64
     image, mask_img = make_canvas(w, h), make_mask(w, h, (60, 40, 72, 50))

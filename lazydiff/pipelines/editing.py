@@ -535,8 +535,10 @@ class EditPipelineMixin:
         return timesteps
 
     def initial_latents(self, shape, generator, device, latents: Optional[torch.Tensor],
-                        init: Optional[torch.Tensor], timesteps: torch.Tensor, strength: float) -> torch.Tensor:
-        """Full-canvas starting latents (B, C, h, w): pure noise, or the noised sketch (SDEdit)."""
+                        init: Optional[torch.Tensor], timesteps: torch.Tensor,
+                        strength: float) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Full-canvas starting latents (B, C, h, w): pure noise, or the noised sketch (SDEdit).
+        -> (starting latents, the noise they were made from)."""
         if latents is not None:
             if not torch.is_tensor(latents) or latents.shape[1:] != torch.Size(shape[1:]) or latents.shape[0] not in (1, shape[0]):
                 raise ValueError(f"latents must be a tensor of shape {tuple(shape)} (or batch 1), "
@@ -548,18 +550,26 @@ class EditPipelineMixin:
             noise = randn_tensor(shape, generator=generator, device=torch.device(device), dtype=torch.float32)
         if init is not None and strength < 1.0:
             t0 = timesteps[:1].repeat(shape[0])
-            return self.scheduler.add_noise(init.float().expand(shape), noise, t0)
-        return noise * self.scheduler.init_noise_sigma
+            return self.scheduler.add_noise(init.float().expand(shape), noise, t0), noise
+        return noise * self.scheduler.init_noise_sigma, noise
+
+    def after_step_fn(self, enc: Dict[str, torch.Tensor], noise: torch.Tensor,
+                      timesteps: torch.Tensor) -> Optional[Callable[[int, torch.Tensor], torch.Tensor]]:
+        """``after_step(i, latents) -> latents``, applied to what the sampler holds after step ``i``
+        (before the callback), or None. LazyDiffusion needs none: it holds the hole's tokens only."""
+        return None
 
     def sample(self, latents: torch.Tensor, denoise: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
                timesteps: torch.Tensor, guidance_scale: float, generator,
                callback_on_step_end=None, callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
                preview: Optional[Callable[[torch.Tensor], PIL.Image.Image]] = None,
-               timer: Optional[StageTimer] = None, notes: Optional[Dict[str, Any]] = None) -> torch.Tensor:
+               timer: Optional[StageTimer] = None, notes: Optional[Dict[str, Any]] = None,
+               after_step: Optional[Callable[[int, torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
         """The sampling loop every pipeline shares (k-diffusion style: the denoiser is a function).
 
         ``denoise(model_input, t)`` returns the noise prediction for a batch; with CFG the batch is
         [uncond; cond] in one forward pass. Works on any latent shape (hole tokens or full canvas).
+        ``after_step(i, latents)`` (:meth:`after_step_fn`) may replace the latents after each step.
         """
         do_cfg = guidance_scale > 1.0
         extra = {"generator": generator} if "generator" in inspect.signature(self.scheduler.step).parameters else {}
@@ -580,6 +590,8 @@ class EditPipelineMixin:
                 else:
                     step = self.scheduler.step(eps, t, latents, **extra, return_dict=True)
                     latents, pred_x0 = step.prev_sample, getattr(step, "pred_original_sample", None)
+                if after_step is not None:
+                    latents = after_step(i, latents)
                 if callback_on_step_end is not None:
                     cb_t0 = time.perf_counter()
                     kwargs = {"latents": latents, "pred_x0": pred_x0 if pred_x0 is not None else latents}
@@ -763,7 +775,8 @@ class EditPipelineMixin:
                                                                  device, timer)
         timesteps = self.prepare_timesteps(num_inference_steps, strength, device, sketch is not None)
         c, (h, w) = enc["masked_latents"].shape[1], enc["masked_latents"].shape[-2:]
-        full = self.initial_latents((b, c, h, w), generator, device, latents, enc.get("sketch_latents"), timesteps, strength)
+        full, noise = self.initial_latents((b, c, h, w), generator, device, latents, enc.get("sketch_latents"),
+                                           timesteps, strength)
 
         def preview(x0):
             region, offset = self.decode_hole(enc["masked_latents"], to_hole_tokens(x0[:1]), enc["hole_index"], enc["token_mask"])
@@ -771,7 +784,8 @@ class EditPipelineMixin:
 
         with timer("denoise"):
             x = self.sample(to_working(full), denoise, timesteps, guidance_scale, generator, callback_on_step_end,
-                            callback_on_step_end_tensor_inputs, preview, timer, edit.notes)
+                            callback_on_step_end_tensor_inputs, preview, timer, edit.notes,
+                            self.after_step_fn(enc, noise, timesteps))
         if "callback" in timer.ms:
             timer.ms["denoise"] -= timer.ms["callback"]
         with timer("vae_decode"):

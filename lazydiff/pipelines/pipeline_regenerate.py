@@ -34,6 +34,12 @@ class RegenerateImagePipeline(DiffusionPipeline, EditPipelineMixin):
 
     model_cpu_offload_seq = "text_encoder->decoder->vae"
     _callback_tensor_inputs = ["latents", "pred_x0"]
+    # After every step, tokens outside the hole are reset to the masked-canvas latent noised to the next
+    # timestep (RePaint-style; diffusers does the same for 4-channel inpainting). The shipped model is
+    # trained with the loss on hole tokens only (as LazyDiffusion), so its predictions outside the hole
+    # are untrained; left alone they drift and the hole sees a drifting context. False: every token
+    # evolves from the model's own predictions (how this baseline sampled until the seventeenth session).
+    reset_outside_hole: bool = True
 
     def __init__(self, vae, text_encoder, tokenizer, decoder: FullCanvasDecoder, scheduler):
         super().__init__()
@@ -50,6 +56,21 @@ class RegenerateImagePipeline(DiffusionPipeline, EditPipelineMixin):
         denoise = StepFunction(self._decoder_step, dict(masked=masked, mask=mask, text=text, text_mask=text_mask,
                                                         added=added, text_conditioning=cond))
         return (lambda full: full), denoise, (lambda x: self.hole_tokens_of(x, enc["hole_index"]))
+
+    def after_step_fn(self, enc, noise, timesteps):
+        if not self.reset_outside_hole:
+            return None
+        p = self.patch_size
+        outside = ~enc["token_mask"].repeat_interleave(p, -2).repeat_interleave(p, -1)[:, None]  # latent cells
+        known = enc["masked_latents"].float()
+
+        def reset(i: int, latents: torch.Tensor) -> torch.Tensor:
+            # after the last step the tokens outside the hole are never read (decode_hole uses
+            # masked_latents there), so clean latents are as good as any
+            ref = known if i + 1 >= len(timesteps) else self.scheduler.add_noise(known, noise, timesteps[i + 1:i + 2])
+            return torch.where(outside, ref.to(latents.dtype), latents)
+
+        return reset
 
     def _decoder_step(self, latents, t, c):
         """Every step: the whole canvas (per-edit tensors in ``c``)."""
