@@ -610,6 +610,75 @@ def test_interrupted_checkpoint_write_is_ignored_on_resume(tmp_path):
     assert [r["step"] for r in _state(out, 2)["log"]] == [1, 2]
 
 
+
+def _files(folder: Path):
+    return {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_interrupted_export_leaves_the_previous_export_or_none_and_the_same_command_exports(tmp_path, monkeypatch):
+    """Ctrl-C or a crash halfway through the final export: export/ is absent (first export) or the previous
+    export, whole, never a partial folder; the same command then exports from the finished checkpoint."""
+    class HalfExport(AutoencoderObjective):
+        def export(self, module, folder):
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "config.json").write_text("{")  # half written
+            raise crash[0]
+
+    out = tmp_path / "run"
+    cfg = _cfg("autoencoder", out, steps=2, export_dtype="float32")
+    crash = [KeyboardInterrupt()]
+    with monkeypatch.context() as m:
+        m.setitem(loop.OBJECTIVES, "autoencoder", HalfExport)
+        with pytest.raises(KeyboardInterrupt, match=r"interrupted while exporting step 2 \(checkpoint \S*step-2 is "
+                                                    r"complete\): run the same command again to export it"):
+            train(cfg)
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(("export", "train_info"))) == []
+    assert loop.latest_checkpoint(out) == _ckpt(out, 2)
+
+    export = train(cfg)  # the same command: exports the finished checkpoint, trains nothing
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-2"]
+    assert json.loads((export / "config.json").read_text())["scaling_factor"] > 0
+    assert json.loads((out / "train_info.json").read_text())["steps"] == 2
+    before, info = _files(export), (out / "train_info.json").read_bytes()
+
+    crash[0] = OSError("No space left on device")  # any crash, on a run that has an export
+    with monkeypatch.context() as m:
+        m.setitem(loop.OBJECTIVES, "autoencoder", HalfExport)
+        with pytest.raises(OSError, match="No space left"):
+            train(cfg)
+    assert _files(export) == before and (out / "train_info.json").read_bytes() == info  # the previous one, whole
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("export")) == ["export"]
+
+
+def test_resume_with_another_process_count_is_refused_before_touching_the_run(tmp_path, capsys):
+    """Checkpoints record how many processes trained them; a resume with another count (data sharding and the
+    effective batch would differ) is a one-line CLI error naming both counts and the fixes, with the run left
+    as it was. Checkpoints from before the record resume with a warning."""
+    out = tmp_path / "run"
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(_raw("autoencoder", out, steps=4)))
+    cli_main([str(path), "--max-steps-this-run", "1"])
+    state_file = _ckpt(out, 1) / "state.json"
+    state = json.loads(state_file.read_text())
+    assert state["num_processes"] == 1
+    state_file.write_text(json.dumps(dict(state, num_processes=2)))  # as `accelerate launch --num_processes 2` writes
+    before = _files(out)
+    msg = _cli_error([str(path), "--max-steps-this-run", "1"], capsys)
+    assert msg.count("\n") == 1 and str(_ckpt(out, 1)) in msg
+    assert "trained with 2 processes, this run has 1 process" in msg
+    assert "Resume with 2 processes (accelerate launch --num_processes 2" in msg
+    assert "--no-resume" in msg and "--set output_dir=" in msg
+    assert _files(out) == before
+
+    del state["num_processes"]  # a checkpoint from before the record: unknown, so a warning, not a refusal
+    state_file.write_text(json.dumps(state))
+    capsys.readouterr()
+    cli_main([str(path), "--max-steps-this-run", "1"])
+    err = capsys.readouterr().err
+    assert "warning: checkpoint" in err and "does not record how many processes" in err
+    assert [r["step"] for r in _state(out, 2)["log"]] == [1, 2] and _state(out, 2)["num_processes"] == 1
+
+
 # ----------------------------------------------------------------------------- 6. PixArt-α initialisation
 def _tiny_pixart(sample_size, seed=0):
     """A PixArt-α transformer like test_models' (learned sigma, ada_norm_single), with 4 latent channels
@@ -695,6 +764,61 @@ def test_two_process_data_parallel_training(model, tmp_path, autoencoder_export)
     info = json.loads((tmp_path / "run" / "train_info.json").read_text())
     assert info["num_processes"] == 2 and info["steps"] == 2
     assert (tmp_path / "run" / "export").exists()
+
+
+
+@pytest.mark.slow
+def test_ctrl_c_under_accelerate_launch_checkpoints_and_resumes_with_the_same_process_count(tmp_path):
+    """Ctrl-C reaches `accelerate launch`, which sends SIGINT to each process: they agree at the next step
+    boundary, checkpoint that step together, and one line says how to resume. Resuming with 1 process is refused
+    (the run folder untouched); with 2 it continues from that step."""
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    launcher = shutil.which("accelerate") or str(Path(sys.executable).parent / "accelerate")
+    if not Path(launcher).exists():
+        pytest.skip("accelerate CLI not installed")
+    out = tmp_path / "run"
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text(yaml.safe_dump(_raw("autoencoder", out, steps=10_000, checkpoint_every=2)))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), TQDM_DISABLE="1")
+    launch = [launcher, "launch", "--num_processes", "2", "--multi_gpu", "--num_machines", "1", "--mixed_precision",
+              "no", "--dynamo_backend", "no", "--main_process_port", "29533", "-m", "lazydiff.train", str(cfg)]
+    with open(tmp_path / "log.txt", "w") as log:
+        proc = subprocess.Popen(launch, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+        try:
+            deadline = time.time() + 240
+            while not (_ckpt(out, 2) / "state.json").exists():  # training: both processes are in the loop
+                assert proc.poll() is None and time.time() < deadline, (tmp_path / "log.txt").read_text()[-3000:]
+                time.sleep(0.2)
+            proc.send_signal(signal.SIGINT)  # what the terminal's Ctrl-C sends the launcher
+            proc.wait(timeout=120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    text = (tmp_path / "log.txt").read_text()
+    ckpt = loop.latest_checkpoint(out)
+    step = _state(out, int(ckpt.name[len("step-"):]))["step"]
+    assert 2 <= step < 1000, text[-3000:]
+    assert text.count(f"interrupted at step {step}: checkpoint {ckpt}; run the same command again to resume") == 1, \
+        text[-3000:]
+    assert _state(out, step)["num_processes"] == 2 and not (out / "export").exists()
+
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    one = subprocess.run([sys.executable, "-m", "lazydiff.train", str(cfg)], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert one.returncode == 2 and one.stderr.startswith("error: ") and one.stderr.count("\n") == 1, one.stderr[-3000:]
+    assert "trained with 2 processes, this run has 1 process" in one.stderr
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+    two = subprocess.run(launch + ["--max-steps-this-run", "1"], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert [r["step"] for r in _state(out, step + 1)["log"]][-2:] == [step, step + 1]
 
 
 def test_cli_set_mixed_precision_no_is_not_yaml_false(tmp_path):

@@ -1,8 +1,8 @@
 """``python -m lazydiff.train CONFIG [--set key=value ...] [--no-resume] [--max-steps-this-run N] [--max-minutes M] [--export-at-stop]``
 
 The same command runs on one CPU, one GPU, or many (``accelerate launch -m lazydiff.train CONFIG``).
-Run it again to resume from the latest checkpoint in output_dir, under the same config. Ctrl-C (one
-process) stops after the current step with a checkpoint.
+Run it again to resume from the latest checkpoint in output_dir, under the same config and number of
+processes. Ctrl-C (one process, or the launcher of several) stops after the current step with a checkpoint.
 """
 from __future__ import annotations
 
@@ -55,7 +55,8 @@ def main(argv=None):
         train(cfg, resume=not args.no_resume, max_steps_this_run=args.max_steps_this_run,
               max_minutes=args.max_minutes, export_at_stop=args.export_at_stop)
     except KeyboardInterrupt as err:  # after a first Ctrl-C train() checkpoints and says how to resume
-        ap.exit(130, f"{err}\n" if err.args else "interrupted\n")
+        message = str(err) if err.args else "interrupted"  # "": another process of the run says it
+        ap.exit(130, f"{message}\n" if message else None)
     except Exception as err:
         if not is_user_error(err):
             raise

@@ -6,12 +6,14 @@ continues exactly where the interrupted one stopped.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import platform
 import shutil
 import signal
+import sys
 import threading
 import time
 from pathlib import Path
@@ -68,18 +70,36 @@ def latest_checkpoint(output_dir: Path) -> Optional[Path]:
     return ckpts[-1] if ckpts else None
 
 
-def save_checkpoint(output_dir: Path, step: int, model, ema: EMA, optimizer, log, cfg: TrainConfig):
-    final = output_dir / "checkpoints" / f"step-{step}"
-    tmp = final.with_name(final.name + ".tmp")
+@contextlib.contextmanager
+def atomic_folder(final: Path):
+    """Write a folder under a temporary sibling name (``final.tmp``) and swap it in only once complete.
+
+    Whatever interrupts the write (Ctrl-C, a crash, a kill) leaves the previous folder, or none, never a
+    partial one: the previous folder is moved aside (``final.tmp-old``) before the new one takes its name,
+    and deleted after. A leftover ``.tmp`` or ``.tmp-old`` is removed by the next write."""
+    tmp, old = final.with_name(final.name + ".tmp"), final.with_name(final.name + ".tmp-old")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    save_file(_cpu_state(model.state_dict()), str(tmp / "model.safetensors"))
-    save_file(_cpu_state(ema.shadow), str(tmp / "ema.safetensors"))
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    with open(tmp / "state.json", "w") as f:
-        json.dump({"step": step, "log": log, "config": cfg.to_dict()}, f)
-    shutil.rmtree(final, ignore_errors=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
     os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def save_checkpoint(output_dir: Path, step: int, model, ema: EMA, optimizer, log, cfg: TrainConfig,
+                    num_processes: int = 1):
+    with atomic_folder(output_dir / "checkpoints" / f"step-{step}") as tmp:
+        save_file(_cpu_state(model.state_dict()), str(tmp / "model.safetensors"))
+        save_file(_cpu_state(ema.shadow), str(tmp / "ema.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        with open(tmp / "state.json", "w") as f:  # num_processes: a resume with another count is refused
+            json.dump({"step": step, "log": log, "config": cfg.to_dict(), "num_processes": num_processes}, f)
     for c in _checkpoint_dirs(output_dir)[: -cfg.keep_checkpoints]:
         shutil.rmtree(c, ignore_errors=True)
 
@@ -104,15 +124,18 @@ RESUME_MAY_CHANGE = ("output_dir", "num_workers", "checkpoint_every", "log_every
                      "export_raw", "init_from", "pixart", "autoencoder", "text_encoder", "text_features")
 
 
-def check_resume_config(ckpt: Path, cfg: TrainConfig) -> None:
+def check_resume_config(ckpt: Path, cfg: TrainConfig, num_processes: Optional[int] = None) -> Optional[str]:
     """A checkpoint resumes exactly only under the config that wrote it: refuse another one before anything in
     output_dir is touched (a different model or arch would not load, a different lr or steps would silently
-    change the run)."""
+    change the run). So is a resume that would train on with another number of processes (``num_processes``):
+    each process's data and the effective batch depend on it. Returns a warning to print, or None: checkpoints
+    written before the process count was recorded cannot be checked."""
     try:
         with open(ckpt / "state.json") as f:
-            saved = json.load(f)["config"]
+            state = json.load(f)
+        saved = state["config"]
     except Exception:
-        return  # a corrupt checkpoint is reported by load_checkpoint, with its fix
+        return None  # a corrupt checkpoint is reported by load_checkpoint, with its fix
     new = json.loads(json.dumps(cfg.to_dict()))  # tuples -> lists, as in state.json
     if cfg.lr_schedule == "constant":  # `steps` is only an upper bound there: raising it continues the same run
         new["steps"] = saved.get("steps", new["steps"])
@@ -124,6 +147,24 @@ def check_resume_config(ckpt: Path, cfg: TrainConfig) -> None:
             + f". Train it with its own config ({Path(cfg.output_dir) / 'config.json'} is the config of its latest start), "
             "choose another output_dir (--set output_dir=...; init_from=<its export> continues from its weights), "
             "or pass --no-resume to start over there (its checkpoints and export are moved aside, not deleted).")
+    if num_processes is None or state.get("step", 0) >= cfg.steps:  # a finished run only exports again
+        return None
+    def procs(n):
+        return f"{n} process{'es' if n != 1 else ''}"
+
+    before = state.get("num_processes")
+    if before is None:
+        return (f"checkpoint {ckpt} does not record how many processes trained it (it predates that record): "
+                f"this resume with {procs(num_processes)} is exact only if that is the same number")
+    if before != num_processes:
+        raise ValueError(
+            f"checkpoint {ckpt} was trained with {procs(before)}, this run has {procs(num_processes)}: each process's "
+            "data and the effective batch (batch_size per process x processes) would change, so the resume would not "
+            f"be exact. Resume with {procs(before)} (" + ("python -m lazydiff.train ..." if before == 1 else
+                                                          f"accelerate launch --num_processes {before} ...")
+            + "), or start a new run: --no-resume (the old checkpoints and export are moved aside) or another "
+            "output_dir (--set output_dir=...).")
+    return None
 
 
 _USER_ERRORS = (OSError, ValueError, RuntimeError, TypeError)
@@ -195,7 +236,9 @@ def train(cfg: TrainConfig, resume: bool = True, max_steps_this_run: Optional[in
         model = objective.trainable.to(device)
         ckpt = latest_checkpoint(out) if resume else None
         if ckpt is not None:
-            check_resume_config(ckpt, cfg)
+            warning = check_resume_config(ckpt, cfg, accelerator.num_processes)
+            if warning and accelerator.is_main_process:
+                print(f"warning: {warning}", file=sys.stderr)
         elif cfg.init_from:
             objective.init_from(cfg.init_from)
             accelerator.print(f"initialised from {cfg.init_from}")
@@ -251,13 +294,26 @@ def train(cfg: TrainConfig, resume: bool = True, max_steps_this_run: Optional[in
     step = start
     deadline = None if max_minutes is None else time.time() + 60 * max_minutes
 
-    def time_is_up() -> bool:  # every process must agree, or DDP would hang on the next step
-        if deadline is None:
-            return False
-        if accelerator.num_processes == 1:  # no device round trip: the GPU need not idle at every step
-            return time.time() > deadline
-        flag = torch.tensor(float(time.time() > deadline), device=device)
-        return bool(accelerator.reduce(flag, "max").item())
+    # Whether to stop before the next step (Ctrl-C, time box): every process must agree, or DDP would hang on
+    # the next step. Several processes vote once per step over a CPU (gloo) group of their own: a host-side
+    # all-reduce of two numbers, which leaves the GPUs' queues alone (a GPU tensor would have to be read back).
+    vote_group = None
+    if (accelerator.num_processes > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
+            and torch.distributed.is_gloo_available()):
+        vote_group = torch.distributed.new_group(backend="gloo")
+    interrupted = []  # the steps at which this process got Ctrl-C (SIGINT)
+
+    def stop_votes():
+        """-> (Ctrl-C, time is up), each true if it is true for any process."""
+        local = [float(bool(interrupted)), float(deadline is not None and time.time() > deadline)]
+        if accelerator.num_processes == 1:  # no round trip at all
+            return bool(local[0]), bool(local[1])
+        if vote_group is not None:
+            votes = torch.tensor(local)
+            torch.distributed.all_reduce(votes, op=torch.distributed.ReduceOp.MAX, group=vote_group)
+        else:  # a launcher without torch.distributed: through the device
+            votes = accelerator.reduce(torch.tensor(local, device=device), "max").cpu()
+        return bool(votes[0]), bool(votes[1])
 
     def mean_loss() -> float:  # of the steps since the last log entry
         return float(torch.stack(run_losses).double().mean())
@@ -268,25 +324,31 @@ def train(cfg: TrainConfig, resume: bool = True, max_steps_this_run: Optional[in
                         "wall_s": wall_before + time.time() - t0})
             run_losses.clear()
         if accelerator.is_main_process:
-            save_checkpoint(out, step, accelerator.unwrap_model(model), ema, optimizer, log, cfg)
+            save_checkpoint(out, step, accelerator.unwrap_model(model), ema, optimizer, log, cfg,
+                            accelerator.num_processes)
             plot_loss(log, out / "loss.png", f"{cfg.model} training loss, {out.name} (mean of {cfg.log_every} steps)")
             with open(out / "loss.csv", "w") as f:
                 f.write("step,loss,lr,wall_s\n" + "".join(f"{r['step']},{r['loss']:.6f},{r['lr']:.3g},{r['wall_s']:.1f}\n" for r in log))
 
-    # Ctrl-C (one process): finish the step, checkpoint, say how to resume; a second Ctrl-C quits at once.
-    interrupted = []
-
+    # Ctrl-C: finish the step, checkpoint, say how to resume; a second Ctrl-C quits at once. Under `accelerate
+    # launch` the launcher gets the terminal's Ctrl-C and sends SIGINT to every process: they agree through
+    # stop_votes() at the next step boundary and stop together.
     def on_sigint(signum, frame):
         if interrupted:
             raise KeyboardInterrupt
         interrupted.append(step)
-        bar.write("Ctrl-C: stopping after this step with a checkpoint (Ctrl-C again to quit without one)")
+        if accelerator.is_local_main_process:
+            bar.write("Ctrl-C: stopping after this step with a checkpoint (Ctrl-C again to quit without one)")
 
-    catch_sigint = accelerator.num_processes == 1 and threading.current_thread() is threading.main_thread()
+    catch_sigint = threading.current_thread() is threading.main_thread()
     previous_handler = signal.signal(signal.SIGINT, on_sigint) if catch_sigint else None
+    ctrl_c = False
     try:
         batch = None
-        while step < end and not interrupted and not time_is_up():
+        while step < end:
+            ctrl_c, time_up = stop_votes()
+            if ctrl_c or time_up:
+                break
             if batch is None or step % echo == 0:
                 batch = next(data)
             for group in optimizer.param_groups:
@@ -310,31 +372,42 @@ def train(cfg: TrainConfig, resume: bool = True, max_steps_this_run: Optional[in
             bar.update()
             if step % cfg.checkpoint_every == 0 and step < end:
                 write_logs()
+        bar.close()
+        if step > start:
+            write_logs()  # the final (or time-boxed, or interrupted) checkpoint: a first Ctrl-C lets it finish
     finally:
         if catch_sigint:
             signal.signal(signal.SIGINT, signal.SIG_DFL if previous_handler is None else previous_handler)
-    bar.close()
-    if step > start:
-        write_logs()  # the final (or time-boxed) checkpoint
     accelerator.wait_for_everyone()
+    # Ctrl-C, agreed in the loop or got by this process during the final checkpoint: no export, which the
+    # resume makes (a finished run's resume only exports).
+    if ctrl_c or interrupted:
+        saved = latest_checkpoint(out)
+        message = (f"interrupted at step {step}: checkpoint {saved}; run the same command again to resume" if saved
+                   else "interrupted before the first step: nothing was saved")
+        raise KeyboardInterrupt(message if accelerator.is_main_process else "")  # said once
     export = out / "export"
     if (step >= cfg.steps or export_at_stop) and step > 0 and accelerator.is_main_process:
         final = accelerator.unwrap_model(model)
-        if cfg.export_raw:  # before the EMA weights are copied in
-            shutil.rmtree(out / "export-raw", ignore_errors=True)
-            objective.export(final, out / "export-raw")
-        ema.copy_to(final)
-        shutil.rmtree(export, ignore_errors=True)
-        objective.export(final, export)
+        try:
+            # Each folder is written aside and swapped in whole: an interrupted export leaves the previous one or
+            # none, and the same command exports again (the checkpoint is already written).
+            with atomic_folder(export) as export_tmp:
+                if cfg.export_raw:  # before the EMA weights are copied in
+                    with atomic_folder(out / "export-raw") as raw_tmp:
+                        objective.export(final, raw_tmp)
+                ema.copy_to(final)
+                objective.export(final, export_tmp)
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt(f"interrupted while exporting step {step} (checkpoint {latest_checkpoint(out)} is "
+                                    "complete): run the same command again to export it") from None
         info = {"model": cfg.model, "steps": step, "schedule_steps": cfg.steps, "batch_size_per_process": cfg.batch_size,
                 "num_processes": accelerator.num_processes, "wall_s": log[-1]["wall_s"] if log else None,
                 "final_loss": log[-1]["loss"] if log else None, "mixed_precision": cfg.mixed_precision,
                 "device": torch.cuda.get_device_name(0) if device.type == "cuda" else platform.processor() or "cpu",
                 "torch": torch.__version__, "params": sum(p.numel() for p in final.parameters())}
-        with open(out / "train_info.json", "w") as f:
+        with open(out / "train_info.json.tmp", "w") as f:
             json.dump(info, f, indent=2)
+        os.replace(out / "train_info.json.tmp", out / "train_info.json")
         accelerator.print(f"exported to {export}: {info}")
-    if interrupted:
-        raise KeyboardInterrupt(f"interrupted at step {step}: checkpoint {latest_checkpoint(out)}; run the same command "
-                                "again to resume")
     return export
