@@ -293,7 +293,11 @@ def parse_editor(value: Any, mode: str = "text", warn: Warn = _gr_warn) -> Canva
             else:
                 outside = strokes & ~mask
                 sk[outside] = 0
-                if outside.mean() > 0.0005:
+                if not (strokes & mask).any():
+                    sketch = None
+                    warn("Your sketch lies entirely outside the painted region, so it is ignored and this runs as a "
+                         "plain text edit. Draw inside the region to guide the shape and colour.")
+                elif outside.mean() > 0.0005:
                     warn(f"{100 * outside.sum() / strokes.sum():.0f}% of your sketch lies outside the painted region "
                          "and is ignored: only strokes inside the region guide the edit.")
         elif mask.any():

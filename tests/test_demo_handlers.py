@@ -146,6 +146,16 @@ def test_sketch_strokes_reaching_far_outside_the_region_are_ignored_with_a_warni
     assert any("outside the painted region" in n for n in notes)
 
 
+def test_sketch_entirely_outside_the_region_runs_as_a_text_edit_with_a_warning():
+    region = box_mask(64, 64, 10, 30, 10, 30)
+    layer = layer_from_mask(region)
+    layer[50:53, 45:60] = (35, 75, 225, 255)  # a stroke far from the region
+    notes = Notes()
+    c = H.parse_editor({"background": canvas_rgb(), "layers": [layer]}, "sketch", warn=notes)
+    assert np.array_equal(c.mask, region) and c.sketch is None  # not an SDEdit of the region's own pixels
+    assert any("entirely outside the painted region" in n for n in notes)
+
+
 def test_sketch_strokes_only_region_grows_around_them():
     layer = np.zeros((64, 64, 4), np.uint8)
     layer[30:34, 20:44] = (35, 75, 225, 255)

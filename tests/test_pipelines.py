@@ -297,6 +297,34 @@ def test_regenerate_crop_end_to_end(crop_pipe, make_canvas, make_mask):
     assert out.timings["total"] >= out.timings["denoise"] >= 0
 
 
+def test_regenerate_crop_keeps_thin_strokes_when_shrinking_the_crop(crop_pipe, make_canvas, monkeypatch):
+    """A 1-px stroke on a crop shrunk ~4x: every stroke pixel still lands on a masked pixel of the model's
+    input (nearest-neighbour shrinking kept one pixel in four), and a crop grown to size is not widened."""
+    w = h = 160
+    m = np.zeros((h, w), np.uint8)
+    for i in range(120):
+        m[30 + i // 3, 20 + i] = 255  # a shallow hairline
+    seen = []
+    original = crop_pipe.run_edit
+
+    def spy(prompt, image, mask_image, *a, **kw):
+        seen.append(np.asarray(mask_image) > 0)
+        return original(prompt, image, mask_image, *a, **kw)
+
+    monkeypatch.setattr(crop_pipe, "run_edit", spy)
+    out = edit(crop_pipe, make_canvas(w, h), PIL.Image.fromarray(m), steps=1, resolution=32, crop_margin=0.0)
+    y0, y1, x0, x1 = out.stats["crop_box"]
+    th, tw = out.stats["crop_resized_to"]
+    assert th < y1 - y0  # shrunk
+    ys, xs = np.nonzero(m[y0:y1, x0:x1])
+    assert seen[-1][ys * th // (y1 - y0), xs * tw // (x1 - x0)].all()
+    assert seen[-1].mean() < 0.15  # a thin line, not a filled crop
+    small = np.zeros((h, w), np.uint8)
+    small[40:48, 40:52] = 255  # a 12 x 8 box grown to 32 px: exactly the box, scaled
+    edit(crop_pipe, make_canvas(w, h), PIL.Image.fromarray(small), steps=1, resolution=32, crop_margin=0.0)
+    assert seen[-1].mean() == pytest.approx(8 / 12, abs=0.03)  # 8 of 12 rows of the square crop
+
+
 def _tiny_clip_tokenizer(folder):
     from transformers import CLIPTokenizer
 
@@ -413,6 +441,14 @@ def test_bad_strength_raises(lazy_pipe, make_canvas, make_mask, strength):
 def test_sketch_of_wrong_size_raises(lazy_pipe, make_canvas, make_mask):
     with pytest.raises(ValueError, match="sketch is"):
         edit(lazy_pipe, make_canvas(W, H), make_mask(W, H, BOX), sketch=_sketch(W + 4, H), strength=0.5)
+
+
+def test_sketch_without_strokes_inside_the_mask_raises(lazy_pipe, make_canvas, make_mask):
+    outside_only = np.zeros((H, W, 4), np.uint8)
+    outside_only[25:28, 30:40] = (0, 0, 255, 255)  # a stroke outside BOX only
+    for sketch in (PIL.Image.fromarray(outside_only, "RGBA"), PIL.Image.new("RGBA", (W, H))):
+        with pytest.raises(ValueError, match="no strokes inside the mask.*sketch=None"):
+            edit(lazy_pipe, make_canvas(W, H), make_mask(W, H, BOX), sketch=sketch, strength=0.5)
 
 
 # ----------------------------------------------------------------------------- 9. callbacks

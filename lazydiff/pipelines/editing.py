@@ -171,6 +171,9 @@ def prepare_edit(image: ImageInput, mask_image: ImageInput, cell: int, sketch: O
             strokes = sarr[..., -1] > 0   # transparent = no stroke
         srgb = _rgb(sarr, smode) if smode != "RGBA" else sarr[..., :3]
         strokes &= mask                   # only strokes inside the hole are used
+        if not strokes.any():  # would silently be SDEdit of the canvas's own pixels
+            raise ValueError("sketch has no strokes inside the mask (its pixels there are transparent, or it was "
+                             "drawn outside the mask): draw inside the mask, or pass sketch=None for a text-only edit")
         sketch_rgb = rgb.copy()
         sketch_rgb[strokes] = srgb[strokes]
         notes["sketch_pixels"] = int(strokes.sum())
@@ -808,7 +811,7 @@ CALL_DOC = """Regenerate ``image`` inside ``mask_image`` (white = edit) followin
             sketch, strength: SDEdit-style guidance. Strokes of ``sketch`` (opaque pixels of an RGBA
                 image, or all pixels of an RGB one) inside the mask are encoded and noised to a
                 timestep set by ``strength`` in (0, 1], then denoised. Hole pixels without strokes start
-                from the canvas's own content there.
+                from the canvas's own content there. A sketch without strokes inside the mask is an error.
             blend: seam handling, "hard", "feather" or "poisson"; ``feather_radius`` in pixels.
             callback_on_step_end(pipe, step, t, kwargs): called after each step; ``kwargs`` holds the
                 tensors named in ``callback_on_step_end_tensor_inputs`` ("latents", "pred_x0": what the

@@ -108,6 +108,16 @@ def crop_box(mask: np.ndarray, margin: float, min_side: int = 16) -> Tuple[int, 
     return y0, y0 + sh, x0, x0 + sw
 
 
+def shrink_mask(mask: np.ndarray, th: int, tw: int) -> np.ndarray:
+    """(H, W) bool -> (th, tw) bool: an output pixel is masked if any mask pixel overlaps its area.
+    (PIL's BOX filter weighs source pixels by their centres, so it drops a 1-px stroke that only grazes a cell.)"""
+    h, w = mask.shape
+    r0, r1 = np.arange(th) * h // th, -(-np.arange(1, th + 1) * h // th)  # [floor, ceil) of each output row's span
+    c0, c1 = np.arange(tw) * w // tw, -(-np.arange(1, tw + 1) * w // tw)
+    cs = np.pad(mask.astype(np.int64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))  # summed-area table
+    return (cs[r1][:, c1] - cs[r0][:, c1] - cs[r1][:, c0] + cs[r0][:, c0]) > 0
+
+
 class RegenerateCropPipeline(RegenerateImagePipeline):
     """RegenerateImage on a crop around the mask, resized to the model's resolution.
 
@@ -138,10 +148,11 @@ class RegenerateCropPipeline(RegenerateImagePipeline):
         scale = res / max(ch, cw)
         th, tw = (max(cell, int(round(v * scale / cell)) * cell) for v in (ch, cw))
         crop_rgb = PIL.Image.fromarray(edit.rgb[y0:y1, x0:x1]).resize((tw, th), PIL.Image.BICUBIC)
-        crop_mask = PIL.Image.fromarray(edit.mask[y0:y1, x0:x1].astype(np.uint8) * 255).resize((tw, th), PIL.Image.NEAREST)
-        if not np.asarray(crop_mask).any():  # a sliver of a mask can vanish when shrunk
-            crop_mask = PIL.Image.fromarray(edit.mask[y0:y1, x0:x1].astype(np.uint8) * 255).resize((tw, th), PIL.Image.BOX)
-            crop_mask = crop_mask.point(lambda v: 255 if v > 0 else 0)
+        if th < ch or tw < cw:  # shrinking: a pixel touched by the mask stays masked, so thin strokes survive
+            crop_mask = PIL.Image.fromarray(shrink_mask(edit.mask[y0:y1, x0:x1], th, tw).astype(np.uint8) * 255)
+        else:  # growing: nearest neighbour loses nothing and adds nothing
+            crop_mask = PIL.Image.fromarray(edit.mask[y0:y1, x0:x1].astype(np.uint8) * 255).resize((tw, th),
+                                                                                                 PIL.Image.NEAREST)
         crop_sketch = None
         if edit.sketch_rgb is not None:
             crop_sketch = PIL.Image.fromarray(edit.sketch_rgb[y0:y1, x0:x1]).resize((tw, th), PIL.Image.BICUBIC)
