@@ -16,7 +16,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from .report import _plt, _save, fmt, grouped_bars
+from .report import _plt, fmt, grouped_bars
 
 # (summary column, per-sample column or None, label, lower is better, shown as a percentage)
 METRICS = (
@@ -65,12 +65,16 @@ def _labels(runs: List[Dict], labels: Optional[Sequence[str]]) -> List[str]:
     varying = [k for k in SETTINGS if len({str(r["info"].get(k)) for r in runs}) > 1]
     if not varying:
         return [r["dir"].name for r in runs]
+    set_keys = list(dict.fromkeys(k for r in runs for k in (r["info"].get("pipeline_set") or {})))
 
     def show(k, v):
         if k == "scheduler":
             return v or "own sampler"
-        if k == "pipeline_set":
-            return ", ".join(f"{a}={b}" for a, b in (v or {}).items()) or "default options"
+        if k == "pipeline_set":  # every option set in any run, with its default where a run left it alone
+            from .quality import pipeline_attributes
+
+            defaults = pipeline_attributes()
+            return ", ".join(f"{a}={(v or {}).get(a, defaults.get(a))}" for a in set_keys)
         return {"steps": f"{v} steps", "guidance": f"guidance {v}"}.get(k, str(v))
 
     return [", ".join(show(k, r["info"].get(k)) for k in varying) for r in runs]
@@ -181,9 +185,14 @@ def _plot(df, names, methods, path: Path) -> Path:
             err = sub[f"{col}_ci95"].to_numpy(dtype=float) * scale if f"{col}_ci95" in sub.columns else None
             series[m] = (sub[col].to_numpy(dtype=float) * scale, err)
         grouped_bars(ax, labels, series, f"{label}{' (%)' if pct else ''} ({'lower' if lower else 'higher'} is better)")
-        if k == 0:
-            ax.legend(fontsize=7)
     for k in range(len(shown), rows * cols):
         axes[k // cols][k % cols].axis("off")
-    fig.suptitle("error bars: 95% interval of the paired difference from the first run", fontsize=8)
-    return _save(fig, path)
+    # one legend above the panels: inside a panel it covered the first bars
+    handles, names_ = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, names_, loc="upper center", ncol=len(handles), fontsize=8, frameon=False,
+               bbox_to_anchor=(0.5, 1.0))
+    fig.suptitle("error bars: 95% interval of the paired difference from the first run", fontsize=8, y=0.975)
+    fig.tight_layout(rect=(0, 0, 1, 0.955))  # room for the legend (_save's tight_layout would take it back)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

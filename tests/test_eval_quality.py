@@ -247,7 +247,7 @@ def test_set_pipeline_option_is_applied_recorded_compared_and_checked(tmp_path, 
                            per[1].loc["tiny-regenerate-image", "hole_mae_target"])
     assert np.allclose(per[0].loc["tiny-lazy", "hole_mae_target"], per[1].loc["tiny-lazy", "hole_mae_target"])
     _, df = compare([str(r) for r in runs], str(tmp_path / "cmp"))
-    assert list(dict.fromkeys(df.run)) == ["default options", "reset_outside_hole=False"]
+    assert list(dict.fromkeys(df.run)) == ["reset_outside_hole=True", "reset_outside_hole=False"]
     for bad, msg in ((["reset_outside_hol=false"], "did you mean 'reset_outside_hole'"),
                      (["reset_outside_hole=3"], "expected a bool"), (["=1"], "ATTRIBUTE=VALUE")):
         code = main(["quality", "--suite", suite_file, "--out", str(tmp_path / "bad"), "--shapes-clip", tiny_clip,
@@ -366,3 +366,41 @@ def test_metrics_only_without_records_says_to_generate(tmp_path, tiny_clip, suit
                "--metrics-only", "--shapes-clip", tiny_clip, "--device", "cpu"])
     err = capsys.readouterr().err
     assert rc == 2 and "no record" in err and "without --metrics-only" in err and "Traceback" not in err
+
+
+def test_fid_on_fewer_samples_than_feature_dimensions_is_flagged(tmp_path, tiny_clip, suite_file, capsys):
+    """The tiny ShapesCLIP has 16-d features: FID's covariances need 17 samples per set. A 3-edit run says
+    so in report.md, on the console and in run.json."""
+    out = tmp_path / "o"
+    assert main(["quality", "--suite", suite_file, "--out", str(out), "--methods", "tiny-lazy", "--limit", "3",
+                 "--shapes-clip", tiny_clip, "--device", "cpu"]) == 0
+    console = " ".join(capsys.readouterr().out.split())
+    report = " ".join((out / "report.md").read_text().split())
+    for text in (console, report):
+        assert "FID and local FID are computed on too few samples to mean much: 3 edits per method and as many " \
+               "reference images, with 16-d features" in text
+        assert "at least 17 samples per set" in text and "read FID from runs of 17 edits or more" in text
+    assert "WARNING: FID and local FID" in console and "**Warning: FID and local FID" in report
+    assert "`kid_std` in summary.csv is ~0" in report
+    info = json.loads((out / "run.json").read_text())
+    assert info["extras"]["fid_feature_dim"] == 16 and len(info["extras"]["warnings"]) == 1
+    summary = pd.read_csv(out / "summary.csv")   # still computed and reported, with the warning beside it
+    assert np.isfinite(summary.fid).all() and summary.n.tolist() == [3]
+
+
+def test_sample_size_warnings():
+    from eval.quality import sample_size_warnings
+
+    def summary(*n):
+        return pd.DataFrame({"method": [f"m{i}" for i in range(len(n))], "n": list(n)})
+
+    assert sample_size_warnings(summary(500, 500), 500, 128, "ShapesCLIP image embedding") == []
+    assert sample_size_warnings(summary(129), 129, 128) == []          # N = F + 1: full rank
+    (w,) = sample_size_warnings(summary(128, 128), 128, 128, "ShapesCLIP image embedding")
+    assert "128 edits per method and as many reference images, with 128-d features (ShapesCLIP image " \
+           "embedding)" in w and "at least 129 samples per set" in w
+    (w,) = sample_size_warnings(summary(20, 20), 500, 128)             # --limit 20: the fake sets are short
+    assert "20 edits per method and 500 reference images" in w and "with 20, FID depends on N" in w
+    (w,) = sample_size_warnings(summary(500), 500, 2048, "Inception-v3")  # a folder suite scored with Inception
+    assert "at least 2049 samples per set" in w
+    assert sample_size_warnings(summary(3), 3, None) == []            # no FID backbone: nothing to say
