@@ -3,8 +3,9 @@
 Every objective has the same interface: ``build(cfg)`` makes the trainable module, ``loss(batch,
 step)`` returns a scalar, ``export(module, folder)`` writes the shipped layout. LazyDiffusion and
 RegenerateImage share everything except the denoiser call, and both are scored on the hole tokens
-only. (RegenerateImage's predictions outside the hole are therefore untrained, though its sampler runs
-them: see the open question in data/models/regenerate-image/README.md.)
+only. (RegenerateImage's predictions outside the hole are therefore untrained: its sampler resets the
+tokens there to the noised canvas latent after each step, ``RegenerateImagePipeline.reset_outside_hole``,
+which is what it saw in training.)
 """
 from __future__ import annotations
 
