@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
+import textwrap
 from pathlib import Path
 from typing import List, Optional
 
@@ -20,11 +22,47 @@ def _names(s: str) -> List[str]:
     return [x.strip() for x in s.split(",") if x.strip()]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m eval", description="LazyDiffusion evaluation workbench")
-    sub = p.add_subparsers(dest="command", required=True)
+# ``python -m eval runtime``'s other measurements, instead of the mask sweep: flag -> (what it measures,
+# {its options: (default, help)}). Each writes to the OUT it names; eval.runtime.run_other_measurement
+# parses them and refuses any other option.
+RUNTIME_MODES = {
+    "flop-ceiling": ("end-to-end FLOP ratio at paper shape for several transformer sizes, nothing timed",
+                     {"size": (1024, "canvas side"), "steps": (20, "denoising steps per edit"),
+                      "threads": (None, "torch.set_num_threads")}),
+    "step-sweep": ("per-step time vs hole tokens at paper shape, decoder calls only",
+                   {"width": (384, "transformer width"), "depth": (12, "decoder layers"), "size": (1024, "canvas side"),
+                    "onnx-runtime": (False, "the decoder steps in ONNX Runtime"),
+                    "threads": (None, "torch.set_num_threads")}),
+    "levers": ("each speed lever on and off with the shipped models, interleaved (threads set per lever)",
+               {"levers-repeats": (5, "paired rounds"),
+                "levers-backends": (False, "only PyTorch vs ONNX Runtime, every other lever on")}),
+    "vae-backends": ("the paper-shape VAE in PyTorch vs ONNX Runtime, interleaved",
+                     {"repeats": (3, "timed rounds"), "encode-size": (512, "side of the encoded canvas, pixels"),
+                      "crop-latent": (52, "side of the decoded crop's latent; 52 is a 10% hole's crop at 1024²"),
+                      "threads": (None, "torch.set_num_threads")}),
+}
 
-    q = sub.add_parser("quality", help="run a suite of edits with each method and score them",
+
+def runtime_mode_options(mode: str) -> str:
+    """``--size=1024 --steps=20 --threads=N``: a mode's options with their defaults there (N: none)."""
+    return " ".join(f"--{name}" + ("" if default is False else f"={'N' if default is None else default}")
+                    for name, (default, _) in RUNTIME_MODES[mode][1].items())
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """argparse's, without breaking lines inside ``--option-names`` and ``regenerate-image``."""
+
+    def _split_lines(self, text, width):
+        return textwrap.wrap(self._whitespace_matcher.sub(" ", text).strip(), width, break_on_hyphens=False)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m eval", description="LazyDiffusion evaluation workbench",
+                                formatter_class=_HelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    add = functools.partial(sub.add_parser, formatter_class=_HelpFormatter)
+
+    q = add("quality", help="run a suite of edits with each method and score them",
                        description="Run every edit of a suite with each method (fixed seeds), keep every output and "
                                    "a per-sample record, then report FID/KID, local FID, CLIP score, latency and "
                                    "(ShapesWorld) prompt accuracy, background error and the unmasked-pixel check. "
@@ -34,7 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="comma-separated: lazy, regenerate-image, regenerate-crop, tiny-* (tests), a pipeline folder, "
                         "or diffusers-inpaint:PATH (default: the suite's methods)")
     q.add_argument("--out", required=True, help="output folder (reused to resume)")
-    q.add_argument("--limit", type=int, default=None, help="only the first N edits of the suite")
+    q.add_argument("--limit", type=int, default=None, metavar="N",
+                   help="only the first N edits of the suite (FID needs N > its feature dimension: at least 129 "
+                        "with the shipped ShapesCLIP, 2049 with Inception; the report warns below that)")
     q.add_argument("--steps", type=int, default=None, help="override the suite's denoising steps")
     q.add_argument("--guidance", type=float, default=None, help="override the suite's guidance scale")
     q.add_argument("--scheduler", default=None, choices=list(SCHEDULERS),
@@ -52,15 +92,16 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--metrics-only", action="store_true", help="skip generation; score what is on disk")
     q.add_argument("--set", dest="pipeline_set", action="append", default=[], metavar="OPTION=VALUE",
                    help="set a pipeline option on every method that has it (repeatable), e.g. "
-                        "reset_outside_hole=false (RegenerateImage/Crop as sampled before it existed) or decode_margin=8")
+                        "reset_outside_hole=false (RegenerateImage/Crop as sampled before it existed) or decode_margin=8 "
+                        "(default: none, each pipeline's own)")
 
-    g = sub.add_parser("gate", help="the shipped ShapesWorld models' quality gate, from a quality run",
+    g = add("gate", help="the shipped ShapesWorld models' quality gate, from a quality run",
                        description="Read <run>/summary.csv of `python -m eval quality --suite data/suites/shapes.yaml` "
                                    "and check the targets (prompt accuracy >= 60%, within 10 points of "
                                    "RegenerateImage, background MAE <= 1.25x). Exit code 1 if a target is missed.")
     g.add_argument("run", help="output folder of a quality run")
 
-    k = sub.add_parser("compare", help="compare quality runs of the same suite (a settings sweep, two models)",
+    k = add("compare", help="compare quality runs of the same suite (a settings sweep, two models)",
                        description="Tables and plots of several `quality` runs of the same edits, with each run's "
                                    "difference from the first and its 95% interval, paired edit by edit.")
     k.add_argument("runs", nargs="+", help="output folders of quality runs; the first is the reference")
@@ -68,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--labels", type=_names, default=None, help="comma-separated run names (default: the settings "
                                                                  "that differ, e.g. 'guidance 7.5')")
 
-    c = sub.add_parser("ceiling", help="ShapesCLIP's zero-shot accuracy on the ground truth, real and autoencoded",
+    c = add("ceiling", help="ShapesCLIP's zero-shot accuracy on the ground truth, real and autoencoded",
                        description="The prompt-accuracy ceiling of a ShapesWorld suite: ShapesCLIP on the object edits' "
                                    "ground truth (hole crops, as `quality` scores them), as rendered and after the "
                                    "autoencoder, by object size and mask kind, with the shape confusion matrix.")
@@ -78,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--autoencoder", default=None, help="autoencoder folder (default data/models/autoencoder)")
     c.add_argument("--limit", type=int, default=None, help="only the first N edits of the suite")
 
-    lo = sub.add_parser("loss", help="held-out denoising error in the hole, on object and background tokens",
+    lo = add("loss", help="held-out denoising error in the hole, on object and background tokens",
                         description="Each method's noise-prediction error on the hole tokens of a ShapesWorld suite's "
                                     "edits at fixed timesteps (the training loss on unseen edits, with each pipeline's "
                                     "own denoiser), split into tokens of the prompted object and background tokens, "
@@ -98,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     lo.add_argument("--seed", type=int, default=0, help="seed of the noise, the same for every method (default 0)")
     lo.add_argument("--device", default="cpu", help="cpu | cuda (default cpu)")
 
-    r = sub.add_parser("runtime", help="latency and FLOPs vs mask ratio against the full-canvas baselines",
+    r = add("runtime", help="latency and FLOPs vs mask ratio against the full-canvas baselines",
                        description="End-to-end and per-step latency of LazyDiffusion vs RegenerateImage (and "
                                    "RegenerateCrop): warm-up, interleaved repeats, medians and IQR, per-stage "
                                    "breakdown, FLOPs beside times.")
@@ -140,18 +181,21 @@ def build_parser() -> argparse.ArgumentParser:
                         "size measured, paper shape included (docs/BENCHMARKS.md sections 3 and 7)")
     r.add_argument("--fit-max-ratio", type=float, default=0.4,
                    help="largest mask ratio in the per-step linear fit (default 0.4)")
-    o = r.add_argument_group("other measurements, instead of the mask sweep (each writes to its OUT; --out not needed)")
-    o.add_argument("--flop-ceiling", metavar="OUT", help="end-to-end FLOP ratio at paper shape for several "
-                                                         "transformer sizes, nothing timed (with --size, --steps)")
-    o.add_argument("--step-sweep", metavar="OUT", help="per-step time vs hole tokens at paper shape, decoder calls "
-                                                       "only (with --width, --depth, --size, --onnx-runtime)")
-    o.add_argument("--levers", metavar="OUT", help="each speed lever on and off with the shipped models, "
-                                                   "interleaved (with --levers-repeats, --levers-backends)")
-    o.add_argument("--levers-repeats", type=int, default=5, help="with --levers: paired rounds (default 5)")
-    o.add_argument("--levers-backends", action="store_true",
-                   help="with --levers: only PyTorch vs ONNX Runtime, every other lever on")
-    o.add_argument("--vae-backends", metavar="OUT", help="the paper-shape VAE in PyTorch vs ONNX Runtime, "
-                                                         "interleaved (with --repeats, --encode-size, --crop-latent)")
+    o = r.add_argument_group(
+        "other measurements, instead of the mask sweep",
+        "Each writes to its OUT (--out is not used) and takes only the options listed with it, shown with their "
+        "defaults in that measurement (--threads=N: torch's own unless given); any other option is refused.")
+    p.runtime_parser = r   # for eval.runtime.parse_other_measurement's messages
+    sweep_flags = {flag for a in r._actions for flag in a.option_strings}
+    p.runtime_mode_only = mode_only = {}   # option -> the one mode that takes it
+    for mode, (what, options) in RUNTIME_MODES.items():
+        o.add_argument("--" + mode, metavar="OUT", help=f"{what}; its options: {runtime_mode_options(mode)}")
+        for name, (default, text) in options.items():   # the options only this mode has
+            if "--" + name not in sweep_flags:
+                mode_only[name] = mode
+                kind = {"action": "store_true"} if default is False else {"type": type(default), "metavar": "N"}
+                o.add_argument("--" + name, default=None, **kind, help=(
+                    f"with --{mode}: {text}" + ("" if default is False else f" (default {default})")).replace("%", "%%"))
     return p
 
 
@@ -167,7 +211,19 @@ def main(argv: Optional[List[str]] = None) -> int:
         rc = run_other_measurement(argv[1:])  # --flop-ceiling OUT and the like: their own options, no --out
         if rc is not None:
             return rc
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command == "runtime":   # the mask sweep: an option of another measurement is a mistake
+        for mode in RUNTIME_MODES:     # named in full, run_other_measurement has run it
+            if getattr(args, mode.replace("-", "_")) is not None:
+                print(f"error: give --{mode} in full: abbreviated, it is not recognised as a measurement of its "
+                      f"own", file=sys.stderr)
+                return 2
+        for name, mode in parser.runtime_mode_only.items():
+            if getattr(args, name.replace("-", "_")) not in (None, False):
+                print(f"error: --{name} is an option of --{mode} OUT, which is not given; the mask sweep does not "
+                      f"take it", file=sys.stderr)
+                return 2
     out = getattr(args, "out", None)
     if out is not None and Path(out).exists() and not Path(out).is_dir():  # before any work, and nothing touched
         print(f"error: --out {out} is an existing file, not a folder; give a new folder (or an earlier run's folder "
@@ -211,6 +267,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             res = run_quality(opts)
             if res.summary is not None:
                 print_summary(res.summary)
+                for w in res.warnings:
+                    print(f"\nWARNING: {w}")
                 print(f"\nwrote {res.out}/summary.csv, per_sample.csv, report.md")
         else:
             from .runtime import RuntimeOptions, print_table, run_runtime

@@ -215,7 +215,7 @@ def _plot(summary, others: Sequence[str], path: Path, reference: str) -> Optiona
     if sub.empty:
         return None
     plt = _plt()
-    fig, axes = plt.subplots(1, len(others), figsize=(6 * len(others), 3.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(others), figsize=(6 * len(others), 4.4), squeeze=False)
     for ax, m in zip(axes[0], others):
         s = sub[sub.method == m]
         groups = list(dict.fromkeys(s.group))
@@ -230,7 +230,8 @@ def _plot(summary, others: Sequence[str], path: Path, reference: str) -> Optiona
         ax.set_xlabel("mask size")
         ax.set_ylabel(f"error ratio, {m} / {reference}")
         ax.set_title(f"denoising error in the hole: {m} / {reference}")
-        ax.legend(fontsize=8)
+        # below the axes, not inside: error bars reach every part of the panel, and "best" only avoids points
+        ax.legend(fontsize=8, ncol=2, loc="upper center", bbox_to_anchor=(0.5, -0.16), frameon=False)
     return _save(fig, path)
 
 

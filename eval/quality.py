@@ -63,6 +63,7 @@ class QualityResult:
     skipped: Dict[str, int] = field(default_factory=dict)     # this process
     summary: Any = None                                       # pandas DataFrame (main process)
     per_sample: Any = None
+    warnings: List[str] = field(default_factory=list)         # what the numbers cannot be trusted for (main process)
 
 
 def _json_default(o):
@@ -460,6 +461,27 @@ def compute_metrics(out: Path, methods: List[Method], samples: List[EditSample],
 
 
 # ----------------------------------------------------------------------------- report
+def sample_size_warnings(summary, n_reference: int, n_features: Optional[int], feature_name: str = "") -> List[str]:
+    """Warnings for FID / KID computed on too few samples to mean much. A Fréchet distance fits a
+    covariance to each feature set: N samples give it rank at most N - 1, so it needs N > F (at least
+    F + 1 samples for F-dimensional features) to be full-rank; with fewer the numbers depend on N more
+    than on the images. KID is unbiased from 2 samples on; with N <= its subset size (1000) every
+    subset is the whole set, so ``kid_std`` is ~0 and says nothing. Reporting only: no number changes."""
+    if not n_features or summary is None or not len(summary):
+        return []
+    n_fake = int(summary["n"].min())
+    n = min(n_fake, int(n_reference))
+    if n > n_features:
+        return []
+    per_set = (f"{n_fake} edits per method and {n_reference} reference images" if n_fake != n_reference
+               else f"{n} edits per method and as many reference images")
+    return [f"FID and local FID are computed on too few samples to mean much: {per_set}, with {n_features}-d "
+            f"features{f' ({feature_name})' if feature_name else ''}. Their covariances need at least "
+            f"{n_features + 1} samples per set (more than the feature dimension) to be full-rank; with {n}, FID "
+            f"depends on N more than on the images: compare methods only at equal N, and read FID from runs of "
+            f"{n_features + 1} edits or more. KID has no such minimum but is noisy at this N."]
+
+
 SUMMARY_METRICS = [
     ("fid", "FID (whole)", True), ("kid", "KID (whole)", True), ("fid_local", "local FID (hole crops)", True),
     ("clip_cosine", "CLIP cosine (hole crop)", False), ("prompt_acc", "prompt accuracy", False),
@@ -511,8 +533,10 @@ def write_report(out: Path, summary, per, extras: Dict[str, Any], methods: List[
     if untrained:
         warn.append(f"**Random-weight pipelines ({', '.join(untrained)}): these numbers test plumbing only and mean nothing.**")
     warn += [f"**{n}**" for n in backbones.notes]
+    warn += [f"**Warning: {w}**" for w in extras.get("warnings", [])]
     L = [f"# Quality report: {suite.name}", ""]
-    L += warn + ([""] if warn else [])
+    for w in warn:   # a paragraph each
+        L += [w, ""]
     L += [f"- data: {suite.describe()}; {len(samples)} edits" + (f" (--limit {opts.limit})" if opts.limit else ""),
           f"- methods: {', '.join(f'`{m.spec}`' for m in methods)}; {steps} steps, guidance {guidance}, sampler "
           f"{scheduler_for(suite, opts) or 'of each method'}, blend "
@@ -592,7 +616,8 @@ def write_report(out: Path, summary, per, extras: Dict[str, Any], methods: List[
           "paper's raw cosine) and reported also as torchmetrics' `100·max(cos, 0)` (`clip_score_x100`); "
           "`*_whole` use the whole canvas.",
           "- FID/KID: torchmetrics `FrechetInceptionDistance` / `KernelInceptionDistance` with a custom feature "
-          "extractor; KID uses subsets of min(1000, N) with a fixed seed. "
+          "extractor; KID uses subsets of min(1000, N) with a fixed seed (so with N <= 1000 every subset is the whole "
+          "set and `kid_std` in summary.csv is ~0: not an uncertainty). "
           + ("torchmetrics' Inception resizes with antialias=True (the default since 1.8; older papers used False)."
              if suite.fid_backbone == "inception" else "FID on ShapesCLIP features is not comparable with Inception FID."),
           "- Files: `summary.csv` (one row per method), `per_sample.csv`, `records.jsonl`, `images/<method>/`.", ""]
@@ -661,6 +686,9 @@ def run_quality(opts: QualityOptions) -> QualityResult:
 
     # 3. Metrics and report, from everything on disk.
     summary, per, extras = compute_metrics(out, methods, samples, suite, backbones, opts.batch_size)
+    extras["fid_feature_dim"] = getattr(backbones.fid_feature, "num_features", None)
+    extras["warnings"] = sample_size_warnings(summary, extras["n_reference"], extras["fid_feature_dim"],
+                                              extras["fid_backbone"])
     records = load_records(out, methods, samples)
     atomic_write_text(out / "records.jsonl", "".join(json.dumps(r, default=_json_default) + "\n" for r in records))
     tmp = out / ".per_sample.csv.tmp"
@@ -677,7 +705,7 @@ def run_quality(opts: QualityOptions) -> QualityResult:
         "extras": extras, "notes": backbones.notes, "torch": torch.__version__}, indent=2, default=_json_default))
     if not opts.no_report:
         write_report(out, summary, per, extras, methods, samples, suite, backbones, steps, guidance, opts, world)
-    res.summary, res.per_sample = summary, per
+    res.summary, res.per_sample, res.warnings = summary, per, extras["warnings"]
     return res
 
 

@@ -30,7 +30,11 @@ def color_for(label: str, i: int) -> str:
         return COLORS[base]
     import matplotlib
 
-    return matplotlib.colormaps["tab10"](i % 10)
+    # other labels (folders, "followup/lazy", ...): tab10 without the three colours above, so that no
+    # other series is drawn in, e.g., LazyDiffusion's red
+    free = [c for c in matplotlib.colormaps["tab10"].colors
+            if matplotlib.colors.to_hex(c) not in COLORS.values()]
+    return matplotlib.colors.to_hex(free[i % len(free)])
 
 
 def _plt():
@@ -49,10 +53,72 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def plain_number(v: float) -> str:
+    """A tick value as a plain number: 0.01, 0.25, 1, 20, 300,000 (no "2×10⁻¹")."""
+    v = float(f"{v:.6g}")
+    if abs(v) >= 1e4:
+        return f"{v:,.0f}"
+    return np.format_float_positional(v, trim="-")
+
+
+def _plain_log_locator(max_ticks: int = 8):
+    """Major ticks of a log axis at 1-2-5 times a power of ten inside the view (1-3 or powers of ten
+    when that makes more than ``max_ticks``; 1-2-3-5, every digit or a few round values when it makes
+    fewer), recomputed whenever the limits change."""
+    import matplotlib.ticker as mticker
+
+    class PlainLogLocator(mticker.Locator):
+        def __call__(self):
+            return self.tick_values(*self.axis.get_view_interval())
+
+        def tick_values(self, vmin, vmax):
+            lo, hi = sorted((float(vmin), float(vmax)))
+            if not (np.isfinite(lo) and np.isfinite(hi)) or hi <= 0:
+                return []
+            lo = max(lo, hi * 1e-12)
+            decades = range(math.floor(math.log10(lo)) - 1, math.ceil(math.log10(hi)) + 1)
+
+            def within(mantissas):
+                return [m * 10.0 ** e for e in decades for m in mantissas if lo <= m * 10.0 ** e <= hi]
+
+            for mantissas in ((1, 2, 5), (1, 3), (1,)):   # the finest that fits
+                ticks = within(mantissas)
+                if len(ticks) <= max_ticks:
+                    break
+            if len(ticks) > max_ticks:  # more decades than ticks: every k-th power of ten
+                ticks = ticks[:: math.ceil(len(ticks) / max_ticks)]
+            if len(ticks) < 4 and 2 <= len(within((1, 2, 3, 5))) <= max_ticks:   # a narrow range
+                ticks = within((1, 2, 3, 5))
+            if len(ticks) < 2:
+                ticks = within(range(1, 10))
+            if len(ticks) < 2:          # a range inside one 1-9 step: a few round values inside it
+                ticks = [t for t in mticker.MaxNLocator(nbins=4, steps=[1, 2, 5, 10]).tick_values(lo, hi)
+                         if lo <= t <= hi and t > 0]
+            return ticks
+
+    return PlainLogLocator()
+
+
+def plain_log_ticks(ax, which: str = "xy") -> None:
+    """Label the log axes of ``ax`` with plain numbers (0.1, 0.2, 0.5, 1, 2, ...): matplotlib's log
+    formatter prints "10⁻¹" and, when a range spans under a decade, "2×10⁻¹" on minor ticks. Minor
+    ticks stay as unlabelled marks."""
+    import matplotlib.ticker as mticker
+
+    for name in which:
+        axis = ax.xaxis if name == "x" else ax.yaxis
+        if axis.get_scale() != "log":
+            continue
+        axis.set_major_locator(_plain_log_locator(9 if name == "x" else 8))
+        axis.set_major_formatter(mticker.FuncFormatter(lambda v, _pos: plain_number(v)))
+        axis.set_minor_formatter(mticker.NullFormatter())
+
+
 def _log_axes(ax, ylabel: str, title: str, legend_size: int) -> None:
-    """Log-log axes over the mask ratio, as every runtime plot draws them."""
+    """Log-log axes over the mask ratio, as every runtime plot draws them, with plain-number ticks."""
     ax.set_xscale("log")
     ax.set_yscale("log")
+    plain_log_ticks(ax)
     ax.set_xlabel("mask ratio")
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)

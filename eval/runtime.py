@@ -1008,52 +1008,85 @@ def run_vae_backends(out: str, size: int = 1024, crop_latent: int = 52, encode_s
     return result
 
 
+class ModeOptionError(ValueError):
+    """An option that the named measurement does not take (misspelt, or one of the mask sweep's)."""
+
+
+def parse_other_measurement(argv) -> Optional[Tuple[str, str, Dict[str, Any]]]:
+    """``(mode, OUT, {option: value})`` for the runtime command's measurement other than the mask sweep
+    that ``argv`` names (``--flop-ceiling OUT`` and the others of :data:`eval.cli.RUNTIME_MODES`), with
+    that mode's own options and their defaults there; None when ``argv`` names none of them or asks for
+    ``--help``. Anything else in ``argv`` (a misspelt option, one of the mask sweep's, a second mode, a
+    stray value) raises :class:`ModeOptionError` naming the closest valid option."""
+    import argparse
+
+    from .cli import RUNTIME_MODES, runtime_mode_options
+
+    argv = list(argv)
+    if "-h" in argv or "--help" in argv:
+        return None
+    named = list(dict.fromkeys(m for m in RUNTIME_MODES for a in argv if a == f"--{m}" or a.startswith(f"--{m}=")))
+    if not named:
+        return None
+    if len(named) > 1:
+        raise ModeOptionError(f"{' and '.join('--' + m for m in named)} are separate measurements; run one at a time")
+    mode = named[0]
+    options = RUNTIME_MODES[mode][1]
+    p = argparse.ArgumentParser(prog="python -m eval runtime", add_help=False, allow_abbrev=False)
+    p.add_argument("--" + mode, dest="out", metavar="OUT", required=True)
+    for name, (default, _) in options.items():
+        p.add_argument("--" + name, **({"action": "store_true"} if default is False else
+                                       {"type": int if default is None else type(default), "default": default,
+                                        "metavar": "N"}))
+    ns, rest = p.parse_known_args(argv)   # a bad value (--repeats x): argparse's message, SystemExit(2)
+    if rest:
+        bad = rest[0]
+        takes = f"--{mode} takes {runtime_mode_options(mode)}"
+        if not bad.startswith("-"):
+            raise ModeOptionError(f"unexpected argument {bad!r}; {takes}")
+        flag = bad.split("=", 1)[0]
+        valid = ["--" + n for n in options]
+        from .cli import build_parser
+
+        sweep = {f for a in build_parser().runtime_parser._actions for f in a.option_strings}
+        if flag in sweep:   # the mask sweep's, or another mode's
+            raise ModeOptionError(f"{flag} is not an option of --{mode}" + (
+                f" (it writes to the OUT given after --{mode})" if flag == "--out" else "") + f"; {takes}")
+        hint = difflib.get_close_matches(flag, valid, n=1, cutoff=0.5)
+        raise ModeOptionError(f"unknown option {flag} for --{mode}"
+                              + (f"; did you mean {hint[0]}?" if hint else "") + f" ({takes})")
+    values = {n.replace("-", "_"): getattr(ns, n.replace("-", "_")) for n in options}
+    return mode, ns.out, values
+
+
 def run_other_measurement(argv) -> Optional[int]:
     """The runtime command's measurements other than the mask sweep (``--flop-ceiling OUT``, ``--step-sweep
     OUT``, ``--levers OUT``, ``--vae-backends OUT``, each with its own options): runs the one named in
-    ``argv`` and returns 0, or returns None when ``argv`` names none of them."""
-    import argparse
+    ``argv`` and returns 0, returns 2 (with the reason on stderr) when ``argv`` holds an option it does not
+    take, or returns None when ``argv`` names none of them."""
+    import sys
 
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--levers", default=None, metavar="OUT",
-                     help="instead: the per-lever ablation on the shipped models, written to OUT")
-    pre.add_argument("--levers-repeats", type=int, default=5)
-    pre.add_argument("--levers-backends", action="store_true",
-                     help="with --levers: only PyTorch vs ONNX Runtime, every other lever on")
-    pre.add_argument("--step-sweep", default=None, metavar="OUT",
-                     help="instead: per-step time vs hole tokens at paper shape (decoder calls only), written to OUT")
-    pre.add_argument("--flop-ceiling", default=None, metavar="OUT",
-                     help="instead: the end-to-end FLOP ratio at paper shape for several transformer sizes (no timing)")
-    pre.add_argument("--vae-backends", default=None, metavar="OUT",
-                     help="instead: the paper-shape VAE in PyTorch vs ONNX Runtime, interleaved, written to OUT")
-    ns, rest = pre.parse_known_args(argv)
-    def mode_options(**defaults):  # a mode's own options, and --threads for all of them
-        sub = argparse.ArgumentParser(add_help=False)
-        sub.add_argument("--threads", type=int, default=None)
-        for name, default in defaults.items():
-            sub.add_argument("--" + name.replace("_", "-"), **({"action": "store_true"} if default is False
-                                                               else {"type": type(default), "default": default}))
-        a, _ = sub.parse_known_args(rest)
-        if a.threads:
-            torch.set_num_threads(a.threads)
-        return a
-
-    if ns.flop_ceiling:
-        a = mode_options(size=1024, steps=20)
-        run_flop_ceiling(ns.flop_ceiling, size=a.size, steps=a.steps)
-        return 0
-    if ns.vae_backends:
-        a = mode_options(repeats=3, encode_size=512, crop_latent=52)
-        run_vae_backends(ns.vae_backends, crop_latent=a.crop_latent, encode_size=a.encode_size, repeats=a.repeats)
-        return 0
-    if ns.levers:
-        run_levers(ns.levers, ns.levers_repeats, backends_only=ns.levers_backends)
-        return 0
-    if ns.step_sweep:
-        a = mode_options(width=384, depth=12, size=1024, onnx_runtime=False)
-        run_step_sweep(ns.step_sweep, size=a.size, width=a.width, depth=a.depth, onnx_runtime=a.onnx_runtime)
-        return 0
-    return None
+    try:
+        parsed = parse_other_measurement(argv)
+    except ModeOptionError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except SystemExit as err:   # argparse has printed why (a bad value)
+        return err.code if isinstance(err.code, int) else 2
+    if parsed is None:
+        return None
+    mode, out, a = parsed
+    if a.get("threads"):
+        torch.set_num_threads(a["threads"])
+    if mode == "flop-ceiling":
+        run_flop_ceiling(out, size=a["size"], steps=a["steps"])
+    elif mode == "vae-backends":
+        run_vae_backends(out, crop_latent=a["crop_latent"], encode_size=a["encode_size"], repeats=a["repeats"])
+    elif mode == "levers":
+        run_levers(out, a["levers_repeats"], backends_only=a["levers_backends"])
+    else:
+        run_step_sweep(out, size=a["size"], width=a["width"], depth=a["depth"], onnx_runtime=a["onnx_runtime"])
+    return 0
 
 
 def main(argv=None) -> int:

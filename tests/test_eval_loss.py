@@ -110,3 +110,36 @@ def test_token_errors_edge_and_object_tokens():
     grid[1:3, 1:3] = True                    # the inner four, in row-major hole order
     assert r["edge"].tolist() == (~grid).reshape(-1).tolist()
     assert r["object"].tolist() == [True] + [False] * 15
+
+
+@pytest.mark.parametrize("others", [["lazy"], ["lazy", "stage3"]])
+def test_loss_plot_legend_covers_no_data(tmp_path, monkeypatch, others):
+    """The legend sits outside every panel (error bars can reach any part of it) and inside the figure."""
+    import eval.denoising_loss as dl
+
+    groups = ["0%–10%", "10%–20%", "20%–35%", "≥ 35%"]
+    rows = []
+    for m in others + ["regenerate-image"]:
+        for gi, g in enumerate(groups):
+            for pi, part in enumerate(dl.PARTS):
+                r = np.nan if m == "regenerate-image" else 1.0 + 0.25 * ((gi + pi) % 4)
+                # wide intervals: the bars span the whole height of the panel, wherever a legend would go
+                rows.append(dict(by="mask size", group=g, part=part, method=m, edits=10, tokens=100, mse=0.1,
+                                 ratio=r, ratio_lo=r - 0.9, ratio_hi=r + 0.9))
+    figs = []
+    monkeypatch.setattr(dl, "_save", lambda fig, path: figs.append(fig) or path)
+    assert dl._plot(pd.DataFrame(rows), others, tmp_path / "loss_ratio.png", "regenerate-image") is not None
+    fig = figs[0]
+    fig.tight_layout()   # as _save lays it out
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    fig_box = fig.bbox
+    for ax in fig.axes:
+        leg, box = ax.get_legend(), ax.get_window_extent(renderer)
+        lb = leg.get_window_extent(renderer)
+        assert not lb.overlaps(box), (lb, box)          # outside the axes: covers no point or error bar
+        assert fig_box.x0 <= lb.x0 and lb.x1 <= fig_box.x1 and fig_box.y0 <= lb.y0 and lb.y1 <= fig_box.y1
+        for other in fig.axes:                          # nor a neighbouring panel
+            assert not lb.overlaps(other.get_window_extent(renderer))
+        assert [t.get_text() for t in leg.get_texts()] == [dl.PART_LABELS[p] for p in dl.PARTS]
+    dl._plt().close(fig)

@@ -204,3 +204,123 @@ def test_runtime_command_runs_the_other_measurements_without_out(tmp_path, monke
     assert "--flop-ceiling OUT" in capsys.readouterr().out
     with pytest.raises(SystemExit):   # the mask sweep still needs --out
         main(["runtime", "--preset", "tiny"])
+
+
+def _runtime_rows(ratios, methods=("lazy", "followup/lazy", "regenerate-image", "followup/regenerate-image")):
+    rows = []
+    for i, m in enumerate(methods):
+        full = "regenerate-image" in m
+        for r in ratios:
+            t = (3e5 if full else 1e5 * (1 + r)) / (1 + i % 2)
+            step = 1e4 if full else 4e3 * r
+            rows.append(dict(method=m, mask_ratio=r, total_ms=t, total_ms_q1=0.95 * t, total_ms_q3=1.05 * t,
+                             denoise_ms_per_step=step, denoise_ms_per_step_q1=0.9 * step,
+                             denoise_ms_per_step_q3=1.1 * step, speedup_vs_full=3e5 / t,
+                             denoise_speedup_vs_full=1e4 / step, flops_ratio_vs_full=2.5e5 / t,
+                             hole_tokens=int(4096 * r), total_tokens=4096, stage_denoise_ms=0.8 * t,
+                             stage_vae_decode_ms=0.2 * t))
+    return pd.DataFrame(rows)
+
+
+@pytest.mark.parametrize("ratios", [[0.1], [0.1, 0.25], [0.01, 0.05, 0.1, 0.2, 0.4, 0.6, 0.8, 1.0]])
+def test_runtime_log_axes_label_plain_numbers(tmp_path, monkeypatch, ratios):
+    """Every log axis of the runtime report labels its ticks 0.1, 0.2, 1, 10, 100,000: never "2×10⁻¹"
+    or "10⁵" (matplotlib's log labels, which it also puts on minor ticks when a range is short)."""
+    import eval.report as rep
+
+    figs = []
+    monkeypatch.setattr(rep, "_save", lambda fig, path: figs.append(fig) or path)
+    rep.runtime_plots(_runtime_rows(ratios), tmp_path)
+    log_axes = [(ax, name, axis) for fig in figs for ax in fig.axes
+                for name, axis in (("x", ax.xaxis), ("y", ax.yaxis)) if axis.get_scale() == "log"]
+    assert len(log_axes) == 6   # latency: 2 panels x 2 axes; speed-up: 2 axes
+    for fig in figs:
+        fig.canvas.draw()
+    for ax, name, axis in log_axes:
+        lo, hi = sorted(axis.get_view_interval())
+        shown = [(t.get_position()[0 if name == "x" else 1], t.get_text())
+                 for t in axis.get_ticklabels(which="both") if t.get_text() and t.get_visible()]
+        shown = [(v, s) for v, s in shown if lo <= v <= hi]
+        assert len(shown) >= 2, (ax.get_title(), name, shown)
+        for v, s in shown:
+            assert float(s.replace(",", "")) == pytest.approx(v, rel=1e-6), (ax.get_title(), name, s)
+        if name == "x":
+            assert "0.1" in [s for _, s in shown]
+    rep._plt().close("all")
+
+
+def test_plain_number_tick_labels():
+    from eval.report import plain_number
+
+    assert [plain_number(v) for v in (0.01, 0.2, 0.30000000000000004, 1.0, 5, 20.0, 1000, 300000.0, 1e-5)] == \
+        ["0.01", "0.2", "0.3", "1", "5", "20", "1000", "300,000", "0.00001"]
+
+
+def test_runtime_help_lists_every_measurements_options_with_defaults(capsys):
+    from eval.cli import RUNTIME_MODES
+
+    with pytest.raises(SystemExit):
+        main(["runtime", "--help"])
+    text = " ".join(capsys.readouterr().out.split())   # unwrapped
+    assert "--vae-backends OUT the paper-shape VAE in PyTorch vs ONNX Runtime, interleaved; its options: --repeats=3 " \
+           "--encode-size=512 --crop-latent=52 --threads=N" in text
+    assert "--encode-size N with --vae-backends: side of the encoded canvas, pixels (default 512)" in text
+    assert "--crop-latent N with --vae-backends" in text and "(default 52)" in text
+    assert "--step-sweep OUT" in text and "--width=384 --depth=12 --size=1024 --onnx-runtime --threads=N" in text
+    assert "--size=1024 --steps=20 --threads=N" in text and "--levers-repeats=5 --levers-backends" in text
+    for mode, (_, options) in RUNTIME_MODES.items():
+        assert f"--{mode} OUT" in text
+        for name in options:
+            assert f"--{name}" in text, name
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--vae-backends", "V", "--encode-siz", "64"], "unknown option --encode-siz for --vae-backends; did you mean "
+                                                   "--encode-size?"),
+    (["--vae-backends", "V", "--crop_latent=4"], "did you mean --crop-latent?"),
+    (["--vae-backends", "V", "--repets", "1"], "did you mean --repeats?"),
+    (["--vae-backends", "V", "--steps", "3"], "--steps is not an option of --vae-backends; --vae-backends takes "
+                                              "--repeats=3 --encode-size=512 --crop-latent=52 --threads=N"),
+    (["--vae-backends", "V", "--out", "x"], "--out is not an option of --vae-backends"),
+    (["--levers", "L", "--levers-repeat", "3"], "did you mean --levers-repeats?"),
+    (["--levers", "L", "--threads", "2"], "--threads is not an option of --levers"),
+    (["--levers", "L", "--encode-size", "2"], "--encode-size is not an option of --levers"),
+    (["--step-sweep", "S", "--widht", "256"], "did you mean --width?"),
+    (["--step-sweep", "S", "--onnx-runtime", "all"], "unexpected argument 'all'"),
+    (["--flop-ceiling", "F", "--sise", "512"], "did you mean --size?"),
+    (["--flop-ceiling", "F", "--vae-backends", "V"], "--flop-ceiling and --vae-backends are separate measurements"),
+])
+def test_runtime_measurements_refuse_options_they_do_not_take(monkeypatch, capsys, args, message):
+    import eval.runtime as rt
+
+    for name in ("run_flop_ceiling", "run_vae_backends", "run_levers", "run_step_sweep"):
+        monkeypatch.setattr(rt, name, lambda *a, **k: pytest.fail("ran despite a bad option"))
+    assert main(["runtime"] + args) == 2
+    assert message in capsys.readouterr().err
+    assert rt.main(args) == 2   # python -m eval.runtime: the same
+
+
+def test_runtime_measurements_take_their_own_options(monkeypatch, capsys):
+    import eval.runtime as rt
+
+    seen = []
+    monkeypatch.setattr(rt, "run_vae_backends", lambda out, **kw: seen.append(("vae", out, kw)))
+    monkeypatch.setattr(rt, "run_levers", lambda out, repeats, backends_only: seen.append(("levers", out, repeats,
+                                                                                           backends_only)))
+    monkeypatch.setattr(rt, "run_flop_ceiling", lambda out, size, steps: seen.append(("flops", out, size, steps)))
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: seen.append(("threads", n)))
+    assert main(["runtime", "--vae-backends", "V"]) == 0
+    assert main(["runtime", "--repeats=2", "--vae-backends=V", "--crop-latent", "8", "--threads", "1"]) == 0
+    assert main(["runtime", "--levers", "L", "--levers-repeats", "2", "--levers-backends"]) == 0
+    assert main(["runtime", "--levers", "L"]) == 0
+    assert main(["runtime", "--flop-ceiling", "F", "--steps", "10"]) == 0
+    assert seen == [("vae", "V", {"crop_latent": 52, "encode_size": 512, "repeats": 3}),
+                    ("threads", 1), ("vae", "V", {"crop_latent": 8, "encode_size": 512, "repeats": 2}),
+                    ("levers", "L", 2, True), ("levers", "L", 5, False), ("flops", "F", 1024, 10)]
+    # the mask sweep refuses the other measurements' own options, which it would ignore
+    assert main(["runtime", "--preset", "tiny", "--out", "unused", "--crop-latent", "8"]) == 2
+    assert "--crop-latent is an option of --vae-backends OUT" in capsys.readouterr().err
+    assert main(["runtime", "--preset", "tiny", "--out", "unused", "--levers-backends"]) == 2
+    assert main(["runtime", "--preset", "tiny", "--out", "unused", "--vae-back", "V"]) == 2   # abbreviated
+    assert "give --vae-backends in full" in capsys.readouterr().err
+    assert seen[-1] == ("flops", "F", 1024, 10)   # nothing else ran
