@@ -451,6 +451,21 @@ def test_sketch_without_strokes_inside_the_mask_raises(lazy_pipe, make_canvas, m
             edit(lazy_pipe, make_canvas(W, H), make_mask(W, H, BOX), sketch=sketch, strength=0.5)
 
 
+@pytest.mark.parametrize("fixture", ["lazy_pipe", "regen_pipe", "crop_pipe"])
+def test_output_type_np_is_the_pil_images_as_float_arrays(request, make_canvas, make_mask, fixture):
+    pipe = request.getfixturevalue(fixture)
+    image, mask_img = make_canvas(W, H, "RGBA"), make_mask(W, H, BOX)
+    pil = edit(pipe, image, mask_img, num_images_per_prompt=2).images
+    arrays = edit(pipe, image, mask_img, num_images_per_prompt=2, output_type="np").images
+    assert isinstance(arrays, np.ndarray) and arrays.dtype == np.float32 and arrays.shape == (2, H, W, 4)
+    assert np.array_equal(arrays, np.stack([np.asarray(p, np.float32) / 255.0 for p in pil]))
+    assert edit(pipe, image, mask_img, output_type="np", return_dict=False)[0].shape == (1, H, W, 4)
+    with pytest.raises(ValueError, match="output_type must be 'pil'.*'np'"):
+        edit(pipe, image, mask_img, output_type="latent")
+    with pytest.raises(ValueError, match="one prompt per call.*num_images_per_prompt"):
+        pipe(["a red star", "a blue heart"], image, mask_img, num_inference_steps=1)
+
+
 # ----------------------------------------------------------------------------- 9. callbacks
 def test_callback_on_step_end_and_preview(lazy_pipe, make_canvas, make_mask):
     image, mask_img = make_canvas(W, H, "RGBA"), make_mask(W, H, BOX)

@@ -43,9 +43,27 @@ class EditPipelineOutput(BaseOutput):
     """``images``: edited canvases (PIL, the input's size and mode); ``timings``: ms per stage;
     ``stats``: hole_tokens, total_tokens, mask_ratio, steps and notes on how inputs were handled."""
 
-    images: List[PIL.Image.Image]
+    images: Union[List[PIL.Image.Image], np.ndarray]
     timings: Dict[str, float]
     stats: Dict[str, Any]
+
+
+OUTPUT_TYPES = ("pil", "np")
+
+
+def check_output_type(output_type: str) -> None:
+    if output_type not in OUTPUT_TYPES:
+        raise ValueError(f"output_type must be 'pil' (PIL images, the input's size and mode) or 'np' (a float32 array "
+                         f"(B, H, W, C) in [0, 1]), got {output_type!r}")
+
+
+def with_output_type(out: "EditPipelineOutput", output_type: str) -> "EditPipelineOutput":
+    """``images`` as diffusers' ``output_type`` asks: PIL images, or one (B, H, W, C) float32 array in [0, 1]
+    (C = the input mode's channels)."""
+    if output_type == "np":
+        arrays = [np.asarray(img, dtype=np.float32) / 255.0 for img in out.images]
+        out.images = np.stack([a[..., None] if a.ndim == 2 else a for a in arrays])
+    return out
 
 
 @dataclass
@@ -364,6 +382,10 @@ class EditPipelineMixin:
     def encode_prompt(self, prompt: str, negative_prompt: Optional[str], do_cfg: bool, batch: int,
                       device, max_sequence_length: int = 120, notes: Optional[Dict[str, Any]] = None):
         """-> (embeds (B', L, D), mask (B', L)); B' = 2*batch with CFG, uncond first. Cached per prompt."""
+        if isinstance(prompt, (list, tuple)):
+            raise ValueError(f"prompt is a list of {len(prompt)}: one prompt per call is supported (an edit is one "
+                             "region of one canvas); call the pipeline once per prompt, or use num_images_per_prompt "
+                             "for several images of one prompt")
         if not isinstance(prompt, str):
             raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
         max_length = min(max_sequence_length, getattr(self.tokenizer, "model_max_length", max_sequence_length) or max_sequence_length)
@@ -819,6 +841,8 @@ CALL_DOC = """Regenerate ``image`` inside ``mask_image`` (white = edit) followin
                 the full-canvas baselines) and
                 ``decode_preview()``, which renders the current estimate as a PIL canvas. Return a dict
                 (possibly with new "latents") or None.
+
+            output_type: "pil" (default) or "np": one float32 array (B, H, W, C) in [0, 1].
 
         Returns:
             :class:`EditPipelineOutput` with ``images`` (same size and mode as ``image``; every pixel

@@ -13,7 +13,7 @@ from diffusers import DiffusionPipeline
 
 from ..models import ContextEncoder, LazyDecoder
 from ..models.dit import gather_tokens
-from .editing import CALL_DOC, EditPipelineMixin, ImageInput, StepFunction
+from .editing import CALL_DOC, EditPipelineMixin, ImageInput, StepFunction, check_output_type, with_output_type
 
 
 class LazyDiffusionPipeline(DiffusionPipeline, EditPipelineMixin):
@@ -93,10 +93,13 @@ class LazyDiffusionPipeline(DiffusionPipeline, EditPipelineMixin):
                  latents: Optional[torch.Tensor] = None, sketch: Optional[ImageInput] = None, strength: float = 1.0,
                  blend: str = "feather", feather_radius: Optional[float] = None, max_sequence_length: int = 120,
                  callback_on_step_end: Optional[Callable] = None,
-                 callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",), return_dict: bool = True):
+                 callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",), return_dict: bool = True,
+                 output_type: str = "pil"):
+        check_output_type(output_type)
         out = self.run_edit(prompt, image, mask_image, negative_prompt, num_inference_steps, guidance_scale, generator,
                             num_images_per_prompt, latents, sketch, strength, blend, feather_radius,
                             max_sequence_length, callback_on_step_end, callback_on_step_end_tensor_inputs)
+        out = with_output_type(out, output_type)
         return out if return_dict else (out.images,)
 
     __call__.__doc__ = CALL_DOC

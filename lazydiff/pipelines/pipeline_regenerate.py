@@ -22,7 +22,7 @@ from diffusers import DiffusionPipeline
 from ..models import FullCanvasDecoder
 from .blending import blend as blend_pixels
 from .editing import (CALL_DOC, EditPipelineMixin, EditPipelineOutput, ImageInput, StepFunction,
-                      check_sampling_args, prepare_edit)
+                      check_output_type, check_sampling_args, prepare_edit, with_output_type)
 
 
 class RegenerateImagePipeline(DiffusionPipeline, EditPipelineMixin):
@@ -85,10 +85,13 @@ class RegenerateImagePipeline(DiffusionPipeline, EditPipelineMixin):
                  latents: Optional[torch.Tensor] = None, sketch: Optional[ImageInput] = None, strength: float = 1.0,
                  blend: str = "feather", feather_radius: Optional[float] = None, max_sequence_length: int = 120,
                  callback_on_step_end: Optional[Callable] = None,
-                 callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",), return_dict: bool = True):
+                 callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",), return_dict: bool = True,
+                 output_type: str = "pil"):
+        check_output_type(output_type)
         out = self.run_edit(prompt, image, mask_image, negative_prompt, num_inference_steps, guidance_scale, generator,
                             num_images_per_prompt, latents, sketch, strength, blend, feather_radius,
                             max_sequence_length, callback_on_step_end, callback_on_step_end_tensor_inputs)
+        out = with_output_type(out, output_type)
         return out if return_dict else (out.images,)
 
     __call__.__doc__ = CALL_DOC
@@ -136,9 +139,10 @@ class RegenerateCropPipeline(RegenerateImagePipeline):
                  blend: str = "feather", feather_radius: Optional[float] = None, max_sequence_length: int = 120,
                  callback_on_step_end: Optional[Callable] = None,
                  callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",), return_dict: bool = True,
-                 resolution: Optional[int] = None, crop_margin: float = 0.25):
+                 output_type: str = "pil", resolution: Optional[int] = None, crop_margin: float = 0.25):
         t_start = time.perf_counter()
         check_sampling_args(num_inference_steps, guidance_scale, strength, num_images_per_prompt, blend)
+        check_output_type(output_type)
         edit = prepare_edit(image, mask_image, 1, sketch)
         t0 = time.perf_counter()
         y0, y1, x0, x1 = crop_box(edit.mask, crop_margin, self.token_cell)
@@ -182,7 +186,7 @@ class RegenerateCropPipeline(RegenerateImagePipeline):
         timings["total"] = (time.perf_counter() - t_start) * 1e3
         stats = dict(inner.stats, mask_ratio=float(edit.mask.mean()), crop_box=(y0, y1, x0, x1),
                      crop_resized_to=(th, tw), **edit.notes)
-        out = EditPipelineOutput(images=images, timings=timings, stats=stats)
+        out = with_output_type(EditPipelineOutput(images=images, timings=timings, stats=stats), output_type)
         return out if return_dict else (out.images,)
 
     __call__.__doc__ = CALL_DOC + """
