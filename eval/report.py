@@ -123,7 +123,8 @@ def _log_axes(ax, ylabel: str, title: str, legend_size: int) -> None:
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=legend_size)
+    # below the axes: inside, with several methods, it covered the lines
+    ax.legend(fontsize=legend_size, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False)
 
 
 def fmt(v, digits: int = 4) -> str:
