@@ -21,6 +21,34 @@ def _check_output(path: str) -> None:
         raise ValueError(f"--out: {path!r} needs an image file extension such as .png, .jpg or .webp")
 
 
+def _check_device(device):
+    """A one-line error for a device this machine cannot use (torch's own is a traceback)."""
+    if device is None:
+        return
+    import torch
+
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise ValueError(f"--device: {device!r} is not a device; use cpu or cuda (cuda:N for another GPU)") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA GPU is available here; use --device cpu (or leave --device out)")
+
+
+def _save(img, path: str) -> str:
+    """Save the edit; formats without transparency (JPEG) get an RGB copy, with a note, instead of failing
+    after the whole edit has run."""
+    from PIL import Image
+
+    fmt = Image.registered_extensions().get(os.path.splitext(path)[1].lower())
+    note = ""
+    if fmt == "JPEG" and img.mode not in ("RGB", "L", "CMYK"):
+        note = f" (its {img.mode} transparency dropped: JPEG has none; write .png to keep it)"
+        img = img.convert("RGB")
+    img.save(path)
+    return note
+
+
 def _open_image(path: str, flag: str):
     from PIL import Image, UnidentifiedImageError
 
@@ -32,10 +60,19 @@ def _open_image(path: str, flag: str):
         raise ValueError(f"{flag}: {path!r} is not an image PIL can read (use PNG, JPEG or WebP)") from None
 
 
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults appended to the help, except where there is none or the help already states it."""
+
+    def _get_help_string(self, action):
+        if action.default is None or "(default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m lazydiff", description="LazyDiffusion image editing from the command line")
     sub = ap.add_subparsers(dest="cmd", required=True)
-    e = sub.add_parser("edit", help="edit one image inside a mask", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    e = sub.add_parser("edit", help="edit one image inside a mask", formatter_class=_Help,
                        description="Regenerate the masked region of an image from a prompt (or a sketch); every pixel "
                                    "outside the mask stays as it was.")
     e.add_argument("--model", default="default", help=PIPELINE_HELP)
@@ -52,9 +89,9 @@ def main(argv=None):
     e.add_argument("--blend", default="feather", choices=["hard", "feather", "poisson"],
                    help="how the result is pasted into the mask")
     e.add_argument("--sketch", default=None, help="coloured strokes (same size as the image) to follow inside the mask")
-    e.add_argument("--strength", type=float, default=1.0,
-                   help="with --sketch: how far from the sketch the result may move, in (0, 1]")
-    e.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+    e.add_argument("--strength", type=float, default=None,
+                   help="with --sketch: how far from the sketch the result may move, in (0, 1] (default 1.0)")
+    e.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available, else cpu)")
     e.add_argument("--onnx-runtime", action="store_true",
                    help="run the model in ONNX Runtime (CPU, fp32): faster per step, but the graphs take a few "
                         "seconds to build, so it pays for a server or a demo, not for one edit")
@@ -62,6 +99,12 @@ def main(argv=None):
 
     try:
         _check_output(args.out)
+        if os.path.exists(args.out) and os.path.samefile(args.out, args.image):
+            raise ValueError(f"--out {args.out!r} is the input canvas: writing there would replace your original; "
+                             "write the edit to another file")
+        if args.strength is not None and not args.sketch:
+            raise ValueError("--strength applies to sketch guidance only: add --sketch STROKES.png, or drop --strength")
+        _check_device(args.device)
         image, mask = _open_image(args.image, "--image"), _open_image(args.mask, "--mask")
         sketch = _open_image(args.sketch, "--sketch") if args.sketch else None
 
@@ -79,11 +122,11 @@ def main(argv=None):
             pipe.enable_onnx_runtime()
         out = pipe(args.prompt, image, mask, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
                    guidance_scale=args.guidance, generator=torch.Generator().manual_seed(args.seed),
-                   blend=args.blend, sketch=sketch, strength=args.strength)
+                   blend=args.blend, sketch=sketch, strength=1.0 if args.strength is None else args.strength)
+        note = _save(out.images[0], args.out)
     except (ValueError, OSError, ImportError) as err:
         sys.exit(f"error: {err}")
-    out.images[0].save(args.out)
-    print(f"wrote {args.out}; " + ", ".join(f"{k} {v:.0f} ms" for k, v in out.timings.items())
+    print(f"wrote {args.out}{note}; " + ", ".join(f"{k} {v:.0f} ms" for k, v in out.timings.items())
           + f"; hole tokens {out.stats['hole_tokens']}/{out.stats['total_tokens']}")
 
 

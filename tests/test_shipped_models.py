@@ -82,6 +82,12 @@ def test_edit_cli_with_a_scheduler_and_a_bad_input(tmp_path, capsys):
     with pytest.raises(SystemExit, match="error: .*size"):
         main(common + ["--mask", str(tmp_path / "small.png"), "--out", str(tmp_path / "bad.png")])
     assert not (tmp_path / "bad.png").exists()
+    rgba = np.dstack([task.canvas, np.full(task.canvas.shape[:2], 255, np.uint8)])
+    PIL.Image.fromarray(rgba, "RGBA").save(tmp_path / "in_rgba.png")  # a transparent canvas to a JPEG
+    capsys.readouterr()
+    main(["edit", "--image", str(tmp_path / "in_rgba.png"), "--prompt", task.prompt, "--steps", "1",
+          "--mask", str(tmp_path / "mask.png"), "--out", str(tmp_path / "out.jpg")])
+    assert PIL.Image.open(tmp_path / "out.jpg").mode == "RGB" and "transparency dropped" in capsys.readouterr().out
 
 
 def test_edit_cli_rejects_bad_arguments_before_loading_a_model(tmp_path, monkeypatch):
@@ -97,7 +103,10 @@ def test_edit_cli_rejects_bad_arguments_before_loading_a_model(tmp_path, monkeyp
     for extra, message in [(["--out", str(tmp_path / "missing" / "o.png")], "--out: folder .* does not exist"),
                            (["--out", str(tmp_path / "o")], "--out: .* needs an image file extension"),
                            (["--out", str(tmp_path / "o.png"), "--sketch", str(tmp_path / "no.png")],
-                            "--sketch: no such file")]:
+                            "--sketch: no such file"),
+                           (["--out", str(tmp_path / "in.png")], "--out .* is the input canvas"),
+                           (["--out", str(tmp_path / "o.png"), "--strength", "0.5"], "--strength applies to sketch"),
+                           (["--out", str(tmp_path / "o.png"), "--device", "gpu"], "--device: 'gpu' is not a device")]:
         with pytest.raises(SystemExit, match=message):
             main(ok + extra)
     (tmp_path / "text.png").write_text("not an image")
