@@ -466,6 +466,20 @@ def test_output_type_np_is_the_pil_images_as_float_arrays(request, make_canvas, 
         pipe(["a red star", "a blue heart"], image, mask_img, num_inference_steps=1)
 
 
+def test_common_call_mistakes_get_messages_that_say_what_to_do(lazy_pipe, make_canvas, make_mask):
+    image, mask_img = make_canvas(W, H), make_mask(W, H, BOX)
+    with pytest.raises(ValueError, match="generator must be a torch.Generator .*manual_seed"):
+        lazy_pipe(PROMPT, image, mask_img, num_inference_steps=1, generator=0)
+    with pytest.raises(ValueError, match="negative_prompt must be one string"):
+        lazy_pipe(PROMPT, image, mask_img, num_inference_steps=1, negative_prompt=["blurry"])
+    with pytest.warns(UserWarning, match="strength=0.5 is ignored without a sketch"):
+        edit(lazy_pipe, image, mask_img, steps=1, strength=0.5)
+    native = lazy_pipe.decoder.config.sample_size * lazy_pipe.vae_scale_factor
+    big = 4 * native + 8
+    with pytest.warns(UserWarning, match=f"over 4x the {native}-px side.*downscale"):
+        edit(lazy_pipe, make_canvas(big, 16), make_mask(big, 16, (0, 0, 8, 8)), steps=1)
+
+
 # ----------------------------------------------------------------------------- 9. callbacks
 def test_callback_on_step_end_and_preview(lazy_pipe, make_canvas, make_mask):
     image, mask_img = make_canvas(W, H, "RGBA"), make_mask(W, H, BOX)

@@ -388,6 +388,8 @@ class EditPipelineMixin:
                              "for several images of one prompt")
         if not isinstance(prompt, str):
             raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
+        if negative_prompt is not None and not isinstance(negative_prompt, str):
+            raise ValueError(f"negative_prompt must be one string (or None), got {type(negative_prompt).__name__}")
         max_length = min(max_sequence_length, getattr(self.tokenizer, "model_max_length", max_sequence_length) or max_sequence_length)
         emb, attn, truncated = self._encode_one(prompt, max_length, device)
         if truncated and notes is not None:
@@ -789,7 +791,20 @@ class EditPipelineMixin:
         if isinstance(generator, (list, tuple)) and len(generator) != num_images_per_prompt:
             raise ValueError(f"generator is a list of {len(generator)} generators for {num_images_per_prompt} image(s): "
                              "pass one generator per image (num_images_per_prompt), or a single generator")
+        if generator is not None and not isinstance(generator, (torch.Generator, list, tuple)):
+            raise ValueError(f"generator must be a torch.Generator (e.g. torch.Generator().manual_seed(0)), a list of "
+                             f"them (one per image), or None; got {type(generator).__name__}")
         edit = prepare_edit(image, mask_image, self.token_cell, sketch)
+        if sketch is None and strength != 1.0:
+            warnings.warn(f"strength={strength} is ignored without a sketch: it sets how far sketch guidance starts "
+                          "from the strokes; pass sketch=... (or leave strength at 1.0)", stacklevel=3)
+        native = int(getattr(self.decoder.config, "sample_size", 0) or 0) * self.vae_scale_factor
+        h, w = edit.mask.shape
+        if native and max(h, w) > 4 * native:
+            warnings.warn(f"the canvas is {w}x{h}, over 4x the {native}-px side this model was trained at: the VAE "
+                          f"and {'context encoder' if hasattr(self, 'context_encoder') else 'decoder'} run over the "
+                          f"whole canvas, so an edit is slow and the model works out of its range; downscale the "
+                          f"canvas first (the demo edits at up to 512 px a side and pastes back)", stacklevel=3)
         b = num_images_per_prompt
         do_cfg = guidance_scale > 1.0
         with timer("text"):

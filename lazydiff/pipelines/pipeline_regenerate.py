@@ -38,7 +38,7 @@ class RegenerateImagePipeline(DiffusionPipeline, EditPipelineMixin):
     # timestep (RePaint-style; diffusers does the same for 4-channel inpainting). The shipped model is
     # trained with the loss on hole tokens only (as LazyDiffusion), so its predictions outside the hole
     # are untrained; left alone they drift and the hole sees a drifting context. False: every token
-    # evolves from the model's own predictions (how this baseline sampled until the seventeenth session).
+    # evolves from the model's own predictions (how the quality reports before 2026-11-27 sampled it).
     reset_outside_hole: bool = True
 
     def __init__(self, vae, text_encoder, tokenizer, decoder: FullCanvasDecoder, scheduler):
