@@ -470,6 +470,9 @@ def test_common_call_mistakes_get_messages_that_say_what_to_do(lazy_pipe, make_c
     image, mask_img = make_canvas(W, H), make_mask(W, H, BOX)
     with pytest.raises(ValueError, match="generator must be a torch.Generator .*manual_seed"):
         lazy_pipe(PROMPT, image, mask_img, num_inference_steps=1, generator=0)
+    with pytest.raises(ValueError, match="'noise_pred'.* not available.*'latents' and 'pred_x0'"):
+        lazy_pipe(PROMPT, image, mask_img, num_inference_steps=1, callback_on_step_end=lambda *a: None,
+                  callback_on_step_end_tensor_inputs=["noise_pred"])
     with pytest.raises(ValueError, match="negative_prompt must be one string"):
         lazy_pipe(PROMPT, image, mask_img, num_inference_steps=1, negative_prompt=["blurry"])
     with pytest.warns(UserWarning, match="strength=0.5 is ignored without a sketch"):

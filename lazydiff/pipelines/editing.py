@@ -791,6 +791,10 @@ class EditPipelineMixin:
         if isinstance(generator, (list, tuple)) and len(generator) != num_images_per_prompt:
             raise ValueError(f"generator is a list of {len(generator)} generators for {num_images_per_prompt} image(s): "
                              "pass one generator per image (num_images_per_prompt), or a single generator")
+        unknown = [k for k in callback_on_step_end_tensor_inputs if k not in ("latents", "pred_x0")]
+        if unknown:
+            raise ValueError(f"callback_on_step_end_tensor_inputs: {unknown} not available; this pipeline passes "
+                             "'latents' and 'pred_x0' (and decode_preview) to the callback")
         if generator is not None and not isinstance(generator, (torch.Generator, list, tuple)):
             raise ValueError(f"generator must be a torch.Generator (e.g. torch.Generator().manual_seed(0)), a list of "
                              f"them (one per image), or None; got {type(generator).__name__}")
@@ -861,6 +865,6 @@ CALL_DOC = """Regenerate ``image`` inside ``mask_image`` (white = edit) followin
 
         Returns:
             :class:`EditPipelineOutput` with ``images`` (same size and mode as ``image``; every pixel
-            outside the mask bit-identical), ``timings`` (ms: text, vae_encode, [context_encoder],
+            outside the mask bit-identical; inside the mask an RGBA / LA canvas gets opaque pixels), ``timings`` (ms: text, vae_encode, [context_encoder],
             denoise, vae_decode, blend, total) and ``stats`` (hole_tokens, total_tokens, mask_ratio, steps).
         """
