@@ -199,6 +199,19 @@ def test_pipeline_save_load_identical_outputs(request, make_canvas, make_mask, t
     assert type(loaded) is cls and type(loaded.decoder) is type(pipe.decoder)
     after = edit(loaded, image, mask_img)
     assert np.array_equal(arr(before.images[0]), arr(after.images[0]))
+    other = RegenerateImagePipeline if kind == "lazy" else LazyDiffusionPipeline  # another model's folder
+    with pytest.raises(ValueError, match=f"holds a {cls.__name__}, not a {other.__name__}.*load_pipeline"):
+        other.from_pretrained(tmp_path)
+    if kind != "lazy":  # the same model run on a crop
+        assert type(RegenerateCropPipeline.from_pretrained(tmp_path)) is RegenerateCropPipeline
+
+
+def test_from_pretrained_on_a_model_folder_names_load_pipeline():
+    from lazydiff import defaults
+
+    for cls, name in ((LazyDiffusionPipeline, "lazy"), (RegenerateImagePipeline, "regenerate-image")):
+        with pytest.raises(ValueError, match=r"data/models' layout.*lazydiff.load_pipeline"):
+            cls.from_pretrained(defaults.MODELS_DIR / name)
 
 
 # ----------------------------------------------------------------------------- 6. seeds

@@ -48,6 +48,29 @@ class EditPipelineOutput(BaseOutput):
     stats: Dict[str, Any]
 
 
+def check_pipeline_folder(cls, path) -> None:
+    """Before diffusers' ``from_pretrained``: a folder in data/models' layout (no model_index.json) or a
+    pipeline of the other kind gets an error that names the loader to use, not a failure at the first call."""
+    import json
+    from pathlib import Path
+
+    folder = Path(str(path))
+    if not folder.is_dir():
+        return  # diffusers' own message
+    index = folder / "model_index.json"
+    if not index.exists():
+        if (folder / "decoder").is_dir():
+            raise ValueError(f"{folder} is a model folder in data/models' layout (no model_index.json): load it with "
+                             f"lazydiff.load_pipeline({str(folder)!r}), which adds the autoencoder and text encoder")
+        return
+    saved = json.loads(index.read_text()).get("_class_name", "")
+    lazy = {"LazyDiffusionPipeline"}
+    full = {"RegenerateImagePipeline", "RegenerateCropPipeline"}  # one model, two ways to run it
+    if (cls.__name__ in lazy and saved in full) or (cls.__name__ in full and saved in lazy):
+        raise ValueError(f"{folder} holds a {saved}, not a {cls.__name__} (different models): load it with "
+                         f"{saved}.from_pretrained or lazydiff.load_pipeline({str(folder)!r})")
+
+
 OUTPUT_TYPES = ("pil", "np")
 
 

@@ -13,7 +13,8 @@ from diffusers import DiffusionPipeline
 
 from ..models import ContextEncoder, LazyDecoder
 from ..models.dit import gather_tokens
-from .editing import CALL_DOC, EditPipelineMixin, ImageInput, StepFunction, check_output_type, with_output_type
+from .editing import (CALL_DOC, EditPipelineMixin, ImageInput, StepFunction, check_output_type, check_pipeline_folder,
+                      with_output_type)
 
 
 class LazyDiffusionPipeline(DiffusionPipeline, EditPipelineMixin):
@@ -26,6 +27,11 @@ class LazyDiffusionPipeline(DiffusionPipeline, EditPipelineMixin):
 
     model_cpu_offload_seq = "text_encoder->context_encoder->decoder->vae"
     _callback_tensor_inputs = ["latents", "pred_x0"]
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        check_pipeline_folder(cls, pretrained_model_name_or_path)
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     def __init__(self, vae, text_encoder, tokenizer, context_encoder: ContextEncoder, decoder: LazyDecoder, scheduler):
         super().__init__()
