@@ -152,36 +152,33 @@ def settings_for(method: Method, suite: Suite, opts: QualityOptions, steps: int,
 
 
 def parse_pipeline_set(items) -> Dict[str, Any]:
-    """``["reset_outside_hole=false", "decode_margin=8"]`` -> {name: bool / int / float / str}."""
+    """``["reset_outside_hole=false", "decode_margin=8"]`` -> {name: value}, values read as YAML (as the
+    training command's ``--set``)."""
+    import yaml
+
     out: Dict[str, Any] = {}
     for item in items or []:
         key, sep, raw = item.partition("=")
         key = key.strip()
         if not sep or not key.isidentifier() or key.startswith("_"):
             raise ValueError(f"--set {item!r}: expected ATTRIBUTE=VALUE, e.g. --set reset_outside_hole=false")
-        low = raw.strip().lower()
-        if low in ("true", "false"):
-            out[key] = low == "true"
-        else:
-            try:
-                out[key] = int(raw)
-            except ValueError:
-                try:
-                    out[key] = float(raw)
-                except ValueError:
-                    out[key] = raw.strip()
+        out[key] = yaml.safe_load(raw)
     return out
 
 
 def pipeline_attributes() -> Dict[str, Any]:
     """Settable options of this library's pipelines (class attributes that are plain values) -> default."""
+    from diffusers import DiffusionPipeline
+
     from lazydiff import DiffusersInpaintAdapter, LazyDiffusionPipeline, RegenerateCropPipeline, RegenerateImagePipeline
 
     names: Dict[str, Any] = {}
     for cls in (LazyDiffusionPipeline, RegenerateImagePipeline, RegenerateCropPipeline, DiffusersInpaintAdapter):
         for key in dir(cls):
             value = getattr(cls, key, None)
-            if not key.startswith("_") and isinstance(value, (bool, int, float, str)) and key not in names:
+            if key.startswith("_") or hasattr(DiffusionPipeline, key):  # diffusers' own (config_name, ...)
+                continue
+            if isinstance(value, (bool, int, float, str)) and key not in names:
                 names[key] = value
     return names
 
@@ -275,9 +272,9 @@ def generate(methods: List[Method], samples: List[EditSample], suite: Suite, opt
         if not todo:
             continue
         pipe = use_scheduler(method.load(device, dtype), scheduler_for(suite, opts), method.label)
-        apply_pipeline_set(pipe, opts.pipeline_set)
         if hasattr(pipe, "canvas_cache"):
-            pipe.canvas_cache = "exact"  # scores must not depend on the order of the edits
+            pipe.canvas_cache = "exact"  # scores must not depend on the order of the edits (--set may say otherwise)
+        apply_pipeline_set(pipe, opts.pipeline_set)
         bar = tqdm(todo, desc=f"[{rank}/{world}] {method.label}", unit="edit", position=rank, leave=True,
                    dynamic_ncols=True)
         for s in bar:

@@ -814,10 +814,10 @@ class EditPipelineMixin:
         if isinstance(generator, (list, tuple)) and len(generator) != num_images_per_prompt:
             raise ValueError(f"generator is a list of {len(generator)} generators for {num_images_per_prompt} image(s): "
                              "pass one generator per image (num_images_per_prompt), or a single generator")
-        unknown = [k for k in callback_on_step_end_tensor_inputs if k not in ("latents", "pred_x0")]
+        unknown = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
         if unknown:
             raise ValueError(f"callback_on_step_end_tensor_inputs: {unknown} not available; this pipeline passes "
-                             "'latents' and 'pred_x0' (and decode_preview) to the callback")
+                             f"{' and '.join(map(repr, self._callback_tensor_inputs))} (and decode_preview) to the callback")
         if generator is not None and not isinstance(generator, (torch.Generator, list, tuple)):
             raise ValueError(f"generator must be a torch.Generator (e.g. torch.Generator().manual_seed(0)), a list of "
                              f"them (one per image), or None; got {type(generator).__name__}")
