@@ -40,6 +40,8 @@ RUNTIME_MODES = {
                      {"repeats": (3, "timed rounds"), "encode-size": (512, "side of the encoded canvas, pixels"),
                       "crop-latent": (52, "side of the decoded crop's latent; 52 is a 10% hole's crop at 1024²"),
                       "threads": (None, "torch.set_num_threads")}),
+    "replot": ("redraw a finished mask sweep's plots in its folder OUT with the current code, from its runtime.csv "
+               "and fit.json (report.md stays as written); nothing timed", {}),
 }
 
 
@@ -189,7 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     sweep_flags = {flag for a in r._actions for flag in a.option_strings}
     p.runtime_mode_only = mode_only = {}   # option -> the one mode that takes it
     for mode, (what, options) in RUNTIME_MODES.items():
-        o.add_argument("--" + mode, metavar="OUT", help=f"{what}; its options: {runtime_mode_options(mode)}")
+        o.add_argument("--" + mode, metavar="OUT", help=f"{what}; " + (f"its options: {runtime_mode_options(mode)}"
+                                                                       if options else "no options"))
         for name, (default, text) in options.items():   # the options only this mode has
             if "--" + name not in sweep_flags:
                 mode_only[name] = mode

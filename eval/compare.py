@@ -148,6 +148,9 @@ def _markdown(df, names, methods, runs) -> str:
          f"- runs (first = reference for the differences): " + "; ".join(f"**{n}** (`{r['dir']}`)" for n, r in zip(names, runs)),
          "- differences: mean over the edits both runs scored, ± the half-width of a 95% interval of the paired "
          "per-edit differences (a difference inside it is noise)", ""]
+    # the runs' own warnings (FID on too few samples): a comparison inherits them
+    warned = dict.fromkeys(w for r in runs for w in (r["info"].get("extras") or {}).get("warnings") or [])
+    L += [f"**Warning: {w}**" for w in warned] + ([""] if warned else [])
     L += ["| run | method | " + " | ".join(m[2] for m in shown) + " |", "|---" * (len(shown) + 2) + "|"]
     for _, row in df.iterrows():
         L.append(f"| {row['run']} | {row['method']} | " + " | ".join(_cell(row, m[0], m[4]) for m in shown) + " |")

@@ -655,6 +655,30 @@ def run_runtime(opts: RuntimeOptions):
     return summary, fit
 
 
+def replot(run: str) -> Path:
+    """Redraw a finished mask sweep's plots in place from its ``runtime.csv`` (and ``fit.json``) with the
+    current plotting code: after a change to it, or for a run made on a machine that is gone (a GPU run),
+    without timing anything again. ``report.md`` is left as written: its set-up lines describe the
+    options as they meant at the time (``onnx_runtime: true`` covered fewer parts in early runs)."""
+    import pandas as pd
+
+    from .report import runtime_plots
+
+    out = Path(run)
+    if not (out / "runtime.csv").is_file():
+        raise RuntimeError_(f"{out} is not a finished mask sweep of `python -m eval runtime` (no runtime.csv); give "
+                            "the --out folder of such a run")
+    summary = pd.read_csv(out / "runtime.csv")
+    if not {"method", "mask_ratio", "total_ms"} <= set(summary.columns):
+        raise RuntimeError_(f"{out / 'runtime.csv'} is not a mask sweep's table (no method / mask_ratio / total_ms "
+                            "columns)")
+    fit = (json.loads((out / "fit.json").read_text()) if (out / "fit.json").is_file() else
+           linear_fit(summary, "lazy") if "lazy" in set(summary.method) else {})
+    plots = runtime_plots(summary, out, fit)
+    print(f"redrew {', '.join(p.name for p in plots.values())} in {out}")
+    return out
+
+
 # ----------------------------------------------------------------------------- lever ablation
 LEVER_CONFIGS = [  # label, method, threads, fused blocks, text constants once, inlined DDIM step, canvas/context caches, follow-up,
     # ONNX Runtime steps
@@ -1041,7 +1065,7 @@ def parse_other_measurement(argv) -> Optional[Tuple[str, str, Dict[str, Any]]]:
     ns, rest = p.parse_known_args(argv)   # a bad value (--repeats x): argparse's message, SystemExit(2)
     if rest:
         bad = rest[0]
-        takes = f"--{mode} takes {runtime_mode_options(mode)}"
+        takes = f"--{mode} takes {runtime_mode_options(mode) if options else 'no options'}"
         if not bad.startswith("-"):
             raise ModeOptionError(f"unexpected argument {bad!r}; {takes}")
         flag = bad.split("=", 1)[0]
@@ -1061,7 +1085,7 @@ def parse_other_measurement(argv) -> Optional[Tuple[str, str, Dict[str, Any]]]:
 
 def run_other_measurement(argv) -> Optional[int]:
     """The runtime command's measurements other than the mask sweep (``--flop-ceiling OUT``, ``--step-sweep
-    OUT``, ``--levers OUT``, ``--vae-backends OUT``, each with its own options): runs the one named in
+    OUT``, ``--levers OUT``, ``--vae-backends OUT``, each with its own options) and ``--replot RUN``: runs the one named in
     ``argv`` and returns 0, returns 2 (with the reason on stderr) when ``argv`` holds an option it does not
     take, or returns None when ``argv`` names none of them."""
     import sys
@@ -1082,6 +1106,12 @@ def run_other_measurement(argv) -> Optional[int]:
         run_flop_ceiling(out, size=a["size"], steps=a["steps"])
     elif mode == "vae-backends":
         run_vae_backends(out, crop_latent=a["crop_latent"], encode_size=a["encode_size"], repeats=a["repeats"])
+    elif mode == "replot":
+        try:
+            replot(out)
+        except RuntimeError_ as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
     elif mode == "levers":
         run_levers(out, a["levers_repeats"], backends_only=a["levers_backends"])
     else:

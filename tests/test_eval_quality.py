@@ -271,6 +271,7 @@ def test_compare_runs_pairs_edits_and_refuses_different_ones(tmp_path, tiny_clip
     a, b = (pd.read_csv(f"{r}/per_sample.csv").set_index("sample_id").hole_mae_target for r in runs)
     assert df.hole_mae_target_delta.iloc[1] == pytest.approx((b - a.loc[b.index]).mean())
     assert "Difference from the first run" in md and "3 steps" in (tmp_path / "cmp" / "compare.md").read_text()
+    assert md.count("FID and local FID are computed on too few samples") == 1  # the runs' warning, once
 
     other = tmp_path / "limit2"   # other edits: no paired comparison
     run_quality(QualityOptions(suite=suite_file, out=str(other), methods=["tiny-lazy"], limit=2, steps=2,

@@ -38,7 +38,7 @@ def test_runtime_tiny_writes_csv_plots_and_report(tmp_path, capsys):
     assert "speedup_vs_full" in printed and "regenerate-crop" in printed
 
 
-def test_runtime_of_the_lazy_method_alone(tmp_path):
+def test_runtime_of_the_lazy_method_alone(tmp_path, capsys):
     """Without the baseline in the run there is no speed-up to plot; the rest is written."""
     out = tmp_path / "r"
     assert main(["runtime", "--preset", "tiny", "--methods", "lazy", "--mask-ratios", "0.1,0.25", "--steps", "2",
@@ -47,6 +47,15 @@ def test_runtime_of_the_lazy_method_alone(tmp_path):
     assert not (out / "speedup_vs_mask_ratio.png").exists()
     # a per-step fit through 2 points is exact: the report says its R² means nothing
     assert "(2 points)" in (out / "report.md").read_text() and "say nothing here" in (out / "report.md").read_text()
+
+    # --replot redraws the plots from the run's files, timing nothing
+    (out / "latency_vs_mask_ratio.png").unlink()
+    report = (out / "report.md").read_text()
+    assert main(["runtime", "--replot", str(out)]) == 0
+    assert (out / "latency_vs_mask_ratio.png").exists() and (out / "report.md").read_text() == report
+    assert main(["runtime", "--replot", str(tmp_path)]) == 2   # not a run's folder: a clear error
+    assert "not a finished mask sweep" in capsys.readouterr().err
+    assert main(["runtime", "--replot", str(out), "--steps", "3"]) == 2   # it takes no options
 
 
 def test_runtime_validation():

@@ -603,11 +603,13 @@ def test_interrupted_checkpoint_write_is_ignored_on_resume(tmp_path):
     out = tmp_path / "run"
     cfg = _cfg("autoencoder", out, steps=4)
     train(cfg, max_steps_this_run=1)
-    partial = out / "checkpoints" / "step-2.tmp"
-    partial.mkdir()
-    (partial / "model.safetensors").write_bytes(b"\0" * 10)
+    for name in ("step-2.tmp", "step-3.tmp", "step-3.tmp-old"):   # killed while saving (or swapping in)
+        partial = out / "checkpoints" / name
+        partial.mkdir()
+        (partial / "model.safetensors").write_bytes(b"\0" * 10)
     train(cfg, max_steps_this_run=1)
     assert [r["step"] for r in _state(out, 2)["log"]] == [1, 2]
+    assert not list((out / "checkpoints").glob("*.tmp*"))   # the next save removes what the kill left
 
 
 

@@ -23,6 +23,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import PIL.Image
 import torch
+from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
@@ -388,7 +389,7 @@ class EditPipelineMixin:
         if key in cache:
             cache.move_to_end(key)
             return cache[key]
-        full = self.tokenizer(prompt, truncation=False, add_special_tokens=True)["input_ids"]
+        full = self.tokenizer(prompt, truncation=False, add_special_tokens=True, verbose=False)["input_ids"]
         truncated = len(full) > max_length
         tok = self.tokenizer(prompt, truncation=True, max_length=max_length, return_tensors="pt")
         ids, attn = tok["input_ids"].to(device), tok["attention_mask"].to(device)
@@ -891,3 +892,12 @@ CALL_DOC = """Regenerate ``image`` inside ``mask_image`` (white = edit) followin
             outside the mask bit-identical; inside the mask an RGBA / LA canvas gets opaque pixels), ``timings`` (ms: text, vae_encode, [context_encoder],
             denoise, vae_decode, blend, total) and ``stats`` (hole_tokens, total_tokens, mask_ratio, steps).
         """
+
+
+class EditDiffusionPipeline(DiffusionPipeline, EditPipelineMixin):
+    """Base of the editing pipelines: diffusers' ``DiffusionPipeline`` plus the shared edit stages."""
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        check_pipeline_folder(cls, pretrained_model_name_or_path)
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)

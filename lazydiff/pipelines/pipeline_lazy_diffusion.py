@@ -9,15 +9,14 @@ from __future__ import annotations
 from typing import Callable, Optional, Sequence
 
 import torch
-from diffusers import DiffusionPipeline
 
 from ..models import ContextEncoder, LazyDecoder
 from ..models.dit import gather_tokens
-from .editing import (CALL_DOC, EditPipelineMixin, ImageInput, StepFunction, check_output_type, check_pipeline_folder,
+from .editing import (CALL_DOC, EditDiffusionPipeline, ImageInput, StepFunction, check_output_type,
                       with_output_type)
 
 
-class LazyDiffusionPipeline(DiffusionPipeline, EditPipelineMixin):
+class LazyDiffusionPipeline(EditDiffusionPipeline):
     """Edit a canvas inside a mask; cost scales with the mask, not the canvas.
 
     Components: ``vae`` (any diffusers autoencoder), ``text_encoder`` + ``tokenizer`` (any
@@ -27,11 +26,6 @@ class LazyDiffusionPipeline(DiffusionPipeline, EditPipelineMixin):
 
     model_cpu_offload_seq = "text_encoder->context_encoder->decoder->vae"
     _callback_tensor_inputs = ["latents", "pred_x0"]
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        check_pipeline_folder(cls, pretrained_model_name_or_path)
-        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     def __init__(self, vae, text_encoder, tokenizer, context_encoder: ContextEncoder, decoder: LazyDecoder, scheduler):
         super().__init__()

@@ -17,16 +17,15 @@ from typing import Callable, Optional, Sequence, Tuple
 import numpy as np
 import PIL.Image
 import torch
-from diffusers import DiffusionPipeline
 
 from ..models import FullCanvasDecoder
 from .blending import blend as blend_pixels
-from .editing import (CALL_DOC, EditPipelineMixin, EditPipelineOutput, ImageInput, StepFunction,
-                      check_output_type, check_pipeline_folder, check_sampling_args, prepare_edit,
+from .editing import (CALL_DOC, EditDiffusionPipeline, EditPipelineOutput, ImageInput, StepFunction,
+                      check_output_type, check_sampling_args, prepare_edit,
                       with_output_type)
 
 
-class RegenerateImagePipeline(DiffusionPipeline, EditPipelineMixin):
+class RegenerateImagePipeline(EditDiffusionPipeline):
     """Full-canvas inpainting: the denoiser sees every token at every step.
 
     Components: ``vae``, ``text_encoder``, ``tokenizer``, ``decoder`` (:class:`FullCanvasDecoder`),
@@ -41,11 +40,6 @@ class RegenerateImagePipeline(DiffusionPipeline, EditPipelineMixin):
     # are untrained; left alone they drift and the hole sees a drifting context. False: every token
     # evolves from the model's own predictions (how the quality reports before 2026-11-27 sampled it).
     reset_outside_hole: bool = True
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        check_pipeline_folder(cls, pretrained_model_name_or_path)
-        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     def __init__(self, vae, text_encoder, tokenizer, decoder: FullCanvasDecoder, scheduler):
         super().__init__()

@@ -102,6 +102,9 @@ def save_checkpoint(output_dir: Path, step: int, model, ema: EMA, optimizer, log
             json.dump({"step": step, "log": log, "config": cfg.to_dict(), "num_processes": num_processes}, f)
     for c in _checkpoint_dirs(output_dir)[: -cfg.keep_checkpoints]:
         shutil.rmtree(c, ignore_errors=True)
+    # what a run killed while saving left behind (atomic_folder cleans up only for the same step)
+    for stale in (output_dir / "checkpoints").glob("step-*.tmp*"):
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def load_checkpoint(path: Path, model, ema: EMA, optimizer):
