@@ -475,8 +475,38 @@ def test_output_type_np_is_the_pil_images_as_float_arrays(request, make_canvas, 
     assert edit(pipe, image, mask_img, output_type="np", return_dict=False)[0].shape == (1, H, W, 4)
     with pytest.raises(ValueError, match="output_type must be 'pil'.*'np'"):
         edit(pipe, image, mask_img, output_type="latent")
-    with pytest.raises(ValueError, match="one prompt per call.*num_images_per_prompt"):
-        pipe(["a red star", "a blue heart"], image, mask_img, num_inference_steps=1)
+
+
+@pytest.mark.parametrize("fixture", ["lazy_pipe", "regen_pipe", "crop_pipe"])
+def test_a_list_of_prompts_edits_once_per_prompt_in_one_batch(request, make_canvas, make_mask, fixture):
+    """diffusers' convention: images come prompt by prompt, num_images_per_prompt each; image k is what a
+    one-prompt call with the same generator gives (up to float rounding of the larger batch)."""
+    pipe = request.getfixturevalue(fixture)
+    image, mask_img = make_canvas(W, H), make_mask(W, H, BOX)
+    prompts, negatives = ["a red star", "a blue heart"], ["blurry", None]
+    out = pipe(prompts, image, mask_img, negative_prompt=negatives, num_inference_steps=2, num_images_per_prompt=2,
+               generator=[torch.Generator().manual_seed(s) for s in range(4)])
+    assert len(out.images) == 4
+    singles = [pipe(prompts[k // 2], image, mask_img, negative_prompt=negatives[k // 2], num_inference_steps=2,
+                    generator=torch.Generator().manual_seed(k)).images[0] for k in range(4)]
+    for k in range(4):
+        assert np.abs(np.asarray(out.images[k], int) - np.asarray(singles[k], int)).max() <= 2, k
+    other = pipe(prompts[1], image, mask_img, negative_prompt="blurry", num_inference_steps=2,
+                 generator=torch.Generator().manual_seed(0)).images[0]
+    assert not np.array_equal(np.asarray(other), np.asarray(singles[0]))   # the prompt matters
+
+
+def test_prompt_lists_are_checked(lazy_pipe, make_canvas, make_mask):
+    image, mask_img = make_canvas(W, H), make_mask(W, H, BOX)
+    with pytest.raises(ValueError, match="prompt is an empty list"):
+        lazy_pipe([], image, mask_img, num_inference_steps=1)
+    with pytest.raises(ValueError, match="a list of strings, got a list holding int"):
+        lazy_pipe(["a red star", 3], image, mask_img, num_inference_steps=1)
+    with pytest.raises(ValueError, match="negative_prompt is a list of 1 for 2 prompt"):
+        lazy_pipe(["a red star", "a blue heart"], image, mask_img, negative_prompt=["blurry"], num_inference_steps=1)
+    with pytest.raises(ValueError, match=r"3 generators for 4 image\(s\) \(2 prompt\(s\) x num_images_per_prompt=2\)"):
+        lazy_pipe(["a red star", "a blue heart"], image, mask_img, num_inference_steps=1, num_images_per_prompt=2,
+                  generator=[torch.Generator() for _ in range(3)])
 
 
 def test_common_call_mistakes_get_messages_that_say_what_to_do(lazy_pipe, make_canvas, make_mask):
@@ -486,8 +516,8 @@ def test_common_call_mistakes_get_messages_that_say_what_to_do(lazy_pipe, make_c
     with pytest.raises(ValueError, match="'noise_pred'.* not available.*'latents' and 'pred_x0'"):
         lazy_pipe(PROMPT, image, mask_img, num_inference_steps=1, callback_on_step_end=lambda *a: None,
                   callback_on_step_end_tensor_inputs=["noise_pred"])
-    with pytest.raises(ValueError, match="negative_prompt must be one string"):
-        lazy_pipe(PROMPT, image, mask_img, num_inference_steps=1, negative_prompt=["blurry"])
+    with pytest.raises(ValueError, match="negative_prompt must be a string, a list of strings, or None; got int"):
+        lazy_pipe(PROMPT, image, mask_img, num_inference_steps=1, negative_prompt=3)
     with pytest.warns(UserWarning, match="strength=0.5 is ignored without a sketch"):
         edit(lazy_pipe, image, mask_img, steps=1, strength=0.5)
     native = lazy_pipe.decoder.config.sample_size * lazy_pipe.vae_scale_factor

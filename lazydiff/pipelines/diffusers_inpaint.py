@@ -7,7 +7,7 @@ unmasked pixels stay bit-identical), and reports the same ``timings`` / ``stats`
 from __future__ import annotations
 
 import time
-from typing import Callable, Optional
+from typing import Callable, List, Optional, Union
 
 import numpy as np
 import PIL.Image
@@ -54,7 +54,8 @@ class DiffusersInpaintAdapter:
         return getattr(self.pipe, "vae_scale_factor", 8)
 
     @torch.no_grad()
-    def __call__(self, prompt: str, image: ImageInput, mask_image: ImageInput, negative_prompt: Optional[str] = "",
+    def __call__(self, prompt: Union[str, List[str]], image: ImageInput, mask_image: ImageInput,
+                 negative_prompt: Union[str, List[str], None] = "",
                  num_inference_steps: int = 20, guidance_scale: float = 4.5,
                  generator: Optional[torch.Generator] = None, num_images_per_prompt: int = 1,
                  blend: str = "feather", feather_radius: Optional[float] = None,

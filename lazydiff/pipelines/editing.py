@@ -224,6 +224,30 @@ def prepare_edit(image: ImageInput, mask_image: ImageInput, cell: int, sketch: O
                         padded_size=(hp, wp), notes=notes)
 
 
+def check_prompts(prompt, negative_prompt) -> Tuple[List[str], List[Optional[str]]]:
+    """-> (prompts, one negative prompt per prompt). A prompt is a string or a non-empty list of them; a
+    negative prompt is None, one string for all, or a list as long as the prompts."""
+    many = isinstance(prompt, (list, tuple))
+    prompts = list(prompt) if many else [prompt]
+    if not prompts:
+        raise ValueError("prompt is an empty list: give a string, or a list with at least one string")
+    bad = [type(p).__name__ for p in prompts if not isinstance(p, str)]
+    if bad:
+        raise ValueError(f"prompt must be a string or a list of strings, got {'a list holding ' if many else ''}"
+                         f"{bad[0]}")
+    if isinstance(negative_prompt, (list, tuple)):
+        if len(negative_prompt) != len(prompts):
+            raise ValueError(f"negative_prompt is a list of {len(negative_prompt)} for {len(prompts)} prompt(s): give "
+                             "one per prompt, or one string for all")
+        negatives = list(negative_prompt)
+    else:
+        negatives = [negative_prompt] * len(prompts)
+    bad = [type(n).__name__ for n in negatives if n is not None and not isinstance(n, str)]
+    if bad:
+        raise ValueError(f"negative_prompt must be a string, a list of strings, or None; got {bad[0]}")
+    return prompts, negatives
+
+
 def check_sampling_args(num_inference_steps: int, guidance_scale: float, strength: float,
                         num_images_per_prompt: int, blend_mode: str) -> None:
     if not isinstance(num_inference_steps, (int, np.integer)) or num_inference_steps < 1:
@@ -403,27 +427,25 @@ class EditPipelineMixin:
             cache.popitem(last=False)
         return cache[key]
 
-    def encode_prompt(self, prompt: str, negative_prompt: Optional[str], do_cfg: bool, batch: int,
-                      device, max_sequence_length: int = 120, notes: Optional[Dict[str, Any]] = None):
-        """-> (embeds (B', L, D), mask (B', L)); B' = 2*batch with CFG, uncond first. Cached per prompt."""
-        if isinstance(prompt, (list, tuple)):
-            raise ValueError(f"prompt is a list of {len(prompt)}: one prompt per call is supported (an edit is one "
-                             "region of one canvas); call the pipeline once per prompt, or use num_images_per_prompt "
-                             "for several images of one prompt")
-        if not isinstance(prompt, str):
-            raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
-        if negative_prompt is not None and not isinstance(negative_prompt, str):
-            raise ValueError(f"negative_prompt must be one string (or None), got {type(negative_prompt).__name__}")
+    def encode_prompt(self, prompt: Union[str, Sequence[str]], negative_prompt: Union[str, Sequence[str], None],
+                      do_cfg: bool, batch: int, device, max_sequence_length: int = 120,
+                      notes: Optional[Dict[str, Any]] = None):
+        """-> (embeds (B', L, D), mask (B', L)); B' = len(prompts) * batch, doubled with CFG (uncond first).
+        ``prompt``: one string or a list (one per image group, diffusers' order: each prompt's ``batch``
+        images together); ``negative_prompt``: one for all, or a list as long. Cached per prompt."""
+        prompts, negatives = check_prompts(prompt, negative_prompt)
         max_length = min(max_sequence_length, getattr(self.tokenizer, "model_max_length", max_sequence_length) or max_sequence_length)
-        emb, attn, truncated = self._encode_one(prompt, max_length, device)
-        if truncated and notes is not None:
+        encoded = [self._encode_one(p, max_length, device) for p in prompts]
+        if any(t for _, _, t in encoded) and notes is not None:
             notes["prompt_truncated"] = f"prompt was longer than {max_length} tokens and was truncated"
             warnings.warn(notes["prompt_truncated"] + "; shorten it to keep every word", stacklevel=3)
-        embs, masks = [emb] * batch, [attn] * batch
+        embs = [e for e, _, _ in encoded for _ in range(batch)]
+        masks = [m for _, m, _ in encoded for _ in range(batch)]
         if do_cfg:
-            nemb, nattn, _ = self._encode_one(negative_prompt or "", max_length, device)
-            embs, masks = [nemb] * batch + embs, [nattn] * batch + masks
-        length = max(e.shape[1] for e in embs)  # cond and uncond padded to one length, masked
+            uncond = [self._encode_one(n or "", max_length, device) for n in negatives]
+            embs = [e for e, _, _ in uncond for _ in range(batch)] + embs
+            masks = [m for _, m, _ in uncond for _ in range(batch)] + masks
+        length = max(e.shape[1] for e in embs)  # every row padded to one length, masked
         embs = [torch.nn.functional.pad(e, (0, 0, 0, length - e.shape[1])) for e in embs]
         masks = [torch.nn.functional.pad(m, (0, length - m.shape[1])) for m in masks]
         return torch.cat(embs).to(self.model_dtype), torch.cat(masks)
@@ -802,7 +824,8 @@ class EditPipelineMixin:
         with edit_scope():
             return self._run_edit(*args, **kwargs)
 
-    def _run_edit(self, prompt: str, image: ImageInput, mask_image: ImageInput, negative_prompt: Optional[str] = "",
+    def _run_edit(self, prompt: Union[str, List[str]], image: ImageInput, mask_image: ImageInput,
+                 negative_prompt: Union[str, List[str], None] = "",
                  num_inference_steps: int = 20, guidance_scale: float = 4.5, generator=None,
                  num_images_per_prompt: int = 1, latents: Optional[torch.Tensor] = None,
                  sketch: Optional[ImageInput] = None, strength: float = 1.0, blend: str = "feather",
@@ -812,9 +835,12 @@ class EditPipelineMixin:
         check_sampling_args(num_inference_steps, guidance_scale, strength, num_images_per_prompt, blend)
         device = self._execution_device
         timer = StageTimer(device)
-        if isinstance(generator, (list, tuple)) and len(generator) != num_images_per_prompt:
-            raise ValueError(f"generator is a list of {len(generator)} generators for {num_images_per_prompt} image(s): "
-                             "pass one generator per image (num_images_per_prompt), or a single generator")
+        prompts, _ = check_prompts(prompt, negative_prompt)
+        b = len(prompts) * num_images_per_prompt   # images: each prompt's num_images_per_prompt together
+        if isinstance(generator, (list, tuple)) and len(generator) != b:
+            raise ValueError(f"generator is a list of {len(generator)} generators for {b} image(s) "
+                             f"({len(prompts)} prompt(s) x num_images_per_prompt={num_images_per_prompt}): pass one "
+                             "generator per image, or a single generator")
         unknown = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
         if unknown:
             raise ValueError(f"callback_on_step_end_tensor_inputs: {unknown} not available; this pipeline passes "
@@ -833,10 +859,10 @@ class EditPipelineMixin:
                           f"and {'context encoder' if hasattr(self, 'context_encoder') else 'decoder'} run over the "
                           f"whole canvas, so an edit is slow and the model works out of its range; downscale the "
                           f"canvas first (the demo edits at up to 512 px a side and pastes back)", stacklevel=3)
-        b = num_images_per_prompt
         do_cfg = guidance_scale > 1.0
         with timer("text"):
-            text, text_mask = self.encode_prompt(prompt, negative_prompt, do_cfg, b, device, max_sequence_length, edit.notes)
+            text, text_mask = self.encode_prompt(prompt, negative_prompt, do_cfg, num_images_per_prompt, device,
+                                                 max_sequence_length, edit.notes)
         with timer("vae_encode"):
             enc = self.encode_canvas(edit, device)
         to_working, denoise, to_hole_tokens = self.make_denoiser(enc, edit, text, text_mask, 2 * b if do_cfg else b,
@@ -867,7 +893,9 @@ CALL_DOC = """Regenerate ``image`` inside ``mask_image`` (white = edit) followin
 
         Args:
             prompt, negative_prompt: text; the prompt is truncated (with a warning) past
-                ``max_sequence_length`` tokens.
+                ``max_sequence_length`` tokens. A list of prompts edits the same region once per prompt
+                in one batch (the canvas is encoded once); ``negative_prompt`` is then one string for
+                all or a list as long. Images come prompt by prompt, ``num_images_per_prompt`` each.
             image: the canvas (PIL RGB / RGBA / L / LA, or a uint8 array), any size.
             mask_image: same size; white (or True) = regenerate. Non-binary masks are thresholded at 50%.
             num_inference_steps, guidance_scale, generator, num_images_per_prompt: as in diffusers.

@@ -6,7 +6,7 @@
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from typing import Callable, List, Optional, Sequence, Union
 
 import torch
 
@@ -87,7 +87,8 @@ class LazyDiffusionPipeline(EditDiffusionPipeline):
         return gather_tokens(self.context_encoder_runner(ce, {"x": x, "pos": pos[None]}), enc["hole_index"])
 
     @torch.no_grad()
-    def __call__(self, prompt: str, image: ImageInput, mask_image: ImageInput, negative_prompt: Optional[str] = "",
+    def __call__(self, prompt: Union[str, List[str]], image: ImageInput, mask_image: ImageInput,
+                 negative_prompt: Union[str, List[str], None] = "",
                  num_inference_steps: int = 20, guidance_scale: float = 4.5,
                  generator: Optional[torch.Generator] = None, num_images_per_prompt: int = 1,
                  latents: Optional[torch.Tensor] = None, sketch: Optional[ImageInput] = None, strength: float = 1.0,

@@ -12,7 +12,7 @@ difference in cost comes from the denoiser.
 from __future__ import annotations
 
 import time
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import PIL.Image
@@ -79,7 +79,8 @@ class RegenerateImagePipeline(EditDiffusionPipeline):
         return out[:, : latents.shape[1]]
 
     @torch.no_grad()
-    def __call__(self, prompt: str, image: ImageInput, mask_image: ImageInput, negative_prompt: Optional[str] = "",
+    def __call__(self, prompt: Union[str, List[str]], image: ImageInput, mask_image: ImageInput,
+                 negative_prompt: Union[str, List[str], None] = "",
                  num_inference_steps: int = 20, guidance_scale: float = 4.5,
                  generator: Optional[torch.Generator] = None, num_images_per_prompt: int = 1,
                  latents: Optional[torch.Tensor] = None, sketch: Optional[ImageInput] = None, strength: float = 1.0,
@@ -132,7 +133,8 @@ class RegenerateCropPipeline(RegenerateImagePipeline):
         return int(self.decoder.config.sample_size * self.vae_scale_factor)
 
     @torch.no_grad()
-    def __call__(self, prompt: str, image: ImageInput, mask_image: ImageInput, negative_prompt: Optional[str] = "",
+    def __call__(self, prompt: Union[str, List[str]], image: ImageInput, mask_image: ImageInput,
+                 negative_prompt: Union[str, List[str], None] = "",
                  num_inference_steps: int = 20, guidance_scale: float = 4.5,
                  generator: Optional[torch.Generator] = None, num_images_per_prompt: int = 1,
                  latents: Optional[torch.Tensor] = None, sketch: Optional[ImageInput] = None, strength: float = 1.0,
