@@ -86,6 +86,9 @@ def main(argv=None):
     e.add_argument("--scheduler", default=None, choices=list(SCHEDULERS),
                    help="sampler (default: the model's own, DDIM for the shipped models)")
     e.add_argument("--seed", type=int, default=0, help="noise seed")
+    e.add_argument("--num-images", type=int, default=1,
+                   help="variations in one batch (the canvas is encoded once); with N > 1, OUT's name gets -0 ... "
+                        "-(N-1), and image i is the one --seed SEED+i gives alone")
     e.add_argument("--blend", default="feather", choices=["hard", "feather", "poisson"],
                    help="how the result is pasted into the mask")
     e.add_argument("--sketch", default=None, help="coloured strokes (same size as the image) to follow inside the mask")
@@ -98,10 +101,15 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     try:
+        if args.num_images < 1:
+            raise ValueError(f"--num-images must be >= 1, got {args.num_images}")
         _check_output(args.out)
-        if os.path.exists(args.out) and os.path.samefile(args.out, args.image):
-            raise ValueError(f"--out {args.out!r} is the input canvas: writing there would replace your original; "
-                             "write the edit to another file")
+        stem, ext = os.path.splitext(args.out)
+        outs = [args.out] if args.num_images == 1 else [f"{stem}-{i}{ext}" for i in range(args.num_images)]
+        for path in outs:
+            if os.path.exists(path) and os.path.samefile(path, args.image):
+                raise ValueError(f"--out {path!r} is the input canvas: writing there would replace your original; "
+                                 "write the edit to another file")
         if args.strength is not None and not args.sketch:
             raise ValueError("--strength applies to sketch guidance only: add --sketch STROKES.png, or drop --strength")
         _check_device(args.device)
@@ -121,12 +129,14 @@ def main(argv=None):
                 raise ValueError("--onnx-runtime is a CPU backend; drop it or pass --device cpu")
             pipe.enable_onnx_runtime()
         out = pipe(args.prompt, image, mask, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
-                   guidance_scale=args.guidance, generator=torch.Generator().manual_seed(args.seed),
+                   guidance_scale=args.guidance, num_images_per_prompt=args.num_images,
+                   generator=[torch.Generator().manual_seed(args.seed + i) for i in range(args.num_images)]
+                   if args.num_images > 1 else torch.Generator().manual_seed(args.seed),
                    blend=args.blend, sketch=sketch, strength=1.0 if args.strength is None else args.strength)
-        note = _save(out.images[0], args.out)
+        notes = [_save(img, path) for img, path in zip(out.images, outs)]
     except (ValueError, OSError, ImportError) as err:
         sys.exit(f"error: {err}")
-    print(f"wrote {args.out}{note}; " + ", ".join(f"{k} {v:.0f} ms" for k, v in out.timings.items())
+    print(f"wrote {', '.join(outs)}{notes[0]}; " + ", ".join(f"{k} {v:.0f} ms" for k, v in out.timings.items())
           + f"; hole tokens {out.stats['hole_tokens']}/{out.stats['total_tokens']}")
 
 

@@ -78,6 +78,13 @@ def test_edit_cli_with_a_scheduler_and_a_bad_input(tmp_path, capsys):
                    "--scheduler", "dpm-solver++"])
     out = np.asarray(PIL.Image.open(tmp_path / "out.png"))
     assert np.array_equal(out[task.mask < 0.5], task.canvas[task.mask < 0.5]) and "hole tokens" in capsys.readouterr().out
+    # --num-images: variations in one batch, named -0, -1; image i is the one --seed i gives alone
+    main(common + ["--mask", str(tmp_path / "mask.png"), "--out", str(tmp_path / "var.png"), "--num-images", "2"])
+    main(common + ["--mask", str(tmp_path / "mask.png"), "--out", str(tmp_path / "seed1.png"), "--seed", "1"])
+    var1, seed1 = (np.asarray(PIL.Image.open(tmp_path / f), int) for f in ("var-1.png", "seed1.png"))
+    assert (tmp_path / "var-0.png").exists() and np.abs(var1 - seed1).max() <= 2 and "var-0.png, " in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--num-images must be >= 1"):
+        main(common + ["--mask", str(tmp_path / "mask.png"), "--out", str(tmp_path / "n0.png"), "--num-images", "0"])
     PIL.Image.new("L", (64, 64), 255).save(tmp_path / "small.png")   # a mask of another size: a clear error
     with pytest.raises(SystemExit, match="error: .*size"):
         main(common + ["--mask", str(tmp_path / "small.png"), "--out", str(tmp_path / "bad.png")])
