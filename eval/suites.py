@@ -12,16 +12,16 @@ See ``eval/README.md`` for the format and ``data/suites/`` for examples.
 """
 from __future__ import annotations
 
-import csv
 import difflib
 import hashlib
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
+
+from lazydiff.manifest import load_mask, load_rgb, read_rows
 
 
 class SuiteError(ValueError):
@@ -241,66 +241,7 @@ class Suite:
 # ----------------------------------------------------------------------------- folder datasets
 def read_manifest(path: Path) -> List[Dict[str, Any]]:
     """Rows of a JSON-lines or CSV manifest, each checked for the required columns."""
-    if not path.exists():
-        raise SuiteError(f"manifest {path} not found; write a JSON-lines or CSV file with columns "
-                         f"{', '.join(MANIFEST_REQUIRED)}")
-    rows: List[Dict[str, Any]] = []
-    suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".json", ".ndjson"):
-        with open(path, encoding="utf-8") as f:
-            for ln, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise SuiteError(f"{path}:{ln}: not valid JSON ({err.msg}); write one JSON object per line") from None
-                if not isinstance(row, dict):
-                    raise SuiteError(f"{path}:{ln}: expected a JSON object with keys {', '.join(MANIFEST_REQUIRED)}")
-                row["_line"] = ln
-                rows.append(row)
-    elif suffix in (".csv", ".tsv"):
-        with open(path, newline="", encoding="utf-8") as f:
-            reader = csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")
-            for ln, row in enumerate(reader, 2):
-                row = {k.strip(): v for k, v in row.items() if k is not None}
-                row["_line"] = ln
-                rows.append(row)
-    else:
-        raise SuiteError(f"manifest {path}: unsupported extension {suffix!r}; use .jsonl (JSON lines) or .csv")
-    if not rows:
-        raise SuiteError(f"manifest {path} is empty; add one line per edit with {', '.join(MANIFEST_REQUIRED)}")
-    allowed = set(MANIFEST_REQUIRED + MANIFEST_OPTIONAL + ("_line",))
-    for row in rows:
-        missing = [k for k in MANIFEST_REQUIRED if not row.get(k)]
-        if missing:
-            raise SuiteError(f"{path}:{row['_line']}: missing {', '.join(missing)}; every row needs "
-                             f"{', '.join(MANIFEST_REQUIRED)} (optional: {', '.join(MANIFEST_OPTIONAL)})")
-        extra = [k for k in row if k not in allowed]
-        if extra:
-            raise SuiteError(f"{path}:{row['_line']}: unknown column(s) {', '.join(map(repr, extra))}; allowed: "
-                             f"{', '.join(MANIFEST_REQUIRED + MANIFEST_OPTIONAL)}")
-    return rows
-
-
-def _load_rgb(path: Path) -> np.ndarray:
-    import PIL.Image
-
-    with PIL.Image.open(path) as im:
-        im.load()
-        return np.asarray(im.convert("RGB"))
-
-
-def _load_mask(path: Path) -> np.ndarray:
-    import PIL.Image
-
-    with PIL.Image.open(path) as im:
-        im.load()
-        if im.mode in ("RGBA", "LA"):
-            arr = np.maximum(np.asarray(im.convert("L")), np.asarray(im.getchannel("A")))
-        else:
-            arr = np.asarray(im.convert("L"))
-    return arr >= 128
+    return read_rows(path, MANIFEST_REQUIRED, MANIFEST_OPTIONAL, error=SuiteError)
 
 
 def check_folder_rows(rows: List[Dict[str, Any]], root: Path, source: str) -> List[EditSample]:
@@ -334,7 +275,7 @@ def check_folder_rows(rows: List[Dict[str, Any]], root: Path, source: str) -> Li
                     problems.append(f"line {ln}: {k} {paths[k]} is {sizes[k][0]}x{sizes[k][1]} but image "
                                     f"{paths['image']} is {sizes['image'][0]}x{sizes['image'][1]} (width x height)")
         if "mask" in sizes and not problems_for_line(problems, ln):
-            m = _load_mask(paths["mask"])
+            m = load_mask(paths["mask"])
             if not m.any():
                 problems.append(f"line {ln}: mask {paths['mask']} is empty (paint the edit region white)")
         sid = str(row.get("id") or Path(str(row["image"])).stem)
@@ -345,9 +286,9 @@ def check_folder_rows(rows: List[Dict[str, Any]], root: Path, source: str) -> Li
             continue
 
         def loader(paths=paths):
-            image = _load_rgb(paths["image"])
-            mask = _load_mask(paths["mask"])
-            ref = _load_rgb(paths["reference"]) if "reference" in paths else image
+            image = load_rgb(paths["image"])
+            mask = load_mask(paths["mask"])
+            ref = load_rgb(paths["reference"]) if "reference" in paths else image
             return dict(image=image, mask=mask, reference=ref, background=None)
 
         meta = dict(intent=row.get("intent"), image_path=str(row["image"]), mask_path=str(row["mask"]),

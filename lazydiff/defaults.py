@@ -34,13 +34,24 @@ def minilm_path() -> str:
 
 
 def load_text_encoder(path: Optional[str] = None, device="cpu") -> Tuple[object, object]:
-    """(text_encoder, tokenizer) for all-MiniLM-L6-v2, loaded offline."""
-    from transformers import AutoModel, AutoTokenizer
+    """(text_encoder, tokenizer), loaded offline: all-MiniLM-L6-v2 from its package, or the local folder
+    ``path``. An encoder-decoder checkpoint (T5, as PixArt-α's ``text_encoder/``) loads as its encoder only
+    (``T5EncoderModel``): ``AutoModel`` would build the whole T5 with a random decoder, which the forward
+    call here cannot run."""
+    import transformers
+    from transformers import AutoConfig, AutoModel, AutoTokenizer
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     path = path or minilm_path()
     tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    model = AutoModel.from_pretrained(path, local_files_only=True, use_safetensors=True, dtype=torch.float32)
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    named = [getattr(transformers, a, None) for a in (config.architectures or []) if a.endswith("EncoderModel")]
+    by_type = {"t5": "T5EncoderModel", "mt5": "MT5EncoderModel", "umt5": "UMT5EncoderModel"}.get(config.model_type)
+    cls = next((c for c in named if c is not None), None) or (getattr(transformers, by_type) if by_type else AutoModel)
+    if cls is AutoModel and getattr(config, "is_encoder_decoder", False):
+        raise ValueError(f"{path}: an encoder-decoder text model ({config.model_type}) with no encoder-only class "
+                         "known here; use an encoder-only checkpoint (e.g. T5EncoderModel's)")
+    model = cls.from_pretrained(path, local_files_only=True, use_safetensors=True, dtype=torch.float32)
     model = model.to(device).eval()
     return model, tok
 
@@ -78,9 +89,10 @@ def load_default(kind: str = "lazy", device: Optional[str] = None, models_dir: O
     return _assemble(kind, _require(folder, what), root / "autoencoder", device, torch_dtype)
 
 
-def _assemble(kind: str, folder: Path, autoencoder: Path, device: Optional[str], torch_dtype: torch.dtype):
+def _assemble(kind: str, folder: Path, autoencoder: Path, device: Optional[str], torch_dtype: torch.dtype,
+              text_encoder: Optional[str] = None):
     """A pipeline from one model folder in data/models' layout (what training exports), the autoencoder it
-    was trained with and the MiniLM text encoder."""
+    was trained with and its text encoder (a local folder; None: the MiniLM package)."""
     from diffusers import AutoencoderKL, DDIMScheduler
 
     from .models import ContextEncoder, FullCanvasDecoder, LazyDecoder
@@ -88,7 +100,10 @@ def _assemble(kind: str, folder: Path, autoencoder: Path, device: Optional[str],
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     vae = AutoencoderKL.from_pretrained(_require(autoencoder, "the ShapesWorld autoencoder"), torch_dtype=torch_dtype)
-    text_encoder, tokenizer = load_text_encoder(device=device)
+    if text_encoder is not None and not Path(text_encoder).is_dir():
+        raise FileNotFoundError(f"text encoder folder {text_encoder} not found: pass the local folder of the text "
+                                "encoder the model was trained with (its config.json, weights and tokenizer)")
+    text_encoder, tokenizer = load_text_encoder(text_encoder, device=device)
     scheduler = (DDIMScheduler.from_pretrained(folder / "scheduler") if (folder / "scheduler").is_dir()
                  else default_scheduler())
     if kind == "lazy":
@@ -110,14 +125,16 @@ PIPELINE_HELP = ("a shipped model (lazy, regenerate-image, regenerate-crop; 'def
 
 
 def load_pipeline(spec: str, device: Optional[str] = None, torch_dtype: torch.dtype = torch.float32,
-                  crop: bool = False, autoencoder: Optional[str] = None):
+                  crop: bool = False, autoencoder: Optional[str] = None, text_encoder: Optional[str] = None):
     """A ready pipeline from what a user names on a command line (see :data:`PIPELINE_HELP`):
 
     * ``"default"``, ``"lazy"``, ``"regenerate-image"``, ``"regenerate-crop"``: :func:`load_default`;
     * a folder with ``model_index.json`` (``save_pretrained``): that pipeline class's ``from_pretrained``;
     * a folder with ``decoder/`` (and ``context_encoder/`` for LazyDiffusion), as ``data/models/lazy`` or
-      ``python -m lazydiff.train``'s ``export/``: assembled with ``autoencoder`` (default: the shipped one).
-      ``crop=True`` makes a full-canvas model a RegenerateCropPipeline.
+      ``python -m lazydiff.train``'s ``export/``: assembled with ``autoencoder`` (default: the shipped one)
+      and ``text_encoder`` (default: the MiniLM package), the ones it was trained with; ``save_pretrained``
+      the result to get one folder that every ``--model`` takes. ``crop=True`` makes a full-canvas model a
+      RegenerateCropPipeline.
 
     Raises ValueError with what to pass instead when ``spec`` is none of these."""
     import json
@@ -140,4 +157,5 @@ def load_pipeline(spec: str, device: Optional[str] = None, torch_dtype: torch.dt
     if not (folder / "decoder").is_dir():
         raise ValueError(f"{spec!r} holds no model_index.json and no decoder/ folder. Pass {PIPELINE_HELP}.")
     kind = "lazy" if (folder / "context_encoder").is_dir() else ("regenerate-crop" if crop else "regenerate-image")
-    return _assemble(kind, folder, Path(autoencoder) if autoencoder else MODELS_DIR / "autoencoder", device, torch_dtype)
+    return _assemble(kind, folder, Path(autoencoder) if autoencoder else MODELS_DIR / "autoencoder", device, torch_dtype,
+                     text_encoder)

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from lazydiff.train import MODELS, TrainConfig, train
 from lazydiff.train import loop
 from lazydiff.train.__main__ import main as cli_main
+from lazydiff.train.image_folder import load_rows
 from lazydiff.train.objectives import OBJECTIVES, AutoencoderObjective
 
 REPO = Path(__file__).resolve().parent.parent
@@ -192,7 +193,7 @@ def test_shipped_configs_validate_and_overrides_win(name):
 def test_every_config_in_the_repo_validates(path):
     cfg = TrainConfig.load(str(path))
     stem = path.stem.removesuffix("_continue").removesuffix("_stage3").removesuffix("_stage4").removesuffix("_stage5") \
-        .removesuffix("_holes").removesuffix("_decoder_objects").removesuffix("_decoder")
+        .removesuffix("_holes").removesuffix("_decoder_objects").removesuffix("_decoder").removesuffix("_own_images")
     assert cfg.model == stem
     base = TrainConfig.load(str(REPO / "configs" / "train" / f"{stem}.yaml"))
     assert cfg.arch == base.arch  # variants (CPU recipe, stage 2) train the shipped architecture
@@ -213,6 +214,8 @@ def test_every_config_in_the_repo_validates(path):
         assert cfg.lr_schedule == "cosine" and cfg.batch_size == earlier[-1].batch_size
     if path.stem.endswith(("_decoder", "_decoder_objects")):
         assert cfg.train_decoder_only and cfg.init_from and cfg.seed != base.seed
+    if path.stem.endswith("_own_images"):   # fine-tunes the shipped model on the rows of `data`, which exist
+        assert cfg.data and cfg.init_from == "data/models/" + stem and len(load_rows(str(REPO / cfg.data))) >= 1
     if path.stem.endswith("_holes"):
         assert cfg.init_from and cfg.hole_crops > 0 and cfg.seed != base.seed
 
@@ -965,7 +968,7 @@ def test_shapes_clip_hole_crops_are_the_evaluations_crops():
     crops it (crop_box around the hole), captioned with the edit prompt; 0 keeps the old stream."""
     from lazydiff.pipelines.pipeline_regenerate import crop_box
     from lazydiff.shapesworld.tasks import make_task
-    from lazydiff.train.data import TRAIN_SEED_BASE, ShapesWorldStream, caption_batch, hole_crop_pair
+    from lazydiff.train.data import TRAIN_SEED_BASE, TrainingStream, caption_batch, hole_crop_pair
 
     seeds = np.arange(TRAIN_SEED_BASE, TRAIN_SEED_BASE + 6)
     batch = caption_batch(seeds, 64, hole_crops=1.0)
@@ -979,7 +982,7 @@ def test_shapes_clip_hole_crops_are_the_evaluations_crops():
             assert not torch.equal(img, torch.from_numpy(t.target).permute(2, 0, 1))
     plain = caption_batch(seeds, 64)
     assert torch.equal(plain["image"], caption_batch(seeds, 64, hole_crops=0.0)["image"])
-    mixed = ShapesWorldStream("shapes_clip", 32, 64, 0, 0, hole_crops=0.5)
+    mixed = TrainingStream("shapes_clip", 32, 64, 0, 0, hole_crops=0.5)
     captions = next(iter(mixed))["caption"]
     prompts = set(caption_batch(mixed.seeds(0), 64, hole_crops=1.0)["caption"])
     n_task = sum(c in prompts for c in captions)

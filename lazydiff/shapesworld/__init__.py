@@ -48,6 +48,7 @@ from .tasks import (
     iter_tasks,
     make_split,
     make_task,
+    random_edit_mask,
     task_to_pil,
 )
 
@@ -81,6 +82,7 @@ __all__ = [
     "make_split",
     "make_task",
     "object_caption",
+    "random_edit_mask",
     "render_object",
     "render_scene",
     "scene_batch",

@@ -334,6 +334,27 @@ def _brush_mask(rng, cover: np.ndarray, ratio: float, m: float) -> np.ndarray:
     return mask
 
 
+def random_edit_mask(rng: np.random.Generator, size, kind: str | None = None) -> np.ndarray:
+    """A box or brush mask for any image (training on your own images, where no object says where the
+    hole goes): the tasks' own mask makers around a random spot, a ratio log-uniform in [2%, 60%]."""
+    h, w = as_size(size)
+    m = math.sqrt(h * w)
+    kind = kind or ("box", "brush")[int(rng.integers(2))]
+    if kind not in ("box", "brush"):
+        raise ValueError(f"random masks are 'box' or 'brush' (an object mask needs an object), got {kind!r}")
+    mask = None
+    for _ in range(20):
+        ratio = math.exp(rng.uniform(math.log(MIN_RATIO), math.log(MAX_RATIO)))
+        cover = np.zeros((h, w), bool)  # the spot the mask must contain
+        r = max(1, int(0.03 * m))
+        cy, cx = int(rng.integers(r, max(r + 1, h - r))), int(rng.integers(r, max(r + 1, w - r)))
+        cover[max(0, cy - r):cy + r, max(0, cx - r):cx + r] = True
+        mask = (_box_mask if kind == "box" else _brush_mask)(rng, cover, ratio, m)
+        if MIN_RATIO <= mask.mean() <= MAX_RATIO:
+            break
+    return mask
+
+
 def _zigzag(rng, bbox, r0: float) -> np.ndarray:
     """A back-and-forth scribble over a box, lines at most ~1.8 brush radii apart."""
     x0, y0, x1, y1 = bbox

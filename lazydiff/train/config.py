@@ -64,6 +64,9 @@ class TrainConfig:
     prompt_dropout: float = 0.1               # empty prompt this often, for classifier-free guidance
     num_train_timesteps: int = 1000
     text_features: Optional[str] = None       # precomputed prompt features (python -m lazydiff.train.text_features)
+    # your own images instead of ShapesWorld: a manifest (.jsonl / .csv: image, prompt, optional mask and
+    # reference) or a folder holding one (or images with .txt captions); see lazydiff/train/image_folder.py
+    data: Optional[str] = None
     # Min-SNR-gamma loss weighting (Hang et al. 2023): each sample's epsilon error is weighted by
     # min(SNR_t, gamma) / SNR_t, which stops the easy low-noise steps dominating the gradient; e.g. 5.
     # None = the plain epsilon MSE the shipped models were trained with
@@ -162,6 +165,9 @@ class TrainConfig:
             if cfg.snr_gamma <= 0 or cfg.model not in ("lazy", "regenerate_image"):
                 raise ValueError(f"{source}: snr_gamma weights the diffusion loss (models 'lazy', 'regenerate_image') "
                                  f"and must be > 0 (e.g. 5); got {cfg.snr_gamma} for model {cfg.model!r}")
+        if cfg.data is not None and (cfg.model not in ("lazy", "regenerate_image") or not isinstance(cfg.data, str)):
+            raise ValueError(f"{source}: data (a manifest or folder of your own images) applies to models 'lazy' and "
+                             f"'regenerate_image'; got {cfg.data!r} for model {cfg.model!r}")
         if cfg.steps < 1 or cfg.batch_size < 1:
             raise ValueError(f"{source}: steps and batch_size must be >= 1")
         return cfg

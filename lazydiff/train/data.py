@@ -1,4 +1,5 @@
-"""ShapesWorld training streams: deterministic by (seed, step), so a resumed run sees the same data.
+"""Training streams (ShapesWorld, or your own images): deterministic by (seed, step), so a resumed run sees the
+same data.
 
 Sample ``i`` of the stream is generated from seed ``base + i``; process ``r`` of ``n`` takes the
 samples ``i = (step * n + r) * batch + j``. Worker processes of a DataLoader split each batch.
@@ -8,7 +9,7 @@ training device (:func:`to_unit`).
 from __future__ import annotations
 
 from functools import partial
-from typing import Dict, Iterator, Tuple
+from typing import Dict, Iterator, Optional, Tuple
 
 import numpy as np
 import torch
@@ -109,15 +110,21 @@ def caption_batch(seeds, size: int, hole_crops: float = 0.0) -> Dict[str, object
 MAKERS = {"autoencoder": image_batch, "shapes_clip": caption_batch, "lazy": edit_batch, "regenerate_image": edit_batch}
 
 
-class ShapesWorldStream(IterableDataset):
-    """Yields batches for steps ``start_step, start_step + 1, ...`` of one process."""
+class TrainingStream(IterableDataset):
+    """Yields batches for steps ``start_step, start_step + 1, ...`` of one process: ShapesWorld, or with
+    ``data`` (the diffusion models) your own images (:mod:`.image_folder`)."""
 
     def __init__(self, model: str, batch_size: int, size: int, seed: int, start_step: int,
-                 process_index: int = 0, num_processes: int = 1, **options):
+                 process_index: int = 0, num_processes: int = 1, data: Optional[str] = None, **options):
         # options of the batch maker: hole_crops (caption_batch), object_masks (image_batch);
         # TrainConfig allows each for its model only
         options = {k: v for k, v in options.items() if v}
-        self.make = partial(MAKERS[model], **options) if options else MAKERS[model]
+        if data:
+            from .image_folder import folder_edit_batch
+
+            self.make = partial(folder_edit_batch, data=str(data))
+        else:
+            self.make = partial(MAKERS[model], **options) if options else MAKERS[model]
         self.batch_size, self.size = batch_size, size
         self.base = TRAIN_SEED_BASE + seed * 100_000_000
         self.start_step, self.rank, self.world = start_step, process_index, num_processes

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .config import TrainConfig
-from .data import ShapesWorldStream
+from .data import TrainingStream
 from .objectives import OBJECTIVES
 
 
@@ -124,7 +124,7 @@ def load_checkpoint(path: Path, model, ema: EMA, optimizer):
 #: config keys that may change when a run resumes: they do not change the weights' trajectory (paths may be
 #: spelled differently from another machine or folder; init_from is ignored when a checkpoint exists)
 RESUME_MAY_CHANGE = ("output_dir", "num_workers", "checkpoint_every", "log_every", "keep_checkpoints", "export_dtype",
-                     "export_raw", "init_from", "pixart", "autoencoder", "text_encoder", "text_features")
+                     "export_raw", "init_from", "pixart", "autoencoder", "text_encoder", "text_features", "data")
 
 
 def check_resume_config(ckpt: Path, cfg: TrainConfig, num_processes: Optional[int] = None) -> Optional[str]:
@@ -232,6 +232,11 @@ def train(cfg: TrainConfig, resume: bool = True, max_steps_this_run: Optional[in
     torch.backends.cudnn.allow_tf32 = True
     out = Path(cfg.output_dir)
     try:  # everything the config names is checked before output_dir is touched
+        if cfg.data:
+            from .image_folder import load_rows
+
+            rows = load_rows(str(cfg.data))
+            accelerator.print(f"data: {len(rows)} images from {cfg.data}")
         try:
             objective = OBJECTIVES[cfg.model](cfg, device)
         except TypeError as err:  # e.g. a misspelt `arch:` key reaches a model constructor
@@ -282,9 +287,9 @@ def train(cfg: TrainConfig, resume: bool = True, max_steps_this_run: Optional[in
     objective.trainable = model  # the objective calls the (possibly DDP-wrapped) module
     # Data step d feeds training steps d * echo ... d * echo + echo - 1 (a resume mid-echo restarts at its d).
     echo = cfg.data_echo
-    stream = ShapesWorldStream(cfg.model, cfg.batch_size, cfg.image_size, cfg.seed, start // echo,
-                               accelerator.process_index, accelerator.num_processes,
-                               hole_crops=cfg.hole_crops, object_masks=cfg.object_loss_weight > 0)
+    stream = TrainingStream(cfg.model, cfg.batch_size, cfg.image_size, cfg.seed, start // echo,
+                            accelerator.process_index, accelerator.num_processes, data=cfg.data,
+                            hole_crops=cfg.hole_crops, object_masks=cfg.object_loss_weight > 0)
     loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=cfg.num_workers,
                                          prefetch_factor=4 if cfg.num_workers else None,
                                          persistent_workers=False, worker_init_fn=_ignore_sigint,

