@@ -89,6 +89,34 @@ def load_default(kind: str = "lazy", device: Optional[str] = None, models_dir: O
     return _assemble(kind, _require(folder, what), root / "autoencoder", device, torch_dtype)
 
 
+COMPONENTS_FILE = "components.json"  # in a training export: the autoencoder and text encoder it was trained with
+
+
+def check_components(folder: Path, vae, text_encoder) -> None:
+    """A model trained on other latents or other text features cannot work with these: say which ones it
+    needs (from the export's ``components.json``; folders without one, as the shipped models, pass)."""
+    import json
+
+    path = folder / COMPONENTS_FILE
+    if not path.is_file():
+        return
+    want = json.loads(path.read_text())
+    ae, te = want.get("autoencoder") or {}, want.get("text_encoder") or {}
+    have_ae = {"latent_channels": vae.config.latent_channels, "block_out_channels": list(vae.config.block_out_channels),
+               "scaling_factor": vae.config.scaling_factor}
+    diff = {k: (ae[k], v) for k, v in have_ae.items() if k in ae and ae[k] != v}
+    if diff:
+        raise ValueError(f"{folder} was trained with the autoencoder {ae.get('path')!r}; the one given differs in "
+                         + ", ".join(f"{k} ({a} there, {b} here)" for k, (a, b) in diff.items())
+                         + ": pass autoencoder=<that folder> (lazydiff.load_pipeline)")
+    have_te = {"hidden_size": text_encoder.config.hidden_size, "model_type": text_encoder.config.model_type}
+    diff = {k: (te[k], v) for k, v in have_te.items() if k in te and te[k] != v}
+    if diff:
+        raise ValueError(f"{folder} was trained with the text encoder {te.get('path')!r}; the one given differs in "
+                         + ", ".join(f"{k} ({a} there, {b} here)" for k, (a, b) in diff.items())
+                         + ": pass text_encoder=<that folder> (lazydiff.load_pipeline)")
+
+
 def _assemble(kind: str, folder: Path, autoencoder: Path, device: Optional[str], torch_dtype: torch.dtype,
               text_encoder: Optional[str] = None):
     """A pipeline from one model folder in data/models' layout (what training exports), the autoencoder it
@@ -104,6 +132,7 @@ def _assemble(kind: str, folder: Path, autoencoder: Path, device: Optional[str],
         raise FileNotFoundError(f"text encoder folder {text_encoder} not found: pass the local folder of the text "
                                 "encoder the model was trained with (its config.json, weights and tokenizer)")
     text_encoder, tokenizer = load_text_encoder(text_encoder, device=device)
+    check_components(folder, vae, text_encoder)
     scheduler = (DDIMScheduler.from_pretrained(folder / "scheduler") if (folder / "scheduler").is_dir()
                  else default_scheduler())
     if kind == "lazy":

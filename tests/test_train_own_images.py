@@ -143,6 +143,14 @@ def test_a_t5_text_encoder_folder_loads_its_encoder_and_trains(tmp_path, autoenc
                         text_encoder=str(tmp_path / "T5EncoderModel")))
     from lazydiff import load_pipeline
 
+    record = json.loads((export / "components.json").read_text())   # what it was trained with, for assembling
+    assert record["text_encoder"]["model_type"] == "t5" and record["text_encoder"]["hidden_size"] == 32
+    with pytest.raises(ValueError, match=r"trained with the text encoder .*T5EncoderModel'; the one given differs in "
+                                         r"hidden_size \(32 there, 384 here\), model_type \(t5 there, bert here\): "
+                                         r"pass text_encoder="):
+        load_pipeline(str(export), device="cpu", autoencoder=str(autoencoder_export))   # MiniLM by default
+    with pytest.raises(ValueError, match=r"trained with the autoencoder .*; the one given differs in block_out_channels"):
+        load_pipeline(str(export), device="cpu", text_encoder=str(tmp_path / "T5EncoderModel"))   # the shipped one
     pipe = load_pipeline(str(export), device="cpu", autoencoder=str(autoencoder_export),
                          text_encoder=str(tmp_path / "T5EncoderModel"))
     assert type(pipe.text_encoder).__name__ == "T5EncoderModel"
