@@ -59,8 +59,9 @@ def find_manifest(data: str) -> Optional[Path]:
 
 
 @functools.lru_cache(maxsize=4)  # once per process (and DataLoader worker), not per batch
-def load_rows(data: str) -> List[Row]:
-    """Every training row of ``data``, with every listed file checked to exist (opened only when used)."""
+def load_rows(data: str, check_files: bool = True) -> List[Row]:
+    """Every training row of ``data``; ``check_files``: every listed file checked to exist (the training
+    process does it once before the run; its data workers skip it). Files are opened only when used."""
     manifest = find_manifest(data)
     if manifest is None:
         rows = _caption_rows(Path(data))
@@ -71,7 +72,7 @@ def load_rows(data: str) -> List[Row]:
         rows = [Row(root / str(r["image"]), str(r["prompt"]), root / str(r["mask"]) if r.get("mask") else None,
                     root / str(r["reference"]) if r.get("reference") else None, f"{manifest}:{r['_line']}")
                 for r in read_rows(manifest, REQUIRED, OPTIONAL, ALIASES, what="image")]
-    missing = [f"{r.where}: {kind} {path} does not exist" for r in rows
+    missing = [f"{r.where}: {kind} {path} does not exist" for r in rows if check_files
                for kind, path in (("image", r.image), ("mask", r.mask), ("reference", r.reference))
                if path is not None and not path.is_file()]
     if missing:
@@ -166,7 +167,7 @@ def folder_edit_batch(seeds: Sequence[int], size: int, data: str) -> Dict[str, o
 
     from .data import _images
 
-    rows = load_rows(str(data))
+    rows = load_rows(str(data), check_files=False)   # checked before the run started
     samples = [folder_sample(rows[row_for_seed(len(rows), s)], int(s), size) for s in seeds]
     return {"canvas": _images(np.stack([s["canvas"] for s in samples])),
             "target": _images(np.stack([s["target"] for s in samples])),
