@@ -215,7 +215,11 @@ def test_every_config_in_the_repo_validates(path):
     if path.stem.endswith(("_decoder", "_decoder_objects")):
         assert cfg.train_decoder_only and cfg.init_from and cfg.seed != base.seed
     if path.stem.endswith("_own_images"):   # fine-tunes the shipped model on the rows of `data`, which exist
-        assert cfg.data and cfg.init_from == "data/models/" + stem and len(load_rows(str(REPO / cfg.data))) >= 1
+        assert cfg.data and cfg.init_from == "data/models/" + stem.replace("_", "-")
+        assert len(load_rows(str(REPO / cfg.data))) >= 1
+        twin = TrainConfig.load(str(REPO / "configs" / "train" / "lazy_own_images.yaml"))   # same data and recipe
+        same = ("data", "steps", "batch_size", "lr", "lr_schedule", "warmup_steps", "ema_decay", "image_size", "seed")
+        assert all(getattr(cfg, k) == getattr(twin, k) for k in same)
     if path.stem.endswith("_holes"):
         assert cfg.init_from and cfg.hole_crops > 0 and cfg.seed != base.seed
 
