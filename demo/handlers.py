@@ -72,10 +72,10 @@ class Cancelled(Exception):
 
 # --------------------------------------------------------------------------------------------- images
 def _open_image(path: Union[str, os.PathLike]) -> PIL.Image.Image:
+    from lazydiff.manifest import open_image
+
     try:
-        with PIL.Image.open(path) as im:
-            im.load()
-            return im.copy()
+        return open_image(path)   # upright by its EXIF orientation, as the browser showed it
     except (PIL.UnidentifiedImageError, OSError, ValueError, SyntaxError, PIL.Image.DecompressionBombError) as err:
         raise UserError(f"Could not read the image file ({type(err).__name__}): it is corrupt or not an image. "
                        "Upload a PNG, JPEG or WebP file.") from None

@@ -21,7 +21,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from lazydiff.manifest import load_mask, load_rgb, read_rows
+from lazydiff.manifest import load_mask, load_rgb, open_image, read_rows
 
 
 class SuiteError(ValueError):
@@ -264,9 +264,7 @@ def check_folder_rows(rows: List[Dict[str, Any]], root: Path, source: str) -> Li
             try:
                 with PIL.Image.open(p) as im:
                     im.verify()  # cheap integrity check; loaded again in full when used
-                with PIL.Image.open(p) as im:
-                    im.load()
-                    sizes[k] = im.size
+                sizes[k] = open_image(p).size   # upright (EXIF orientation), as load_rgb / load_mask read it
             except Exception as err:  # PIL raises many types for broken files
                 problems.append(f"line {ln}: {k} file {p} is not a readable image ({type(err).__name__}: {err})")
         if "image" in sizes:

@@ -50,12 +50,14 @@ def _save(img, path: str) -> str:
 
 
 def _open_image(path: str, flag: str):
-    from PIL import Image, UnidentifiedImageError
+    from PIL import UnidentifiedImageError
+
+    from .manifest import open_image
 
     if not os.path.isfile(path):
         raise ValueError(f"{flag}: no such file {path!r}")
     try:
-        return Image.open(path)
+        return open_image(path)   # upright by its EXIF orientation, as viewers show it
     except UnidentifiedImageError:
         raise ValueError(f"{flag}: {path!r} is not an image PIL can read (use PNG, JPEG or WebP)") from None
 

@@ -1,7 +1,11 @@
-"""Manifests of images with prompts: JSON lines or CSV, one row per image, paths relative to the manifest.
+"""Reading users' image files, and manifests of images with prompts (JSON lines or CSV, one row per image,
+paths relative to the manifest).
 
-Shared by training on your own images (``data:`` in a training config, :mod:`lazydiff.train.image_folder`)
-and the evaluation's folder suites (:mod:`eval.suites`), so a suite's manifest is also training data.
+:func:`open_image` is how the CLI, the demo and the loaders below open a file: EXIF orientation applied,
+as image viewers and browsers show it (a phone photo stored sideways, with a mask drawn on what the user
+saw, must not come out rotated). Manifests are shared by training on your own images (``data:`` in a
+training config, :mod:`lazydiff.train.image_folder`) and the evaluation's folder suites (:mod:`eval.suites`),
+so a suite's manifest is also training data.
 """
 from __future__ import annotations
 
@@ -69,23 +73,27 @@ def read_rows(path: Path, required: Sequence[str], optional: Sequence[str], alia
     return rows
 
 
-def load_rgb(path: Path) -> np.ndarray:
-    """(H, W, 3) uint8; any mode PIL reads (alpha dropped)."""
+def open_image(path) -> "PIL.Image.Image":
+    """The image in ``path``, loaded (the file is closed) and turned upright by its EXIF orientation."""
     import PIL.Image
+    import PIL.ImageOps
 
     with PIL.Image.open(path) as im:
         im.load()
-        return np.asarray(im.convert("RGB"))
+        upright = PIL.ImageOps.exif_transpose(im)
+        return upright if upright is not im else im.copy()
+
+
+def load_rgb(path: Path) -> np.ndarray:
+    """(H, W, 3) uint8; any mode PIL reads (alpha dropped)."""
+    return np.asarray(open_image(path).convert("RGB"))
 
 
 def load_mask(path: Path) -> np.ndarray:
     """(H, W) bool, white (>= 128) = edit; an RGBA / LA mask's opaque pixels count too."""
-    import PIL.Image
-
-    with PIL.Image.open(path) as im:
-        im.load()
-        if im.mode in ("RGBA", "LA"):
-            arr = np.maximum(np.asarray(im.convert("L")), np.asarray(im.getchannel("A")))
-        else:
-            arr = np.asarray(im.convert("L"))
+    im = open_image(path)
+    if im.mode in ("RGBA", "LA"):
+        arr = np.maximum(np.asarray(im.convert("L")), np.asarray(im.getchannel("A")))
+    else:
+        arr = np.asarray(im.convert("L"))
     return arr >= 128

@@ -160,3 +160,27 @@ def test_a_t5_text_encoder_folder_loads_its_encoder_and_trains(tmp_path, autoenc
     mask[8:20, 8:20] = True
     out = pipe(["a red ball", "photo 1"], img, mask, num_inference_steps=2)
     assert len(out.images) == 2 and out.images[0].size == (32, 32)
+
+
+def test_images_are_read_upright_by_their_exif_orientation(tmp_path):
+    """A phone photo stored sideways with an EXIF orientation, and a mask drawn on it as viewers show it: the
+    CLI, the demo and the manifest loaders all read the image upright, so the two line up."""
+    from demo.handlers import _open_image as demo_open
+    from lazydiff.__main__ import _open_image as cli_open
+    from lazydiff.manifest import load_rgb, open_image
+
+    stored = np.zeros((20, 40, 3), np.uint8)
+    stored[:, :20] = (255, 0, 0)   # left half red as stored; orientation 6 shows it rotated 90 degrees clockwise
+    exif = PIL.Image.Exif()
+    exif[0x0112] = 6
+    PIL.Image.fromarray(stored).save(tmp_path / "photo.jpg", exif=exif, quality=95)
+    assert PIL.Image.open(tmp_path / "photo.jpg").size == (40, 20)
+    for im in (open_image(tmp_path / "photo.jpg"), cli_open(str(tmp_path / "photo.jpg"), "--image"),
+               demo_open(tmp_path / "photo.jpg")):
+        assert im.size == (20, 40)
+    upright = load_rgb(tmp_path / "photo.jpg")
+    assert upright.shape == (40, 20, 3) and upright[5, 10, 0] > 200 and upright[35, 10, 0] < 50   # red on top
+    PIL.Image.new("L", (20, 40), 255).save(tmp_path / "mask.png")   # drawn on the upright view
+    (tmp_path / "manifest.jsonl").write_text('{"image": "photo.jpg", "mask": "mask.png", "prompt": "x"}\n')
+    (row,) = load_rows(str(tmp_path))
+    assert folder_sample(row, 0, 16)["mask"].all()   # the sizes match: no error
