@@ -88,8 +88,11 @@ def to_uint8_array(img: Any, what: str = "image") -> Optional[np.ndarray]:
     if isinstance(img, (str, os.PathLike)):
         img = _open_image(img)
     if isinstance(img, PIL.Image.Image):
+        from lazydiff.pipelines.editing import to_supported_mode
+
+        img = to_supported_mode(img)   # palette, CMYK, 16-bit grey, ... as the library reads them
         if img.mode not in ("RGB", "RGBA"):
-            img = img.convert("RGBA" if ("A" in img.getbands() or "transparency" in img.info) else "RGB")
+            img = img.convert("RGBA" if "A" in img.getbands() else "RGB")
         arr = np.asarray(img)
     elif isinstance(img, np.ndarray):
         arr = img

@@ -513,3 +513,14 @@ def test_switching_tabs_carries_the_canvas_into_an_empty_editor():
     assert isinstance(ui._carry_canvas(other, {"background": rgb[::-1], "layers": [], "composite": None}),
                       type(gr.skip()))                       # an editor with its own image keeps it
     assert isinstance(ui._carry_canvas(H.new_history(), None), type(gr.skip()))
+
+
+def test_uploads_in_other_pil_modes_become_rgb_arrays_as_the_library_reads_them():
+    from demo.handlers import to_uint8_array
+
+    grey = np.arange(256, dtype=np.uint16).reshape(16, 16)
+    arr = to_uint8_array(PIL.Image.fromarray(grey * 257))           # 16-bit grey: scaled, not clipped to white
+    assert arr.shape == (16, 16, 3) and np.array_equal(arr[..., 0], grey.astype(np.uint8))
+    pal = PIL.Image.fromarray(np.stack([grey.astype(np.uint8)] * 3, -1)).convert("P", palette=PIL.Image.ADAPTIVE)
+    assert to_uint8_array(pal).shape == (16, 16, 3)
+    assert to_uint8_array(PIL.Image.new("CMYK", (8, 8))).shape == (8, 8, 3)

@@ -509,6 +509,26 @@ def test_prompt_lists_are_checked(lazy_pipe, make_canvas, make_mask):
                   generator=[torch.Generator() for _ in range(3)])
 
 
+def test_other_pil_modes_are_edited_in_the_nearest_supported_mode(lazy_pipe, make_canvas, make_mask):
+    """Palette PNGs, CMYK JPEGs, 1-bit and 16-bit grey files are common: edited, not refused. The result has
+    the converted mode; outside the mask it is the converted canvas; 16-bit grey is scaled, not clipped."""
+    rgb, mask_img = make_canvas(W, H), make_mask(W, H, BOX)
+    outside = ~(np.asarray(mask_img) > 127)
+    grey16 = (np.asarray(rgb.convert("L")).astype(np.uint16) * 257)
+    cases = {"P": (rgb.convert("P", palette=PIL.Image.ADAPTIVE), "RGB"),
+             "P+transparency": (rgb.convert("P", palette=PIL.Image.ADAPTIVE), "RGBA"),
+             "CMYK": (rgb.convert("CMYK"), "RGB"), "1": (rgb.convert("1"), "L"),
+             "I;16": (PIL.Image.fromarray(grey16), "L")}
+    cases["P+transparency"][0].info["transparency"] = 0
+    for name, (image, want) in cases.items():
+        out = edit(lazy_pipe, image, mask_img).images[0]
+        assert out.mode == want and out.size == (W, H), name
+        if name == "I;16":   # 257 * v -> v exactly: the 8-bit grey levels come back
+            assert np.array_equal(np.asarray(out)[outside], np.asarray(rgb.convert("L"))[outside])
+        elif name != "P+transparency":
+            assert np.array_equal(np.asarray(out)[outside], np.asarray(image.convert(want))[outside]), name
+
+
 def test_common_call_mistakes_get_messages_that_say_what_to_do(lazy_pipe, make_canvas, make_mask):
     image, mask_img = make_canvas(W, H), make_mask(W, H, BOX)
     with pytest.raises(ValueError, match="generator must be a torch.Generator .*manual_seed"):
@@ -598,7 +618,7 @@ def _bad_cases(make_canvas, make_mask):
         "nan-latents": (dict(image=img, mask_image=mask, latents=nan_lat), "NaN"),
         "latents-shape": (dict(image=img, mask_image=mask, latents=torch.zeros(1, 4, H, W)), "latents must be"),
         "blend-mode": (dict(image=img, mask_image=mask, blend="overlay"), "blend must be one of"),
-        "cmyk": (dict(image=img.convert("CMYK"), mask_image=mask), "not supported"),
+        "array-shape": (dict(image=np.zeros((H, W, 2), np.uint8), mask_image=mask), r"\(H, W, 3\) or \(H, W, 4\)"),
         "prompt-type": (dict(prompt=None, image=img, mask_image=mask), "prompt must be a string"),
         "images-per-prompt": (dict(image=img, mask_image=mask, num_images_per_prompt=0), "num_images_per_prompt"),
         "generator-list": (dict(image=img, mask_image=mask, generator=[torch.Generator().manual_seed(i) for i in range(3)]),
@@ -607,7 +627,7 @@ def _bad_cases(make_canvas, make_mask):
 
 
 BAD = ["mask-size", "empty-mask", "no-mask", "steps-0", "guidance-neg", "nan-image", "nan-latents", "latents-shape",
-       "blend-mode", "cmyk", "prompt-type", "images-per-prompt", "generator-list"]
+       "blend-mode", "array-shape", "prompt-type", "images-per-prompt", "generator-list"]
 
 
 @pytest.mark.parametrize("case", BAD)
@@ -617,7 +637,7 @@ def test_bad_input_raises_helpful_value_error(lazy_pipe, make_canvas, make_mask,
         lazy_pipe(**{"prompt": PROMPT, "num_inference_steps": 1, **kwargs})
 
 
-@pytest.mark.parametrize("case", ["mask-size", "empty-mask", "cmyk", "steps-0"])
+@pytest.mark.parametrize("case", ["mask-size", "empty-mask", "array-shape", "steps-0"])
 def test_bad_input_raises_in_baselines(regen_pipe, crop_pipe, make_canvas, make_mask, case):
     kwargs, phrase = _bad_cases(make_canvas, make_mask)[case]
     for pipe in (regen_pipe, crop_pipe):

@@ -134,9 +134,31 @@ class StageTimer:
 
 
 # ----------------------------------------------------------------------------- input validation
+def to_supported_mode(img: PIL.Image.Image) -> PIL.Image.Image:
+    """A PIL image in one of :data:`SUPPORTED_MODES`, the nearest to its own: palette images (P / PA) as RGB
+    or RGBA (with transparency), CMYK and other colour spaces as RGB, premultiplied as straight alpha,
+    1-bit as L, 16-bit and 32-bit grey as 8-bit L (scaled: PIL's own conversion clips above 255)."""
+    mode = img.mode
+    if mode in SUPPORTED_MODES:
+        return img
+    if mode in ("P", "PA"):
+        return img.convert("RGBA" if mode == "PA" or "transparency" in img.info else "RGB")
+    if mode in ("La", "RGBa"):
+        return img.convert("LA" if mode == "La" else "RGBA")
+    if mode == "1":
+        return img.convert("L")
+    if mode.startswith("I") or mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if mode.startswith("I;16") or (mode == "I" and arr.max() > 255) else (
+            1.0 if mode == "F" and arr.max() <= 1.0 else 255.0)
+        return PIL.Image.fromarray(np.clip(np.rint(arr * (255.0 / top)), 0, 255).astype(np.uint8), "L")
+    return img.convert("RGB")  # CMYK, YCbCr, LAB, HSV, RGBX
+
+
 def _to_array(img: ImageInput, what: str) -> Tuple[np.ndarray, str]:
     if isinstance(img, PIL.Image.Image):
         img.load()
+        img = to_supported_mode(img)
         return np.asarray(img), img.mode
     if isinstance(img, np.ndarray):
         if img.dtype.kind == "f":
@@ -896,7 +918,9 @@ CALL_DOC = """Regenerate ``image`` inside ``mask_image`` (white = edit) followin
                 ``max_sequence_length`` tokens. A list of prompts edits the same region once per prompt
                 in one batch (the canvas is encoded once); ``negative_prompt`` is then one string for
                 all or a list as long. Images come prompt by prompt, ``num_images_per_prompt`` each.
-            image: the canvas (PIL RGB / RGBA / L / LA, or a uint8 array), any size.
+            image: the canvas (PIL RGB / RGBA / L / LA, or a uint8 array), any size. Other PIL modes are
+                edited in the nearest of these (palette -> RGB / RGBA, CMYK -> RGB, 1-bit and 16-bit grey
+                -> 8-bit L), which the result then has.
             mask_image: same size; white (or True) = regenerate. Non-binary masks are thresholded at 50%.
             num_inference_steps, guidance_scale, generator, num_images_per_prompt: as in diffusers.
             latents: optional starting noise for the whole canvas, (B, C, h, w) at the padded latent size
