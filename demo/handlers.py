@@ -39,6 +39,9 @@ import PIL.Image
 
 import gradio as gr
 
+from lazydiff.pipelines.working_size import downscale_edit
+from lazydiff.pipelines.working_size import paste_back as paste_full
+
 log = logging.getLogger("lazydiff.demo")
 
 # --------------------------------------------------------------------------------------------- policy
@@ -370,43 +373,15 @@ def clean_prompt(prompt: Any, tokenizer=None, warn: Warn = _gr_warn, what: str =
 
 
 # --------------------------------------------------------------------------------------------- resolution policy
-def working_size(h: int, w: int, max_side: int) -> Tuple[int, int]:
-    """(h, w) the model works at: the canvas, or downscaled so its longer side is ``max_side``."""
-    if max(h, w) <= max_side:
-        return h, w
-    s = max_side / max(h, w)
-    return max(8, int(round(h * s))), max(8, int(round(w * s)))
-
-
 def to_working(canvas: Canvas, max_side: int) -> Tuple[Canvas, float]:
     """The canvas at the model's working size (mask grown so it covers the full-res mask) and the scale."""
-    h, w = canvas.size
-    wh, ww = working_size(h, w, max_side)
-    if (wh, ww) == (h, w):
-        return canvas, 1.0
-    rgb = np.asarray(PIL.Image.fromarray(canvas.rgb).resize((ww, wh), PIL.Image.LANCZOS))
-    cover = np.asarray(PIL.Image.fromarray(canvas.mask.astype(np.uint8) * 255).resize((ww, wh), PIL.Image.BOX))
-    mask = cover > 0  # any coverage: the working mask contains the full-res mask
-    sketch = None
-    if canvas.sketch is not None:
-        sk = np.asarray(PIL.Image.fromarray(canvas.sketch, "RGBA").resize((ww, wh), PIL.Image.BOX)).copy()
-        on = sk[..., 3] > 0
-        sk[..., 3] = np.where(on, 255, 0)
-        sketch = sk
-    return Canvas(rgb=rgb, mask=mask, sketch=sketch), ww / w
+    rgb, mask, sketch, scale = downscale_edit(canvas.rgb, canvas.mask, canvas.sketch, max_side)
+    return (canvas if scale == 1.0 else Canvas(rgb=rgb, mask=mask, sketch=sketch)), scale
 
 
 def paste_back(canvas: Canvas, edited: np.ndarray, scale: float) -> np.ndarray:
     """The full-res result: ``edited`` (working size) upscaled and pasted inside the full-res mask only."""
-    if scale == 1.0 and edited.shape[:2] == canvas.size:
-        out = canvas.rgb.copy()
-        out[canvas.mask] = edited[canvas.mask]
-        return out
-    from lazydiff.pipelines.blending import blend
-
-    h, w = canvas.size
-    up = np.asarray(PIL.Image.fromarray(edited).resize((w, h), PIL.Image.BICUBIC))
-    return blend(canvas.rgb, up, canvas.mask, "feather")
+    return paste_full(canvas.rgb, canvas.mask, edited, scale)
 
 
 # --------------------------------------------------------------------------------------------- history

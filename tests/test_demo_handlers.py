@@ -235,8 +235,11 @@ def test_downscale_and_paste_back_keeps_unmasked_pixels_at_full_res():
 
 
 def test_working_size_identity_below_limit():
-    assert H.working_size(100, 60, 128) == (100, 60)
-    assert H.working_size(1000, 500, 128) == (128, 64)
+    from lazydiff.pipelines.working_size import working_size
+
+    assert working_size(100, 60, 128) == (100, 60)
+    assert working_size(1000, 500, 128) == (128, 64)
+    assert working_size(1000, 500, 0) == (1000, 500)   # 0: no limit
 
 
 # --------------------------------------------------------------------------------------------- history

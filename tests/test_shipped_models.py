@@ -85,6 +85,21 @@ def test_edit_cli_with_a_scheduler_and_a_bad_input(tmp_path, capsys):
     assert (tmp_path / "var-0.png").exists() and np.abs(var1 - seed1).max() <= 2 and "var-0.png, " in capsys.readouterr().out
     with pytest.raises(SystemExit, match="--num-images must be >= 1"):
         main(common + ["--mask", str(tmp_path / "mask.png"), "--out", str(tmp_path / "n0.png"), "--num-images", "0"])
+    # a canvas over 4x the training side (a phone photo): edited at 512 px, the hole pasted back at full size
+    big = np.asarray(PIL.Image.fromarray(task.canvas).resize((1024, 768), PIL.Image.BICUBIC))
+    big_rgba = np.dstack([big, np.full(big.shape[:2], 128, np.uint8)])
+    big_mask = np.zeros((768, 1024), np.uint8)
+    big_mask[300:420, 400:560] = 255
+    PIL.Image.fromarray(big_rgba, "RGBA").save(tmp_path / "big.png")
+    PIL.Image.fromarray(big_mask).save(tmp_path / "big_mask.png")
+    capsys.readouterr()
+    main(["edit", "--image", str(tmp_path / "big.png"), "--mask", str(tmp_path / "big_mask.png"), "--prompt",
+          task.prompt, "--steps", "2", "--out", str(tmp_path / "big_out.png")])
+    assert "edited at 512x384, the hole pasted back at full size" in capsys.readouterr().out
+    out_big = np.asarray(PIL.Image.open(tmp_path / "big_out.png"))
+    hole = big_mask > 0
+    assert out_big.shape == (768, 1024, 4) and np.array_equal(out_big[~hole], big_rgba[~hole])
+    assert (out_big[hole][:, 3] == 255).all() and (out_big[hole][:, :3] != big[hole]).any()
     PIL.Image.new("L", (64, 64), 255).save(tmp_path / "small.png")   # a mask of another size: a clear error
     with pytest.raises(SystemExit, match="error: .*size"):
         main(common + ["--mask", str(tmp_path / "small.png"), "--out", str(tmp_path / "bad.png")])

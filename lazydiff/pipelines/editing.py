@@ -880,7 +880,8 @@ class EditPipelineMixin:
             warnings.warn(f"the canvas is {w}x{h}, over 4x the {native}-px side this model was trained at: the VAE "
                           f"and {'context encoder' if hasattr(self, 'context_encoder') else 'decoder'} run over the "
                           f"whole canvas, so an edit is slow and the model works out of its range; downscale the "
-                          f"canvas first (the demo edits at up to 512 px a side and pastes back)", stacklevel=3)
+                          f"canvas first, or edit through lazydiff.pipelines.working_size (downscale_edit / paste_back: what the "
+                          f"demo and the CLI's --max-side do)", stacklevel=3)
         do_cfg = guidance_scale > 1.0
         with timer("text"):
             text, text_mask = self.encode_prompt(prompt, negative_prompt, do_cfg, num_images_per_prompt, device,
