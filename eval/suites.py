@@ -57,6 +57,8 @@ SHAPESWORLD_KEYS: Dict[str, str] = {
 FOLDER_KEYS: Dict[str, str] = {
     "root": "folder holding the images, masks and manifest (relative to the suite file)",
     "manifest": "JSON-lines (.jsonl) or CSV (.csv) file in root with columns image, mask, prompt",
+    "masks": "file (each row's mask column; the default) | random (no mask column: a box or brush mask of 2-60% "
+             "per row, drawn from the suite's seed, for images that have none)",
 }
 DATASETS = ("shapesworld", "folder")
 BACKBONES_FID = ("shapes-clip", "inception")
@@ -163,6 +165,7 @@ class Suite:
     # folder
     root: Optional[str] = None
     manifest: Optional[str] = None
+    masks: str = "file"
 
     _samples_cache: Dict[Any, List[EditSample]] = field(default_factory=dict, repr=False)
 
@@ -222,10 +225,11 @@ class Suite:
         return out
 
     def _folder_samples(self, n: Optional[int]) -> List[EditSample]:
-        rows = read_manifest(self.root_path / self.manifest)
+        rows = read_manifest(self.root_path / self.manifest, random_masks=self.masks == "random")
         if n is not None:
             rows = rows[:n]
-        return check_folder_rows(rows, self.root_path, str(self.root_path / self.manifest))
+        return check_folder_rows(rows, self.root_path, str(self.root_path / self.manifest),
+                                 random_mask_seed=self.seed if self.masks == "random" else None)
 
     @property
     def root_path(self) -> Path:
@@ -239,13 +243,25 @@ class Suite:
 
 
 # ----------------------------------------------------------------------------- folder datasets
-def read_manifest(path: Path) -> List[Dict[str, Any]]:
-    """Rows of a JSON-lines or CSV manifest, each checked for the required columns."""
-    return read_rows(path, MANIFEST_REQUIRED, MANIFEST_OPTIONAL, error=SuiteError)
+def read_manifest(path: Path, random_masks: bool = False) -> List[Dict[str, Any]]:
+    """Rows of a JSON-lines or CSV manifest, each checked for the required columns (no ``mask`` column
+    with ``random_masks``: the suite draws them)."""
+    if not random_masks:
+        return read_rows(path, MANIFEST_REQUIRED, MANIFEST_OPTIONAL, error=SuiteError)
+    rows = read_rows(path, tuple(k for k in MANIFEST_REQUIRED if k != "mask"), MANIFEST_OPTIONAL + ("mask",),
+                     error=SuiteError)
+    with_mask = [r["_line"] for r in rows if r.get("mask")]
+    if with_mask:
+        raise SuiteError(f"{path}:{with_mask[0]}: a mask column with `masks: random`; use the rows' masks "
+                         "(`masks: file`, the default) or drop the column")
+    return rows
 
 
-def check_folder_rows(rows: List[Dict[str, Any]], root: Path, source: str) -> List[EditSample]:
-    """Open every image and mask once, check sizes and masks; one error listing every problem."""
+def check_folder_rows(rows: List[Dict[str, Any]], root: Path, source: str,
+                      random_mask_seed: Optional[int] = None) -> List[EditSample]:
+    """Open every image and mask once, check sizes and masks; one error listing every problem. With
+    ``random_mask_seed``, row i's mask is :func:`lazydiff.shapesworld.random_edit_mask` drawn from
+    (seed, i) at the image's size instead of a file."""
     import PIL.Image
     from tqdm.auto import tqdm
 
@@ -283,14 +299,21 @@ def check_folder_rows(rows: List[Dict[str, Any]], root: Path, source: str) -> Li
         if problems_for_line(problems, ln):
             continue
 
-        def loader(paths=paths):
+        drawn = None
+        if random_mask_seed is not None:
+            from lazydiff.shapesworld import random_edit_mask
+
+            w, h = sizes["image"]
+            drawn = random_edit_mask(np.random.default_rng([int(random_mask_seed), i]), (h, w))
+
+        def loader(paths=paths, drawn=drawn):
             image = load_rgb(paths["image"])
-            mask = load_mask(paths["mask"])
+            mask = drawn if drawn is not None else load_mask(paths["mask"])
             ref = load_rgb(paths["reference"]) if "reference" in paths else image
             return dict(image=image, mask=mask, reference=ref, background=None)
 
-        meta = dict(intent=row.get("intent"), image_path=str(row["image"]), mask_path=str(row["mask"]),
-                    object_edit=None)
+        meta = dict(intent=row.get("intent"), image_path=str(row["image"]),
+                    mask_path="random" if drawn is not None else str(row["mask"]), object_edit=None)
         samples.append(EditSample(id=sid, index=i, prompt=str(row["prompt"]), meta=meta,
                                   negative_prompt=row.get("negative_prompt"), _loader=loader))
     if problems:
@@ -463,6 +486,7 @@ def suite_from_dict(raw: Dict[str, Any], source: str = "suite", base_dir: Option
             raise SuiteError(f"{source}: root folder {root} does not exist")
         s.root = str(root)
         s.manifest = str(raw["manifest"])
+        s.masks = _as_choice(raw.get("masks", "file"), "masks", source, ("file", "random"))
         if not (root / s.manifest).exists():
             raise SuiteError(f"{source}: manifest {root / s.manifest} not found")
     return s

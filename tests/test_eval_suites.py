@@ -174,3 +174,27 @@ def test_every_option_with_a_default_states_it_in_its_help():
               if a.option_strings and a.default not in (None, argparse.SUPPRESS) and a.default is not False
               and "default" not in (a.help or "")]
     assert silent == []
+
+
+def test_folder_suite_with_random_masks_for_images_that_have_none(tmp_path):
+    """`masks: random`: a box or brush mask per row from the suite's seed, at each image's size; the same
+    masks on every load, other ones with another seed; a mask column is refused (which masks would count?)."""
+    rows = []
+    for i, (w, h) in enumerate([(40, 30), (32, 48), (36, 36)]):
+        PIL.Image.fromarray(np.random.default_rng(i).integers(0, 255, (h, w, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+        rows.append({"image": f"{i}.png", "prompt": f"photo {i}"})
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    raw = {"dataset": "folder", "root": str(tmp_path), "manifest": "m.jsonl", "masks": "random", "seed": 3}
+    samples = suite_from_dict(raw, "s.yaml").samples()
+    assert [s.mask.shape for s in samples] == [(30, 40), (48, 32), (36, 36)]
+    assert all(0.02 <= s.mask.mean() <= 0.6 for s in samples) and samples[0].meta["mask_path"] == "random"
+    again = suite_from_dict(raw, "s.yaml").samples()
+    assert all(np.array_equal(a.mask, b.mask) for a, b in zip(samples, again))
+    other = suite_from_dict(dict(raw, seed=4), "s.yaml").samples()
+    assert not all(np.array_equal(a.mask, b.mask) for a, b in zip(samples, other))
+    PIL.Image.new("L", (40, 30), 255).save(tmp_path / "mask.png")
+    (tmp_path / "m.jsonl").write_text(json.dumps(dict(rows[0], mask="mask.png")) + "\n")
+    with pytest.raises(SuiteError, match="a mask column with `masks: random`"):
+        suite_from_dict(raw, "s.yaml").samples()
+    with pytest.raises(SuiteError, match="masks must be one of \\['file', 'random'\\]"):
+        suite_from_dict(dict(raw, masks="rnd"), "s.yaml")
