@@ -144,6 +144,8 @@ def main(argv=None):
     try:
         if args.num_images < 1:
             raise ValueError(f"--num-images must be >= 1, got {args.num_images}")
+        if args.max_side is not None and (args.max_side < 0 or 0 < args.max_side < 32):
+            raise ValueError(f"--max-side must be 0 (edit at full size) or at least 32 pixels, got {args.max_side}")
         _check_output(args.out)
         stem, ext = os.path.splitext(args.out)
         outs = [args.out] if args.num_images == 1 else [f"{stem}-{i}{ext}" for i in range(args.num_images)]
