@@ -85,13 +85,7 @@ def _to_working_size(image, mask, sketch, max_side: int):
     small, small_hole, small_strokes, scale = downscale_edit(arr, hole, strokes, max_side)
 
     def full(result):
-        edited = np.asarray(result.convert(image.mode))
-        if image.mode not in ("RGBA", "LA"):
-            return Image.fromarray(paste_back(arr, hole, edited, scale), image.mode)
-        color = paste_back(arr[..., :-1], hole, edited[..., :-1], scale)   # blended at the seam
-        alpha = arr[..., -1].copy()
-        alpha[hole] = 255   # the hole comes back opaque, as in a full-size edit
-        return Image.fromarray(np.dstack([color, alpha]), image.mode)
+        return Image.fromarray(paste_back(arr, hole, np.asarray(result.convert(image.mode)), scale), image.mode)
 
     return (Image.fromarray(small, image.mode), Image.fromarray(small_hole.astype(np.uint8) * 255),
             Image.fromarray(small_strokes, "RGBA") if small_strokes is not None else None, full)
@@ -171,10 +165,9 @@ def main(argv=None):
             if pipe.device.type != "cpu":
                 raise ValueError("--onnx-runtime is a CPU backend; drop it or pass --device cpu")
             pipe.enable_onnx_runtime()
-        max_side = args.max_side
-        if max_side is None:   # the demo's policy: past 4x the training side the model is out of its range
-            native = int(getattr(getattr(pipe, "decoder", None), "config", {}).get("sample_size", 0) or 0)
-            max_side = 4 * native * pipe.vae_scale_factor if native else 0
+        from .pipelines.working_size import default_max_side
+
+        max_side = default_max_side(pipe) if args.max_side is None else args.max_side
         image, mask, sketch, full = _to_working_size(image, mask, sketch, max_side)
         out = pipe(args.prompt, image, mask, negative_prompt=args.negative_prompt, num_inference_steps=args.steps,
                    guidance_scale=args.guidance, num_images_per_prompt=args.num_images,

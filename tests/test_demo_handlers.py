@@ -234,6 +234,18 @@ def test_downscale_and_paste_back_keeps_unmasked_pixels_at_full_res():
     assert (out[mask] != rgb[mask]).any()
 
 
+def test_downscale_keeps_thin_strokes_and_paste_back_keeps_alpha_outside_the_hole():
+    from lazydiff.pipelines.working_size import downscale_edit, paste_back
+
+    mask = np.zeros((300, 200), bool)
+    mask[:, 4] = True   # columns [4, 5) straddle working columns 0 [0, 4.65) and 1: both must hold the stroke
+    rgba = np.dstack([np.full((300, 200, 3), 90, np.uint8), np.full((300, 200), 40, np.uint8)])
+    small, small_mask, _, scale = downscale_edit(rgba, mask, None, 64)
+    assert small.shape == (64, 43, 4) and small_mask[:, :2].all() and not small_mask[:, 2:].any()
+    out = paste_back(rgba, mask, np.full_like(small, 200), scale)
+    assert np.array_equal(out[~mask], rgba[~mask]) and (out[mask][:, 3] == 255).all()
+
+
 def test_working_size_identity_below_limit():
     from lazydiff.pipelines.working_size import working_size
 

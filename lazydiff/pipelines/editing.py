@@ -33,6 +33,7 @@ from . import canvas_cache
 from .canvas_cache import Box, crop_cells, refresh_boxes
 from .cuda_graphs import CUDAGraphCache, CUDAGraphDenoiser, StepFunction  # noqa: F401 (re-exported)
 from .blending import BLEND_MODES, blend, mask_bbox, paste_masked
+from .working_size import MAX_SIDE_FACTOR, default_max_side
 
 ImageInput = Union[PIL.Image.Image, np.ndarray]
 _CANVAS_VERSIONS = itertools.count()  # unique ids of cached canvas latents (keys of the context cache)
@@ -874,10 +875,11 @@ class EditPipelineMixin:
         if sketch is None and strength != 1.0:
             warnings.warn(f"strength={strength} is ignored without a sketch: it sets how far sketch guidance starts "
                           "from the strokes; pass sketch=... (or leave strength at 1.0)", stacklevel=3)
-        native = int(getattr(self.decoder.config, "sample_size", 0) or 0) * self.vae_scale_factor
+        limit = default_max_side(self)
         h, w = edit.mask.shape
-        if native and max(h, w) > 4 * native:
-            warnings.warn(f"the canvas is {w}x{h}, over 4x the {native}-px side this model was trained at: the VAE "
+        if limit and max(h, w) > limit:
+            warnings.warn(f"the canvas is {w}x{h}, over {MAX_SIDE_FACTOR}x the {limit // MAX_SIDE_FACTOR}-px side this "
+                          f"model was trained at: the VAE "
                           f"and {'context encoder' if hasattr(self, 'context_encoder') else 'decoder'} run over the "
                           f"whole canvas, so an edit is slow and the model works out of its range; downscale the "
                           f"canvas first, or edit through lazydiff.pipelines.working_size (downscale_edit / paste_back: what the "

@@ -23,6 +23,7 @@ from .blending import blend as blend_pixels
 from .editing import (CALL_DOC, EditDiffusionPipeline, EditPipelineOutput, ImageInput, StepFunction,
                       check_output_type, check_sampling_args, prepare_edit,
                       with_output_type)
+from .working_size import shrink_mask
 
 
 class RegenerateImagePipeline(EditDiffusionPipeline):
@@ -110,16 +111,6 @@ def crop_box(mask: np.ndarray, margin: float, min_side: int = 16) -> Tuple[int, 
     y0 = int(np.clip(round(cy - sh / 2), 0, h - sh))
     x0 = int(np.clip(round(cx - sw / 2), 0, w - sw))
     return y0, y0 + sh, x0, x0 + sw
-
-
-def shrink_mask(mask: np.ndarray, th: int, tw: int) -> np.ndarray:
-    """(H, W) bool -> (th, tw) bool: an output pixel is masked if any mask pixel overlaps its area.
-    (PIL's BOX filter weighs source pixels by their centres, so it drops a 1-px stroke that only grazes a cell.)"""
-    h, w = mask.shape
-    r0, r1 = np.arange(th) * h // th, -(-np.arange(1, th + 1) * h // th)  # [floor, ceil) of each output row's span
-    c0, c1 = np.arange(tw) * w // tw, -(-np.arange(1, tw + 1) * w // tw)
-    cs = np.pad(mask.astype(np.int64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))  # summed-area table
-    return (cs[r1][:, c1] - cs[r0][:, c1] - cs[r1][:, c0] + cs[r0][:, c0]) > 0
 
 
 class RegenerateCropPipeline(RegenerateImagePipeline):
