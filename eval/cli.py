@@ -46,9 +46,10 @@ RUNTIME_MODES = {
 
 
 def runtime_mode_options(mode: str) -> str:
-    """``--size=1024 --steps=20 --threads=N``: a mode's options with their defaults there (N: none)."""
+    """``--size=1024 --steps=20 --threads=N``: a mode's options with their defaults there (N: none), or
+    ``no options``."""
     return " ".join(f"--{name}" + ("" if default is False else f"={'N' if default is None else default}")
-                    for name, (default, _) in RUNTIME_MODES[mode][1].items())
+                    for name, (default, _) in RUNTIME_MODES[mode][1].items()) or "no options"
 
 
 class _HelpFormatter(argparse.HelpFormatter):
@@ -191,8 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep_flags = {flag for a in r._actions for flag in a.option_strings}
     p.runtime_mode_only = mode_only = {}   # option -> the one mode that takes it
     for mode, (what, options) in RUNTIME_MODES.items():
-        o.add_argument("--" + mode, metavar="OUT", help=f"{what}; " + (f"its options: {runtime_mode_options(mode)}"
-                                                                       if options else "no options"))
+        o.add_argument("--" + mode, metavar="OUT", help=f"{what}; takes {runtime_mode_options(mode)}")
         for name, (default, text) in options.items():   # the options only this mode has
             if "--" + name not in sweep_flags:
                 mode_only[name] = mode

@@ -1065,7 +1065,7 @@ def parse_other_measurement(argv) -> Optional[Tuple[str, str, Dict[str, Any]]]:
     ns, rest = p.parse_known_args(argv)   # a bad value (--repeats x): argparse's message, SystemExit(2)
     if rest:
         bad = rest[0]
-        takes = f"--{mode} takes {runtime_mode_options(mode) if options else 'no options'}"
+        takes = f"--{mode} takes {runtime_mode_options(mode)}"
         if not bad.startswith("-"):
             raise ModeOptionError(f"unexpected argument {bad!r}; {takes}")
         flag = bad.split("=", 1)[0]

@@ -101,20 +101,18 @@ def check_components(folder: Path, vae, text_encoder) -> None:
     if not path.is_file():
         return
     want = json.loads(path.read_text())
-    ae, te = want.get("autoencoder") or {}, want.get("text_encoder") or {}
-    have_ae = {"latent_channels": vae.config.latent_channels, "block_out_channels": list(vae.config.block_out_channels),
-               "scaling_factor": vae.config.scaling_factor}
-    diff = {k: (ae[k], v) for k, v in have_ae.items() if k in ae and ae[k] != v}
-    if diff:
-        raise ValueError(f"{folder} was trained with the autoencoder {ae.get('path')!r}; the one given differs in "
-                         + ", ".join(f"{k} ({a} there, {b} here)" for k, (a, b) in diff.items())
-                         + ": pass autoencoder=<that folder> (lazydiff.load_pipeline)")
-    have_te = {"hidden_size": text_encoder.config.hidden_size, "model_type": text_encoder.config.model_type}
-    diff = {k: (te[k], v) for k, v in have_te.items() if k in te and te[k] != v}
-    if diff:
-        raise ValueError(f"{folder} was trained with the text encoder {te.get('path')!r}; the one given differs in "
-                         + ", ".join(f"{k} ({a} there, {b} here)" for k, (a, b) in diff.items())
-                         + ": pass text_encoder=<that folder> (lazydiff.load_pipeline)")
+    have = {"autoencoder": {"latent_channels": vae.config.latent_channels,
+                            "block_out_channels": list(vae.config.block_out_channels),
+                            "scaling_factor": vae.config.scaling_factor},
+            "text_encoder": {"hidden_size": text_encoder.config.hidden_size,
+                             "model_type": text_encoder.config.model_type}}
+    for part, mine in have.items():
+        theirs = want.get(part) or {}
+        diff = {k: (theirs[k], v) for k, v in mine.items() if k in theirs and theirs[k] != v}
+        if diff:
+            raise ValueError(f"{folder} was trained with the {part.replace('_', ' ')} {theirs.get('path')!r}; the one "
+                             "given differs in " + ", ".join(f"{k} ({a} there, {b} here)" for k, (a, b) in diff.items())
+                             + f": pass {part}=<that folder> (lazydiff.load_pipeline)")
 
 
 def _assemble(kind: str, folder: Path, autoencoder: Path, device: Optional[str], torch_dtype: torch.dtype,

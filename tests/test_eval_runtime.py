@@ -271,7 +271,7 @@ def test_runtime_help_lists_every_measurements_options_with_defaults(capsys):
     with pytest.raises(SystemExit):
         main(["runtime", "--help"])
     text = " ".join(capsys.readouterr().out.split())   # unwrapped
-    assert "--vae-backends OUT the paper-shape VAE in PyTorch vs ONNX Runtime, interleaved; its options: --repeats=3 " \
+    assert "--vae-backends OUT the paper-shape VAE in PyTorch vs ONNX Runtime, interleaved; takes --repeats=3 " \
            "--encode-size=512 --crop-latent=52 --threads=N" in text
     assert "--encode-size N with --vae-backends: side of the encoded canvas, pixels (default 512)" in text
     assert "--crop-latent N with --vae-backends" in text and "(default 52)" in text

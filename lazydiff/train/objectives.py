@@ -342,8 +342,8 @@ class LatentDiffusionObjective(Objective):
         snr = alpha_bar / (1 - alpha_bar)
         return snr.clamp(max=self.cfg.snr_gamma) / snr
 
-    def export_scheduler(self, folder: Path):
-        """The sampler, and ``components.json``: which autoencoder and text encoder the model was trained
+    def export_pipeline_parts(self, folder: Path):
+        """What a pipeline needs beside the trained modules: the sampler, and ``components.json``: which autoencoder and text encoder the model was trained
         with, so assembling it with others (``lazydiff.load_pipeline``) fails with a clear message."""
         from ..defaults import COMPONENTS_FILE, default_scheduler
 
@@ -395,7 +395,7 @@ class LazyObjective(LatentDiffusionObjective):
         for name in ("context_encoder", "decoder"):
             _cast(module[name], dtype).save_pretrained(folder / name, safe_serialization=True)
             _cast(module[name], torch.float32)
-        self.export_scheduler(folder)
+        self.export_pipeline_parts(folder)
 
 
 class RegenerateImageObjective(LatentDiffusionObjective):
@@ -418,7 +418,7 @@ class RegenerateImageObjective(LatentDiffusionObjective):
         dtype = _export_dtype(self.cfg.export_dtype)
         _cast(module["decoder"], dtype).save_pretrained(folder / "decoder", safe_serialization=True)
         _cast(module["decoder"], torch.float32)
-        self.export_scheduler(folder)
+        self.export_pipeline_parts(folder)
 
 
 OBJECTIVES = {"autoencoder": AutoencoderObjective, "shapes_clip": ShapesClipObjective, "lazy": LazyObjective,
