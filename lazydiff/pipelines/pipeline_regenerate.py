@@ -23,7 +23,7 @@ from .blending import blend as blend_pixels
 from .editing import (CALL_DOC, EditDiffusionPipeline, EditPipelineOutput, ImageInput, StepFunction,
                       check_output_type, check_sampling_args, prepare_edit,
                       with_output_type)
-from .working_size import shrink_mask
+from .working_size import resize_mask
 
 
 class RegenerateImagePipeline(EditDiffusionPipeline):
@@ -146,7 +146,7 @@ class RegenerateCropPipeline(RegenerateImagePipeline):
         th, tw = (max(cell, int(round(v * scale / cell)) * cell) for v in (ch, cw))
         crop_rgb = PIL.Image.fromarray(edit.rgb[y0:y1, x0:x1]).resize((tw, th), PIL.Image.BICUBIC)
         if th < ch or tw < cw:  # shrinking: a pixel touched by the mask stays masked, so thin strokes survive
-            crop_mask = PIL.Image.fromarray(shrink_mask(edit.mask[y0:y1, x0:x1], th, tw).astype(np.uint8) * 255)
+            crop_mask = PIL.Image.fromarray(resize_mask(edit.mask[y0:y1, x0:x1], th, tw).astype(np.uint8) * 255)
         else:  # growing: nearest neighbour loses nothing and adds nothing
             crop_mask = PIL.Image.fromarray(edit.mask[y0:y1, x0:x1].astype(np.uint8) * 255).resize((tw, th),
                                                                                                  PIL.Image.NEAREST)

@@ -124,6 +124,7 @@ def folder_sample(row: Row, seed: int, size: int) -> Dict[str, object]:
     """(canvas, target, mask, prompt) of one row at ``size`` x ``size``, every draw from ``seed``."""
     import PIL.Image
 
+    from ..pipelines.working_size import resize_mask
     from ..shapesworld.tasks import random_edit_mask
 
     rng = np.random.default_rng(int(seed))
@@ -148,7 +149,8 @@ def folder_sample(row: Row, seed: int, size: int) -> Dict[str, object]:
     image, target = resized(image, PIL.Image.BICUBIC), resized(target, PIL.Image.BICUBIC) if target is not image else None
     box = None
     if mask is not None:
-        mask = resized(mask.astype(np.uint8) * 255, PIL.Image.BILINEAR) >= 128
+        if (sh, sw) != (h, w):   # a pixel the hole overlaps stays in it, as everywhere masks are resized
+            mask = resize_mask(mask, sh, sw)
         if not mask.any():
             raise ManifestError(f"{row.where}: the mask is empty at {size} px (paint the edit region white)")
         ys, xs = np.nonzero(mask)
