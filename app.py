@@ -42,6 +42,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "Runtime (outputs equal to float32 rounding; a module over 2 GiB stays in PyTorch): "
                          "auto = on a CPU when onnxruntime is installed; on = insist (an error elsewhere) "
                          "[env LAZYDIFF_ONNX_RUNTIME]")
+    ap.add_argument("--cuda-graphs", default=env.cuda_graphs, choices=["auto", "on", "off"],
+                    help="replay the denoising steps from CUDA graphs (same pixels as eager steps, less launch "
+                         "overhead): auto = on a CUDA device; on = insist (an error elsewhere) [env LAZYDIFF_CUDA_GRAPHS]")
     # A Hugging Face Space (SPACE_ID set) must listen on all interfaces to be reachable through its proxy.
     host = os.environ.get("GRADIO_SERVER_NAME") or ("0.0.0.0" if os.environ.get("SPACE_ID") else "127.0.0.1")
     ap.add_argument("--host", default=host,
@@ -57,7 +60,8 @@ def main(argv=None) -> int:
     global demo
     args = parse_args(argv)
     spec = ModelSpec(model_dir=args.model, baseline_dir=args.baseline, tiny=args.tiny, device=args.device,
-                     max_side=args.max_side, onnx_runtime=args.onnx_runtime)
+                     max_side=args.max_side, onnx_runtime=args.onnx_runtime,
+                     cuda_graphs=args.cuda_graphs)
     models = Models(spec)
     if not args.no_preload:
         print(f"Loading {spec.describe()} ...", flush=True)

@@ -244,9 +244,18 @@ def example_grid(rows: List[Dict], methods: Sequence[str], path: Path, reference
 
 
 # ----------------------------------------------------------------------------- runtime plots
+def _iqr(d, col):
+    """Error bars from ``col``'s quartile columns; none for a table without them (a console table)."""
+    if f"{col}_q1" not in d or f"{col}_q3" not in d:
+        return None
+    return [d[col] - d[f"{col}_q1"], d[f"{col}_q3"] - d[col]]
+
+
 def runtime_plots(df, out: Path, fit: Optional[Dict] = None) -> Dict[str, Path]:
     """Latency vs mask ratio, speedup vs mask ratio, per-step time vs hole tokens (with the fit),
-    and a stacked per-stage breakdown. ``df`` is runtime.csv (one row per method x ratio)."""
+    and a stacked per-stage breakdown. ``df`` is runtime.csv (one row per method x ratio); a table
+    of the console's columns only (no quartiles, no stages) gives the plots without error bars and
+    without the breakdown."""
     plt = _plt()
     paths: Dict[str, Path] = {}
     methods = list(dict.fromkeys(df["method"]))
@@ -255,12 +264,11 @@ def runtime_plots(df, out: Path, fit: Optional[Dict] = None) -> Dict[str, Path]:
     for i, m in enumerate(methods):
         d = df[df.method == m].sort_values("mask_ratio")
         c = color_for(m, i)
-        axes[0].errorbar(d.mask_ratio, d.total_ms, yerr=[d.total_ms - d.total_ms_q1, d.total_ms_q3 - d.total_ms],
+        axes[0].errorbar(d.mask_ratio, d.total_ms, yerr=_iqr(d, "total_ms"), marker="o", color=c, label=m, capsize=2)
+        axes[1].errorbar(d.mask_ratio, d.denoise_ms_per_step, yerr=_iqr(d, "denoise_ms_per_step"),
                          marker="o", color=c, label=m, capsize=2)
-        axes[1].errorbar(d.mask_ratio, d.denoise_ms_per_step,
-                         yerr=[d.denoise_ms_per_step - d.denoise_ms_per_step_q1, d.denoise_ms_per_step_q3 - d.denoise_ms_per_step],
-                         marker="o", color=c, label=m, capsize=2)
-    for ax, t in zip(axes, ("end-to-end edit latency (median, IQR)", "denoiser time per step (median, IQR)")):
+    spread = "median, IQR" if _iqr(df, "total_ms") is not None else "median"
+    for ax, t in zip(axes, (f"end-to-end edit latency ({spread})", f"denoiser time per step ({spread})")):
         _log_axes(ax, "ms", t, 7)
     paths["latency"] = _save(fig, out / "latency_vs_mask_ratio.png")
 
@@ -283,9 +291,8 @@ def runtime_plots(df, out: Path, fit: Optional[Dict] = None) -> Dict[str, Path]:
     if lazy:
         fig, ax = plt.subplots(figsize=(6, 3.8))
         d = df[df.method == lazy[0]].sort_values("hole_tokens")
-        ax.errorbar(d.hole_tokens, d.denoise_ms_per_step,
-                    yerr=[d.denoise_ms_per_step - d.denoise_ms_per_step_q1, d.denoise_ms_per_step_q3 - d.denoise_ms_per_step],
-                    marker="o", ls="none", color=color_for(lazy[0], 0), label=f"{lazy[0]} (median, IQR)")
+        ax.errorbar(d.hole_tokens, d.denoise_ms_per_step, yerr=_iqr(d, "denoise_ms_per_step"), marker="o", ls="none",
+                    color=color_for(lazy[0], 0), label=f"{lazy[0]} ({spread})")
         if fit and fit.get("slope_ms_per_token") is not None:
             xs = np.linspace(0, float(d.hole_tokens.max()), 50)
             ax.plot(xs, fit["intercept_ms"] + fit["slope_ms_per_token"] * xs, "k--",
@@ -305,6 +312,8 @@ def runtime_plots(df, out: Path, fit: Optional[Dict] = None) -> Dict[str, Path]:
 
     stages = [c for c in ("stage_text_ms", "stage_vae_encode_ms", "stage_context_encoder_ms", "stage_denoise_ms",
                           "stage_vae_decode_ms", "stage_blend_ms", "stage_other_ms") if c in df.columns]
+    if not stages:
+        return paths
     fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(df)), 4))
     d = df.sort_values(["mask_ratio", "method"]).reset_index(drop=True)
     # seconds where edits take that long (paper shape on a CPU), so the axis does not read 700000

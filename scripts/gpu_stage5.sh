@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Stage 5 of the two ShapesWorld diffusion models (configs/train/*_stage5.yaml) on a lent GPU, in ONE call of
-# the device tool (about 8 minutes on an H200; the session's device time is 15 minutes, start included).
+# the device tool (6.5 minutes on an H200 on 2026-11-28, when it made the shipped models; the session's
+# device time is 15 minutes, start included).
 # Prepare on the workstation first:   python scripts/gpu_kit.py      (writes .gpu/: prompt features, diffusers)
 # Then one call:   device run, carry [".gpu"], timeout_s 590, command "scripts/gpu_stage5.sh"
 # It trains LazyDiffusion and RegenerateImage side by side from the shipped stage-4 models (data/models),

@@ -56,6 +56,16 @@ def test_runtime_of_the_lazy_method_alone(tmp_path, capsys):
     assert main(["runtime", "--replot", str(tmp_path)]) == 2   # not a run's folder: a clear error
     assert "not a finished mask sweep" in capsys.readouterr().err
     assert main(["runtime", "--replot", str(out), "--steps", "3"]) == 2   # it takes no options
+    # a table with the console's columns only (a GPU run whose CSVs did not come back): no error bars, no stages
+    import pandas as pd
+
+    console = tmp_path / "console"
+    console.mkdir()
+    table = pd.read_csv(out / "runtime.csv")
+    table[["method", "mask_ratio", "hole_tokens", "total_tokens", "total_ms", "denoise_ms_per_step"]].to_csv(
+        console / "runtime.csv", index=False)
+    assert main(["runtime", "--replot", str(console)]) == 0
+    assert sorted(p.name for p in console.glob("*.png")) == ["latency_vs_mask_ratio.png", "per_step_vs_hole_tokens.png"]
 
 
 def test_runtime_validation():

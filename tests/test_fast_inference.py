@@ -333,6 +333,23 @@ def test_cuda_graphs_flag_leaves_cpu_edits_unchanged(make_canvas, make_mask):
     assert np.array_equal(on[0], ref[0]) and torch.equal(on[1], ref[1])
 
 
+def test_demo_turns_cuda_graphs_on_for_cuda_pipelines_unless_told_not_to():
+    from types import SimpleNamespace
+
+    from demo.models import ModelSpec, Models, ModelUnavailable
+
+    cuda, cpu = SimpleNamespace(device=torch.device("cuda")), SimpleNamespace(device=torch.device("cpu"))
+    assert Models(ModelSpec()).use_cuda_graphs(cuda) and not Models(ModelSpec()).use_cuda_graphs(cpu)   # auto
+    assert Models(ModelSpec(cuda_graphs="on")).use_cuda_graphs(cuda)
+    assert not Models(ModelSpec(cuda_graphs="off")).use_cuda_graphs(cuda)
+    with pytest.raises(ModelUnavailable, match="needs a CUDA device"):
+        Models(ModelSpec(cuda_graphs="on")).use_cuda_graphs(cpu)
+    with pytest.raises(ModelUnavailable, match="auto, on or off"):
+        Models(ModelSpec(cuda_graphs="fast")).use_cuda_graphs(cuda)
+    assert ModelSpec.from_env({"LAZYDIFF_CUDA_GRAPHS": "Off"}).cuda_graphs == "off"
+    assert Models(ModelSpec(tiny=True)).lazy().cuda_graphs is False      # the tiny pipelines run on this CPU
+
+
 @pytest.mark.parametrize("which", ["lazy", "full"])
 def test_decoder_step_copies_nothing_from_the_host(which):
     """A step inside a CUDA graph may not copy host tensors to the device (capture fails: the

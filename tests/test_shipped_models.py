@@ -129,7 +129,9 @@ def test_edit_cli_rejects_bad_arguments_before_loading_a_model(tmp_path, monkeyp
                            (["--out", str(tmp_path / "in.png")], "--out .* is the input canvas"),
                            (["--out", str(tmp_path / "o.png"), "--strength", "0.5"], "--strength applies to sketch"),
                            (["--out", str(tmp_path / "o.png"), "--device", "gpu"], "--device: 'gpu' is not a device"),
-                           (["--out", str(tmp_path / "o.png"), "--max-side", "-1"], "--max-side must be 0 .* or at least 32")]:
+                           (["--out", str(tmp_path / "o.png"), "--max-side", "-1"], "--max-side must be 0 .* or at least 32"),
+                           (["--out", str(tmp_path / "o.png"), "--device", "cpu", "--cuda-graphs"],
+                            "--cuda-graphs needs a CUDA device")]:
         with pytest.raises(SystemExit, match=message):
             main(ok + extra)
     (tmp_path / "text.png").write_text("not an image")

@@ -334,8 +334,9 @@ class EditPipelineMixin:
     fast_scheduler_step: bool = True  # inlined DDIM update (bit-identical) instead of DDIMScheduler.step
     # On a CUDA device, replay the denoiser from CUDA graphs (.cuda_graphs): for small steps that are
     # bound by kernel launches, not arithmetic. The last max_cached_graphs graphs are kept across
-    # edits: an edit of the same shapes replays from its first step. Off by default until graphed
-    # edits are checked against eager ones on a GPU (scripts/check_cuda_graphs.py).
+    # edits: an edit of the same shapes replays from its first step. Graphed edits equal eager ones
+    # (scripts/check_cuda_graphs.py on an H200); off by default because the graphs hold GPU memory
+    # (each records its own pool) that a library caller should opt into. The demo turns it on.
     cuda_graphs: bool = False
     max_cached_graphs: int = 4  # 0: a graph per edit, as before graphs were kept
     graph_replay_hook: Optional[Callable[[CUDAGraphDenoiser], None]] = None  # its on_replay (eval.flops)
