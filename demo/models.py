@@ -73,6 +73,13 @@ _HOW_TO = ("To try the demo without trained weights run `python app.py --tiny` (
            "models folder.")
 
 
+def _switch(mode: str, name: str) -> str:
+    """An auto / on / off setting, checked (the environment variables reach here unvalidated)."""
+    if mode not in ("auto", "on", "off"):
+        raise ModelUnavailable(f"{name} must be auto, on or off, got {mode!r}")
+    return mode
+
+
 @dataclass
 class Models:
     """The shared pipelines. ``lazy()`` / ``baseline()`` load on first use."""
@@ -141,9 +148,7 @@ class Models:
         "on" on a CUDA device. On an H200 at the PixArt-XL/2 size they made both methods faster at every
         mask size (a 10% edit 261 vs 626 ms eager for LazyDiffusion, 842 vs 901 ms for RegenerateImage),
         with pixels equal to eager edits (docs/BENCHMARKS.md §6), so the comparison stays fair."""
-        mode = self.spec.cuda_graphs
-        if mode not in ("auto", "on", "off"):
-            raise ModelUnavailable(f"--cuda-graphs / LAZYDIFF_CUDA_GRAPHS must be auto, on or off, got {mode!r}")
+        mode = _switch(self.spec.cuda_graphs, "--cuda-graphs / LAZYDIFF_CUDA_GRAPHS")
         on_cuda = getattr(pipe, "device", None) is not None and pipe.device.type == "cuda"
         if mode == "on" and not on_cuda:
             raise ModelUnavailable(f"--cuda-graphs on needs a CUDA device; this pipeline is on {pipe.device}. "
@@ -160,9 +165,7 @@ class Models:
         of the demo's comparison alike."""
         from lazydiff.models.onnx_backend import INSTALL_HINT, graph_fits, onnxruntime_available
 
-        mode = self.spec.onnx_runtime
-        if mode not in ("auto", "on", "off"):
-            raise ModelUnavailable(f"--onnx-runtime / LAZYDIFF_ONNX_RUNTIME must be auto, on or off, got {mode!r}")
+        mode = _switch(self.spec.onnx_runtime, "--onnx-runtime / LAZYDIFF_ONNX_RUNTIME")
         if mode == "off" or not hasattr(pipe, "enable_onnx_runtime"):
             return ()
         import torch
