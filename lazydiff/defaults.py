@@ -92,6 +92,12 @@ def load_default(kind: str = "lazy", device: Optional[str] = None, models_dir: O
 COMPONENTS_FILE = "components.json"  # in a training export: the autoencoder and text encoder it was trained with
 
 
+def autoencoder_record(config) -> dict:
+    """What of an autoencoder's config a trained diffusion model depends on (its latent space)."""
+    return {"latent_channels": config.latent_channels, "block_out_channels": list(config.block_out_channels),
+            "scaling_factor": config.scaling_factor}
+
+
 def check_components(folder: Path, vae, text_encoder) -> None:
     """A model trained on other latents or other text features cannot work with these: say which ones it
     needs (from the export's ``components.json``; folders without one, as the shipped models, pass)."""
@@ -101,9 +107,7 @@ def check_components(folder: Path, vae, text_encoder) -> None:
     if not path.is_file():
         return
     want = json.loads(path.read_text())
-    have = {"autoencoder": {"latent_channels": vae.config.latent_channels,
-                            "block_out_channels": list(vae.config.block_out_channels),
-                            "scaling_factor": vae.config.scaling_factor},
+    have = {"autoencoder": autoencoder_record(vae.config),
             "text_encoder": {"hidden_size": text_encoder.config.hidden_size,
                              "model_type": text_encoder.config.model_type}}
     for part, mine in have.items():

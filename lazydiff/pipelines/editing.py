@@ -879,12 +879,12 @@ class EditPipelineMixin:
         limit = default_max_side(self)
         h, w = edit.mask.shape
         if limit and max(h, w) > limit:
+            whole = "context encoder" if hasattr(self, "context_encoder") else "decoder"
             warnings.warn(f"the canvas is {w}x{h}, over {MAX_SIDE_FACTOR}x the {limit // MAX_SIDE_FACTOR}-px side this "
-                          f"model was trained at: the VAE "
-                          f"and {'context encoder' if hasattr(self, 'context_encoder') else 'decoder'} run over the "
-                          f"whole canvas, so an edit is slow and the model works out of its range; downscale the "
-                          f"canvas first, or edit through lazydiff.pipelines.working_size (downscale_edit / paste_back: what the "
-                          f"demo and the CLI's --max-side do)", stacklevel=3)
+                          f"model was trained at: the VAE and {whole} run over the whole canvas, so an edit is slow "
+                          "and the model works out of its range; downscale the canvas first, or edit through "
+                          "lazydiff.pipelines.working_size (downscale_edit / paste_back: what the demo and the CLI's "
+                          "--max-side do)", stacklevel=3)
         do_cfg = guidance_scale > 1.0
         with timer("text"):
             text, text_mask = self.encode_prompt(prompt, negative_prompt, do_cfg, num_images_per_prompt, device,

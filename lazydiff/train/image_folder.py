@@ -146,7 +146,8 @@ def folder_sample(row: Row, seed: int, size: int) -> Dict[str, object]:
     def resized(arr, resample):
         return np.asarray(PIL.Image.fromarray(arr).resize((sw, sh), resample)) if (sh, sw) != (h, w) else arr
 
-    image, target = resized(image, PIL.Image.BICUBIC), resized(target, PIL.Image.BICUBIC) if target is not image else None
+    image = resized(image, PIL.Image.BICUBIC)
+    target = image if row.reference is None else resized(target, PIL.Image.BICUBIC)
     box = None
     if mask is not None:
         if (sh, sw) != (h, w):   # a pixel the hole overlaps stays in it, as everywhere masks are resized
@@ -158,7 +159,7 @@ def folder_sample(row: Row, seed: int, size: int) -> Dict[str, object]:
     top, left = _square_crop(sh, sw, size, box, rng)
     crop = (slice(top, top + size), slice(left, left + size))
     image = np.ascontiguousarray(image[crop])
-    target = image if target is None else np.ascontiguousarray(target[crop])
+    target = image if row.reference is None else np.ascontiguousarray(target[crop])
     mask = mask[crop] if mask is not None else random_edit_mask(rng, (size, size))
     return {"canvas": image, "target": target, "mask": mask, "prompt": row.prompt}
 

