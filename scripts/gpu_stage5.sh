@@ -34,6 +34,8 @@ INIT_DIR=data/models TEXT_FEATURES=$F RUNS=$RUNS MODELS=$MODELS \
   EXTRA="${EXTRA:-} --set export_raw=true" scripts/train_shapesworld.sh stage5 2>&1 | tr '\r' '\n' | grep --line-buffered -v '%|' | tee "$OUT/train.log"
 for m in lazy regenerate-image; do  # the shipped layout: each stage's logs in training/stageN/
   mkdir -p "$MODELS/$m/training/stage5" && mv "$MODELS/$m"/training/*.* "$MODELS/$m/training/stage5/"
+  # components.json names the autoencoder the run used: here a copy of the shipped one, so name that
+  sed -i "s#\"$MODELS/autoencoder\"#\"data/models/autoencoder\"#" "$MODELS/$m/components.json"
   tar -C "$MODELS" -cf "$OUT/$m.tar" "$m"
   run=$RUNS/${m//-/_}_stage5
   [[ -d $run/export-raw ]] && tar -C "$run" -cf "$OUT/$m-raw.tar" --transform "s,^export-raw,$m," export-raw

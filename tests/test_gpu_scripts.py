@@ -79,6 +79,8 @@ def test_gpu_kit_and_the_stage5_script_run_on_the_cpu(tmp_path):
         with tarfile.open(out / f"{name}.tar") as tar:
             members = tar.getnames()
             info = json.load(tar.extractfile(f"{name}/training/stage5/train_info.json"))
+            components = json.load(tar.extractfile(f"{name}/components.json"))
+        assert components["autoencoder"]["path"] == "data/models/autoencoder"   # not the machine's temporary copy
         assert f"{name}/decoder/diffusion_pytorch_model.safetensors" in members
         assert info["steps"] == 3 and (out / f"{name}.tar").stat().st_size < 16 * 2**20  # the device's per-file limit
         with tarfile.open(out / f"{name}-raw.tar") as tar:  # export_raw: the weights without the EMA
